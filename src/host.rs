@@ -1,0 +1,233 @@
+//! The host side of a load: a file (memory-mapped, read with `pread`, or a caller's bytes)
+//! together with its validated [`Header`], yielding each tensor's bytes in file order.
+
+use std::fs::File;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::Mmap;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::header::{Header, N_LEN, TensorInfo};
+
+/// How a file's bytes are read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ReadMode {
+    /// Map the file read-only and shared (`PROT_READ`, `MAP_SHARED`). The fastest way, and
+    /// the only one that allows zero-copy CPU tensors and registering the pages with CUDA.
+    /// The file must not be truncated or modified while the load, or a tensor viewing the
+    /// mapping, lives (see the crate's Safety section).
+    #[default]
+    Mmap,
+    /// Read with positioned reads (`pread`), for files that may change under us or live on
+    /// network storage. Nothing is mapped; every tensor is a copy.
+    Pread,
+}
+
+enum Source<'a> {
+    Mapped(Arc<Mmap>),
+    Borrowed(&'a [u8]),
+    File(File),
+}
+
+/// A safetensors file ready to load: its bytes and its validated header.
+pub struct HostFile<'a> {
+    path: Option<PathBuf>,
+    len: u64,
+    header: Header,
+    source: Source<'a>,
+}
+
+impl std::fmt::Debug for HostFile<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let source = match self.source {
+            Source::Mapped(_) => "mmap",
+            Source::Borrowed(_) => "bytes",
+            Source::File(_) => "pread",
+        };
+        f.debug_struct("HostFile")
+            .field("path", &self.path)
+            .field("len", &self.len)
+            .field("source", &source)
+            .field("tensors", &self.header.tensors().len())
+            .finish()
+    }
+}
+
+impl HostFile<'static> {
+    /// Opens `path` and validates its header. Every error names the file.
+    pub fn open(path: impl AsRef<Path>, mode: ReadMode) -> Result<Self> {
+        let path = path.as_ref();
+        Self::open_inner(path, mode).map_err(|e| e.with_file(path))
+    }
+
+    fn open_inner(path: &Path, mode: ReadMode) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io("opening", None, e))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io("reading the size", None, e))?;
+        if !meta.is_file() {
+            return Err(Error::new(ErrorKind::Io, "not a regular file"));
+        }
+        let len = meta.len();
+        let path = Some(path.to_path_buf());
+        if len < N_LEN as u64 {
+            // Fails with HeaderTooSmall; there is nothing to map.
+            Header::read_len(&[], len)?;
+        }
+        match mode {
+            ReadMode::Mmap => {
+                // SAFETY: the mapping is read-only and shared, so we never write through it and
+                // no other mapping aliases it mutably within this process. memmap2's contract
+                // is that the file is not modified or truncated while mapped: that is the
+                // documented contract of `load_file` (the crate's Safety section), the same
+                // one safetensors, candle and memmap2's users accept; `ReadMode::Pread` is the
+                // way out for files that may change.
+                let map = unsafe { Mmap::map(&file) }
+                    .map_err(|e| Error::io("memory-mapping", None, e))?;
+                let header = Header::parse(&map)?;
+                Ok(HostFile {
+                    path,
+                    len,
+                    header,
+                    source: Source::Mapped(Arc::new(map)),
+                })
+            }
+            ReadMode::Pread => {
+                let mut prefix = [0u8; N_LEN];
+                read_exact_at(&file, &mut prefix, 0)?;
+                let n = Header::read_len(&prefix, len)?;
+                // `read_len` bounds n by the file size and by MAX_HEADER_LEN.
+                let mut json = vec![0u8; n];
+                read_exact_at(&file, &mut json, N_LEN as u64)?;
+                let header = Header::parse_json(&json, len)?;
+                Ok(HostFile {
+                    path,
+                    len,
+                    header,
+                    source: Source::File(file),
+                })
+            }
+        }
+    }
+}
+
+impl<'a> HostFile<'a> {
+    /// Validates the header of a whole file held in `bytes`.
+    pub fn from_bytes(bytes: &'a [u8]) -> Result<Self> {
+        let header = Header::parse(bytes)?;
+        Ok(HostFile {
+            path: None,
+            len: bytes.len() as u64,
+            header,
+            source: Source::Borrowed(bytes),
+        })
+    }
+
+    /// The path, for a file opened from disk.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// The file's size in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the file is empty (never true of a valid file).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The validated header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The tensors in file order.
+    pub fn tensors(&self) -> impl ExactSizeIterator<Item = (&str, &TensorInfo)> {
+        self.header.tensors().iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// The mapping, when the file is memory-mapped.
+    pub fn mapping(&self) -> Option<&Arc<Mmap>> {
+        match &self.source {
+            Source::Mapped(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// The whole file, when it is in memory (mapped or borrowed).
+    pub fn bytes(&self) -> Option<&[u8]> {
+        match &self.source {
+            Source::Mapped(m) => Some(m),
+            Source::Borrowed(b) => Some(b),
+            Source::File(_) => None,
+        }
+    }
+
+    /// A tensor's bytes, when the file is in memory.
+    pub fn tensor_bytes(&self, info: &TensorInfo) -> Option<&[u8]> {
+        self.bytes()?.get(self.header.file_range(info))
+    }
+
+    /// The file's data section (all tensors back to back), when the file is in memory.
+    pub fn data(&self) -> Option<&[u8]> {
+        let start = self.header.data_start();
+        self.bytes()?.get(start..start + self.header.data_len())
+    }
+
+    /// Copies `buf.len()` bytes at `offset` of the file into `buf`, whatever the source.
+    pub fn read_at(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
+        let range: Range<usize> = offset..offset.saturating_add(buf.len());
+        match &self.source {
+            Source::Mapped(_) | Source::Borrowed(_) => {
+                let src = self.bytes().and_then(|b| b.get(range.clone())).ok_or_else(|| {
+                    Error::new(ErrorKind::Io, format!("bytes {range:?} lie past the end"))
+                })?;
+                buf.copy_from_slice(src);
+                Ok(())
+            }
+            Source::File(file) => read_exact_at(file, buf, offset as u64),
+        }
+        .map_err(|e| e.with_opt_file(self.path()))
+    }
+}
+
+fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    file.read_exact_at(buf, offset)
+        .map_err(|e| Error::io(&format!("reading {} bytes at {offset}", buf.len()), None, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_source_reads_the_same_bytes() {
+        let json = br#"{"a":{"dtype":"U8","shape":[3],"data_offsets":[0,3]}}"#;
+        let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(json);
+        bytes.extend_from_slice(&[7, 8, 9]);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.safetensors");
+        std::fs::write(&path, &bytes).unwrap();
+        let mem = HostFile::from_bytes(&bytes).unwrap();
+        for f in [
+            HostFile::open(&path, ReadMode::Mmap).unwrap(),
+            HostFile::open(&path, ReadMode::Pread).unwrap(),
+        ] {
+            let (_, info) = f.tensors().next().unwrap();
+            let mut buf = [0u8; 3];
+            f.read_at(f.header().file_range(info).start, &mut buf).unwrap();
+            assert_eq!(buf, [7, 8, 9]);
+            assert_eq!(mem.tensor_bytes(info).unwrap(), &buf);
+        }
+        std::fs::write(&path, [1u8, 2]).unwrap();
+        let e = HostFile::open(&path, ReadMode::Pread).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::HeaderTooSmall);
+        assert_eq!(e.file(), Some(path.as_path()));
+    }
+}

@@ -1,0 +1,192 @@
+//! Writing safetensors: the same bytes as the reference writer (`safetensors::serialize`),
+//! and file writes that never damage the file that was there before.
+
+use std::fs;
+use std::io::{BufWriter, Write};
+use std::path::Path;
+
+use serde::ser::{SerializeMap, Serializer};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::header::{METADATA_KEY, Metadata, N_LEN};
+use crate::tensor::{Tensor, Tensors};
+
+#[derive(serde::Serialize)]
+struct EntryOut<'a> {
+    dtype: &'static str,
+    shape: &'a [usize],
+    data_offsets: (usize, usize),
+}
+
+struct HeaderOut<'a> {
+    metadata: Option<&'a Metadata>,
+    entries: Vec<(&'a str, EntryOut<'a>)>,
+}
+
+impl serde::Serialize for HeaderOut<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let extra = usize::from(self.metadata.is_some());
+        let mut map = s.serialize_map(Some(self.entries.len() + extra))?;
+        if let Some(md) = self.metadata {
+            map.serialize_entry(METADATA_KEY, md)?;
+        }
+        for (name, entry) in &self.entries {
+            map.serialize_entry(name, entry)?;
+        }
+        map.end()
+    }
+}
+
+/// The reference writer's layout: the tensors in the order they are written, and the
+/// 8-byte length followed by the JSON header padded with spaces to a multiple of 8.
+pub fn layout<'a>(
+    tensors: &'a Tensors,
+    metadata: Option<&'a Metadata>,
+) -> Result<(Vec<u8>, Vec<(&'a str, &'a Tensor)>)> {
+    let mut order: Vec<(&str, &Tensor)> = tensors.iter().collect();
+    // Descending dtype order, then name: `safetensors::serialize`'s order.
+    order.sort_by(|(ln, lt), (rn, rt)| rt.dtype().cmp(&lt.dtype()).then(ln.cmp(rn)));
+    let mut offset = 0usize;
+    let mut entries = Vec::with_capacity(order.len());
+    for &(name, t) in &order {
+        let need = t
+            .shape()
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .and_then(|n| t.dtype().bytes_for(n));
+        if need != Some(t.len_bytes()) {
+            return Err(Error::new(
+                ErrorKind::InvalidTensor,
+                format!(
+                    "{} bytes do not match shape {:?} of {}",
+                    t.len_bytes(),
+                    t.shape(),
+                    t.dtype()
+                ),
+            )
+            .with_tensor(name));
+        }
+        let end = offset
+            .checked_add(t.len_bytes())
+            .ok_or_else(|| Error::new(ErrorKind::InvalidTensor, "total size overflows"))?;
+        entries.push((
+            name,
+            EntryOut {
+                dtype: t.dtype().name(),
+                shape: t.shape(),
+                data_offsets: (offset, end),
+            },
+        ));
+        offset = end;
+    }
+    let mut head = vec![0u8; N_LEN];
+    serde_json::to_writer(&mut head, &HeaderOut { metadata, entries })
+        .map_err(|e| Error::new(ErrorKind::InvalidTensor, e.to_string()).with_source(e))?;
+    let n = (head.len() - N_LEN).next_multiple_of(N_LEN);
+    head.resize(N_LEN + n, b' ');
+    head[..N_LEN].copy_from_slice(&(n as u64).to_le_bytes());
+    Ok((head, order))
+}
+
+/// Serializes `tensors` (from any device) with `metadata` into the bytes of a safetensors
+/// file, identical to what `safetensors::serialize` writes for the same input.
+pub fn save(tensors: &Tensors, metadata: Option<&Metadata>) -> Result<Vec<u8>> {
+    let (head, order) = layout(tensors, metadata)?;
+    let mut out = Vec::new();
+    out.try_reserve_exact(head.len() + tensors.total_bytes())
+        .map_err(|_| Error::new(ErrorKind::OutOfMemory, "cannot allocate the output"))?;
+    out.extend_from_slice(&head);
+    for (name, t) in order {
+        out.extend_from_slice(&t.host_bytes().map_err(|e| e.with_tensor(name))?);
+    }
+    Ok(out)
+}
+
+/// Writes `tensors` with `metadata` to `path`, atomically.
+///
+/// The bytes go to a temporary file beside `path`, which is flushed to disk (`fsync`) and
+/// then renamed over `path`. A crash or an error leaves the previous file whole, and
+/// saving over a file that is loaded (memory-mapped) is safe: the mapping keeps the old
+/// file's data. An existing file's permissions are kept; a new file gets `0644`.
+pub fn save_file(
+    tensors: &Tensors,
+    path: impl AsRef<Path>,
+    metadata: Option<&Metadata>,
+) -> Result<()> {
+    let path = path.as_ref();
+    save_file_inner(tensors, path, metadata).map_err(|e| e.with_file(path))
+}
+
+fn save_file_inner(tensors: &Tensors, path: &Path, metadata: Option<&Metadata>) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let (head, order) = layout(tensors, metadata)?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::new(ErrorKind::Io, "the path names no file"))?;
+    let permissions = match fs::metadata(path) {
+        Ok(m) if m.is_file() => m.permissions(),
+        Ok(_) => return Err(Error::new(ErrorKind::Io, "the path exists and is not a file")),
+        Err(_) => fs::Permissions::from_mode(0o644),
+    };
+    let mut prefix = std::ffi::OsString::from(".");
+    prefix.push(name);
+    prefix.push(".");
+    let tmp = tempfile::Builder::new()
+        .prefix(&prefix)
+        .suffix(".tmp")
+        .permissions(permissions)
+        .tempfile_in(dir)
+        .map_err(|e| Error::io("creating a temporary file beside it", None, e))?;
+    let io = |e| Error::io("writing", None, e);
+    {
+        let mut w = BufWriter::with_capacity(1 << 20, tmp.as_file());
+        w.write_all(&head).map_err(io)?;
+        for (name, t) in order {
+            let bytes = t.host_bytes().map_err(|e| e.with_tensor(name))?;
+            w.write_all(&bytes).map_err(io)?;
+        }
+        w.flush().map_err(io)?;
+    }
+    tmp.as_file()
+        .sync_all()
+        .map_err(|e| Error::io("flushing to disk", None, e))?;
+    tmp.persist(path)
+        .map_err(|e| Error::io("renaming the temporary file over it", None, e.error))?;
+    // Make the rename itself durable; a failure here leaves a complete file either way.
+    if let Ok(d) = fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::Dtype;
+
+    #[test]
+    fn header_is_padded_and_sorted() {
+        let mut t = Tensors::new();
+        t.insert("b", Tensor::from_slice(vec![1], &[1u8]).unwrap());
+        t.insert("a", Tensor::from_slice(vec![1], &[2u8]).unwrap());
+        t.insert("z", Tensor::from_slice(vec![1], &[3.0f32]).unwrap());
+        let bytes = save(&t, None).unwrap();
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        assert_eq!(n % 8, 0);
+        let json = std::str::from_utf8(&bytes[8..8 + n]).unwrap();
+        assert!(json.starts_with(r#"{"z":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":"#));
+        assert_eq!(&bytes[8 + n..], &[0, 0, 64, 64, 2, 1]);
+        let bad = Tensor::from_parts(
+            Dtype::F32,
+            vec![2],
+            crate::tensor::Storage::Cpu(crate::tensor::CpuStorage::copy_of(&[0; 4])),
+        );
+        t.insert("bad", bad);
+        let e = save(&t, None).unwrap_err();
+        assert_eq!((e.kind(), e.tensor()), (ErrorKind::InvalidTensor, Some("bad")));
+    }
+}
