@@ -295,12 +295,12 @@ impl Conversion {
             Conversion::F16ToF32 => map(input, output, |b: [u8; 2]| {
                 f16::from_le_bytes(b).to_f32().to_le_bytes()
             }),
-            Conversion::F8E4m3ToF32 => {
-                map(input, output, |b: [u8; 1]| f8_e4m3_to_f32(b[0]).to_le_bytes())
-            }
-            Conversion::F8E5m2ToF32 => {
-                map(input, output, |b: [u8; 1]| f8_e5m2_to_f32(b[0]).to_le_bytes())
-            }
+            Conversion::F8E4m3ToF32 => map(input, output, |b: [u8; 1]| {
+                f8_e4m3_to_f32(b[0]).to_le_bytes()
+            }),
+            Conversion::F8E5m2ToF32 => map(input, output, |b: [u8; 1]| {
+                f8_e5m2_to_f32(b[0]).to_le_bytes()
+            }),
             Conversion::F32ToF16 => map(input, output, |b: [u8; 4]| {
                 f16::from_f32(f32::from_le_bytes(b)).to_le_bytes()
             }),

@@ -74,7 +74,10 @@ impl Header {
         let n = Header::read_len(file.get(..N_LEN).unwrap_or(file), file.len() as u64)?;
         // `read_len` checked that N_LEN + n <= file.len().
         let json = file.get(N_LEN..N_LEN + n).ok_or_else(|| {
-            Error::new(ErrorKind::InvalidHeaderLength, "header past the end of the file")
+            Error::new(
+                ErrorKind::InvalidHeaderLength,
+                "header past the end of the file",
+            )
         })?;
         Header::parse_json(json, file.len() as u64)
     }
@@ -102,7 +105,9 @@ impl Header {
         if stop > file_len {
             return Err(Error::new(
                 ErrorKind::InvalidHeaderLength,
-                format!("8 + the header length {n} is {stop}, past the end of the {file_len}-byte file"),
+                format!(
+                    "8 + the header length {n} is {stop}, past the end of the {file_len}-byte file"
+                ),
             ));
         }
         Ok(n as usize)
@@ -249,9 +254,9 @@ impl Header {
 fn classify(e: serde_json::Error, slot: Option<Error>) -> Error {
     use serde_json::error::Category;
     match e.classify() {
-        Category::Data => slot.unwrap_or_else(|| {
-            Error::new(ErrorKind::NotAnObject, e.to_string()).with_source(e)
-        }),
+        Category::Data => {
+            slot.unwrap_or_else(|| Error::new(ErrorKind::NotAnObject, e.to_string()).with_source(e))
+        }
         Category::Syntax | Category::Eof | Category::Io => {
             Error::new(ErrorKind::InvalidJson, e.to_string()).with_source(e)
         }
@@ -357,7 +362,10 @@ fn parse_metadata(value: serde_json::Value) -> Result<Option<Metadata>> {
             other => {
                 return Err(Error::new(
                     ErrorKind::InvalidMetadata,
-                    format!("the value of key {k:?} is {}, not a string", json_kind(&other)),
+                    format!(
+                        "the value of key {k:?} is {}, not a string",
+                        json_kind(&other)
+                    ),
                 ));
             }
         }
@@ -446,7 +454,11 @@ impl<'de> Visitor<'de> for EntrySeed<'_, '_> {
             }
         }
         let missing = |slot: &mut Option<Error>, what: &str| {
-            bad(slot, ErrorKind::InvalidTensorEntry, format!("missing field {what}"))
+            bad(
+                slot,
+                ErrorKind::InvalidTensorEntry,
+                format!("missing field {what}"),
+            )
         };
         let Some(dtype) = dtype else {
             return Err(missing(slot, "dtype"));
@@ -458,7 +470,11 @@ impl<'de> Visitor<'de> for EntrySeed<'_, '_> {
             return Err(missing(slot, "data_offsets"));
         };
         let dtype = dtype.parse::<Dtype>().map_err(|e| {
-            bad(slot, ErrorKind::UnknownDtype, format!("{:?} is not a dtype of the format", e.0))
+            bad(
+                slot,
+                ErrorKind::UnknownDtype,
+                format!("{:?} is not a dtype of the format", e.0),
+            )
         })?;
         Ok(TensorInfo {
             dtype,
@@ -502,56 +518,104 @@ mod tests {
 
     #[test]
     fn every_rule_has_its_kind() {
-        assert_eq!(Header::parse(&[1, 0]).unwrap_err().kind(), ErrorKind::HeaderTooSmall);
+        assert_eq!(
+            Header::parse(&[1, 0]).unwrap_err().kind(),
+            ErrorKind::HeaderTooSmall
+        );
         let mut big = (MAX_HEADER_LEN as u64 + 1).to_le_bytes().to_vec();
         big.extend_from_slice(b"{}");
-        assert_eq!(Header::parse(&big).unwrap_err().kind(), ErrorKind::HeaderTooLarge);
+        assert_eq!(
+            Header::parse(&big).unwrap_err().kind(),
+            ErrorKind::HeaderTooLarge
+        );
         let mut past = 100u64.to_le_bytes().to_vec();
         past.extend_from_slice(b"{}");
-        assert_eq!(Header::parse(&past).unwrap_err().kind(), ErrorKind::InvalidHeaderLength);
+        assert_eq!(
+            Header::parse(&past).unwrap_err().kind(),
+            ErrorKind::InvalidHeaderLength
+        );
         let mut bad = 3u64.to_le_bytes().to_vec();
         bad.extend_from_slice(&[b'{', 0xFF, b'}']);
-        assert_eq!(Header::parse(&bad).unwrap_err().kind(), ErrorKind::HeaderNotUtf8);
+        assert_eq!(
+            Header::parse(&bad).unwrap_err().kind(),
+            ErrorKind::HeaderNotUtf8
+        );
         assert_eq!(kind("{", 0), ErrorKind::InvalidJson);
         assert_eq!(kind("[]", 0), ErrorKind::NotAnObject);
         assert_eq!(kind("{} x", 0), ErrorKind::InvalidJson);
-        assert_eq!(kind(r#"{"__metadata__":{"a":1}}"#, 0), ErrorKind::InvalidMetadata);
-        assert_eq!(kind(r#"{"__metadata__":[]}"#, 0), ErrorKind::InvalidMetadata);
         assert_eq!(
-            kind(r#"{"a":{"dtype":"F33","shape":[],"data_offsets":[0,4]}}"#, 4),
+            kind(r#"{"__metadata__":{"a":1}}"#, 0),
+            ErrorKind::InvalidMetadata
+        );
+        assert_eq!(
+            kind(r#"{"__metadata__":[]}"#, 0),
+            ErrorKind::InvalidMetadata
+        );
+        assert_eq!(
+            kind(
+                r#"{"a":{"dtype":"F33","shape":[],"data_offsets":[0,4]}}"#,
+                4
+            ),
             ErrorKind::UnknownDtype
         );
-        assert_eq!(kind(r#"{"a":{"dtype":"F32","shape":[]}}"#, 4), ErrorKind::InvalidTensorEntry);
+        assert_eq!(
+            kind(r#"{"a":{"dtype":"F32","shape":[]}}"#, 4),
+            ErrorKind::InvalidTensorEntry
+        );
         assert_eq!(kind(r#"{"a":5}"#, 0), ErrorKind::InvalidTensorEntry);
         assert_eq!(
-            kind(r#"{"a":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}"#, 4),
+            kind(
+                r#"{"a":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}"#,
+                4
+            ),
             ErrorKind::InvalidTensorEntry
         );
         let dup = r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#;
         let e = Header::parse(&file(dup, 2)).unwrap_err();
-        assert_eq!((e.kind(), e.tensor()), (ErrorKind::DuplicateName, Some("a")));
         assert_eq!(
-            kind(r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#, 2),
+            (e.kind(), e.tensor()),
+            (ErrorKind::DuplicateName, Some("a"))
+        );
+        assert_eq!(
+            kind(
+                r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#,
+                2
+            ),
             ErrorKind::InvalidOffsets
         );
         assert_eq!(
-            kind(r#"{"a":{"dtype":"U8","shape":[0],"data_offsets":[0,0]},"b":{"dtype":"U8","shape":[0],"data_offsets":[3,2]}}"#, 0),
+            kind(
+                r#"{"a":{"dtype":"U8","shape":[0],"data_offsets":[0,0]},"b":{"dtype":"U8","shape":[0],"data_offsets":[3,2]}}"#,
+                0
+            ),
             ErrorKind::InvalidOffsets
         );
         assert_eq!(
-            kind(r#"{"a":{"dtype":"U8","shape":[4294967296,4294967296],"data_offsets":[0,1]}}"#, 1),
+            kind(
+                r#"{"a":{"dtype":"U8","shape":[4294967296,4294967296],"data_offsets":[0,1]}}"#,
+                1
+            ),
             ErrorKind::ShapeOverflow
         );
         assert_eq!(
-            kind(r#"{"a":{"dtype":"F4","shape":[3],"data_offsets":[0,1]}}"#, 1),
+            kind(
+                r#"{"a":{"dtype":"F4","shape":[3],"data_offsets":[0,1]}}"#,
+                1
+            ),
             ErrorKind::MisalignedSize
         );
         assert_eq!(
-            kind(r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#, 4),
+            kind(
+                r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#,
+                4
+            ),
             ErrorKind::SizeMismatch
         );
         assert_eq!(
-            kind(r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#, 5),
+            kind(
+                r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+                5
+            ),
             ErrorKind::IncompleteBuffer
         );
     }

@@ -183,9 +183,12 @@ impl<'a> HostFile<'a> {
         let range: Range<usize> = offset..offset.saturating_add(buf.len());
         match &self.source {
             Source::Mapped(_) | Source::Borrowed(_) => {
-                let src = self.bytes().and_then(|b| b.get(range.clone())).ok_or_else(|| {
-                    Error::new(ErrorKind::Io, format!("bytes {range:?} lie past the end"))
-                })?;
+                let src = self
+                    .bytes()
+                    .and_then(|b| b.get(range.clone()))
+                    .ok_or_else(|| {
+                        Error::new(ErrorKind::Io, format!("bytes {range:?} lie past the end"))
+                    })?;
                 buf.copy_from_slice(src);
                 Ok(())
             }
@@ -221,7 +224,8 @@ mod tests {
         ] {
             let (_, info) = f.tensors().next().unwrap();
             let mut buf = [0u8; 3];
-            f.read_at(f.header().file_range(info).start, &mut buf).unwrap();
+            f.read_at(f.header().file_range(info).start, &mut buf)
+                .unwrap();
             assert_eq!(buf, [7, 8, 9]);
             assert_eq!(mem.tensor_bytes(info).unwrap(), &buf);
         }

@@ -72,6 +72,8 @@ pub mod host;
 pub mod save;
 pub mod tensor;
 
+#[cfg(feature = "cli")]
+pub mod bench;
 
 use std::path::Path;
 

@@ -129,7 +129,12 @@ fn save_file_inner(tensors: &Tensors, path: &Path, metadata: Option<&Metadata>) 
         .ok_or_else(|| Error::new(ErrorKind::Io, "the path names no file"))?;
     let permissions = match fs::metadata(path) {
         Ok(m) if m.is_file() => m.permissions(),
-        Ok(_) => return Err(Error::new(ErrorKind::Io, "the path exists and is not a file")),
+        Ok(_) => {
+            return Err(Error::new(
+                ErrorKind::Io,
+                "the path exists and is not a file",
+            ));
+        }
         Err(_) => fs::Permissions::from_mode(0o644),
     };
     let mut prefix = std::ffi::OsString::from(".");
@@ -187,6 +192,9 @@ mod tests {
         );
         t.insert("bad", bad);
         let e = save(&t, None).unwrap_err();
-        assert_eq!((e.kind(), e.tensor()), (ErrorKind::InvalidTensor, Some("bad")));
+        assert_eq!(
+            (e.kind(), e.tensor()),
+            (ErrorKind::InvalidTensor, Some("bad"))
+        );
     }
 }

@@ -184,16 +184,25 @@ impl Tensor {
             .ok_or_else(|| {
                 Error::new(
                     ErrorKind::InvalidTensor,
-                    format!("shape {shape:?} of {dtype} is not a whole number of bytes, or overflows"),
+                    format!(
+                        "shape {shape:?} of {dtype} is not a whole number of bytes, or overflows"
+                    ),
                 )
             })?;
         if need != bytes.len() {
             return Err(Error::new(
                 ErrorKind::InvalidTensor,
-                format!("shape {shape:?} of {dtype} needs {need} bytes, {} given", bytes.len()),
+                format!(
+                    "shape {shape:?} of {dtype} needs {need} bytes, {} given",
+                    bytes.len()
+                ),
             ));
         }
-        Ok(Tensor::from_parts(dtype, shape, Storage::Cpu(CpuStorage::copy_of(bytes))))
+        Ok(Tensor::from_parts(
+            dtype,
+            shape,
+            Storage::Cpu(CpuStorage::copy_of(bytes)),
+        ))
     }
 
     /// A host tensor holding a copy of `data`, of `T`'s dtype.
@@ -253,7 +262,11 @@ impl Tensor {
             #[allow(unreachable_patterns)]
             other => CpuStorage::copy_of(&other.host_bytes()?),
         };
-        Ok(Tensor::from_parts(self.dtype, self.shape.clone(), Storage::Cpu(storage)))
+        Ok(Tensor::from_parts(
+            self.dtype,
+            self.shape.clone(),
+            Storage::Cpu(storage),
+        ))
     }
 
     /// The elements of a host tensor as `T`: borrowed where the bytes are aligned for `T`,
@@ -358,7 +371,12 @@ impl Tensors {
         let tensors = self
             .tensors
             .iter()
-            .map(|(k, t)| Ok((k.clone(), t.to_host().map_err(|e| e.with_tensor(k.as_str()))?)))
+            .map(|(k, t)| {
+                Ok((
+                    k.clone(),
+                    t.to_host().map_err(|e| e.with_tensor(k.as_str()))?,
+                ))
+            })
             .collect::<Result<_>>()?;
         Ok(Tensors {
             tensors,
@@ -401,7 +419,10 @@ mod tests {
         let t = Tensor::from_slice(vec![2, 2], &[1.0f32, 2.0, 3.0, 4.0]).unwrap();
         assert_eq!(t.dtype(), Dtype::F32);
         assert_eq!(&*t.as_slice::<f32>().unwrap(), &[1.0, 2.0, 3.0, 4.0]);
-        assert_eq!(t.as_slice::<u32>().unwrap_err().kind(), ErrorKind::Unsupported);
+        assert_eq!(
+            t.as_slice::<u32>().unwrap_err().kind(),
+            ErrorKind::Unsupported
+        );
         let e = Tensor::from_bytes(Dtype::F32, vec![3], &[0; 8]).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidTensor);
         let e = Tensor::from_bytes(Dtype::F4, vec![3], &[0; 2]).unwrap_err();

@@ -81,7 +81,11 @@ impl Backend for CpuBackend {
                     // Only reached for an empty arena, so the tensor is empty.
                     _ => CpuStorage::copy_of(&[]),
                 };
-                Tensor::from_parts(item.out_dtype, item.info.shape.clone(), Storage::Cpu(storage))
+                Tensor::from_parts(
+                    item.out_dtype,
+                    item.info.shape.clone(),
+                    Storage::Cpu(storage),
+                )
             })
             .collect();
         plan.report(plan.input_bytes());
@@ -171,7 +175,10 @@ fn fill(plan: &LoadPlan<'_>, offsets: &[usize], arena: &mut [u8]) -> Result<()> 
             })
             .collect()
     });
-    results.into_iter().collect::<Result<()>>().map_err(|e| plan.err(e))
+    results
+        .into_iter()
+        .collect::<Result<()>>()
+        .map_err(|e| plan.err(e))
 }
 
 fn run_job(file: &HostFile<'_>, job: Job<'_>, scratch: &mut Vec<u8>) -> Result<()> {

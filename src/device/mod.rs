@@ -62,9 +62,7 @@ impl FromStr for Device {
             _ => {
                 return Err(Error::new(
                     ErrorKind::InvalidDevice,
-                    format!(
-                        "{s:?}: expected cpu, cuda, cuda:N, gpu, gpu:N, wgpu, wgpu:N or auto"
-                    ),
+                    format!("{s:?}: expected cpu, cuda, cuda:N, gpu, gpu:N, wgpu, wgpu:N or auto"),
                 ));
             }
         })
@@ -353,7 +351,12 @@ mod tests {
             let e = bad.parse::<Device>().unwrap_err();
             assert_eq!(e.kind(), ErrorKind::InvalidDevice, "{bad}");
         }
-        for d in [Device::Cpu, Device::Cuda(1), Device::Wgpu(None), Device::Wgpu(Some(0))] {
+        for d in [
+            Device::Cpu,
+            Device::Cuda(1),
+            Device::Wgpu(None),
+            Device::Wgpu(Some(0)),
+        ] {
             assert_eq!(d.to_string().parse::<Device>().unwrap(), d);
         }
     }
