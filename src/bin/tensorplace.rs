@@ -188,6 +188,8 @@ fn load(
     pread: bool,
 ) -> Result<()> {
     let device: Device = device.parse()?;
+    // Fail on an unusable device before writing a demo checkpoint.
+    let backend = tensorplace::device::open(device)?;
     let _demo_dir;
     let path = match file {
         Some(p) => p,
@@ -201,7 +203,7 @@ fn load(
             eprintln!(
                 "wrote a demo checkpoint: {} tensors, {} bytes, in {:.2} s ({})",
                 spec.tensors,
-                spec.size,
+                std::fs::metadata(&path).map_or(0, |m| m.len()),
                 t.elapsed().as_secs_f64(),
                 path.display()
             );
@@ -224,7 +226,6 @@ fn load(
     if pread {
         loader = loader.read_mode(ReadMode::Pread);
     }
-    let backend = tensorplace::device::open(device)?;
     let mode = if pread {
         ReadMode::Pread
     } else {
