@@ -8,7 +8,7 @@ use half::{bf16, f16};
 
 /// An element type of the safetensors format.
 ///
-/// The declaration order is the reference writer's: [`save`](crate::save) sorts tensors by
+/// The declaration order is the reference writer's: [`save`](fn@crate::save) sorts tensors by
 /// this order, descending, and then by name, exactly as `safetensors::serialize` does.
 #[allow(non_camel_case_types)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

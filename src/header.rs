@@ -195,9 +195,7 @@ impl Header {
                 );
             }
         }
-        let end = (start as u64)
-            .checked_add((N_LEN + self.header_len) as u64)
-            .unwrap_or(u64::MAX);
+        let end = (start as u64).saturating_add((N_LEN + self.header_len) as u64);
         if end != file_len {
             let how = if end < file_len {
                 format!("{} trailing bytes", file_len - end)

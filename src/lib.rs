@@ -6,7 +6,7 @@
 //!
 //! ## Overview
 //!
-//! The API mirrors `safetensors.flax`: [`load_file`], [`load`], [`save_file`] and [`save`],
+//! The API mirrors `safetensors.flax`: [`load_file`], [`load`], [`save_file`] and [`save`](fn@save),
 //! with a `device` argument that does what it says. A load validates the header by the
 //! reference implementation's rules ([`header`]), builds one [`LoadPlan`](device::LoadPlan)
 //! for the whole file and hands it to the device's [`Backend`](device::Backend) at once, so
@@ -47,7 +47,7 @@
 //! - `cuda` (default): the CUDA backend. libcuda is loaded at run time, so the crate builds
 //!   without a CUDA toolkit; without a driver, `cuda` is an error and `auto` moves on.
 //! - `wgpu` (default): the wgpu backend (Vulkan, Metal, DX12, GL) with its WGSL shaders.
-//! - `cli` (default): the `tensorplace` tool and the benchmark harness ([`bench`]).
+//! - `cli` (default): the `tensorplace` tool and the benchmark harness ([`bench`](mod@bench)).
 //!
 //! With `default-features = false` only the CPU path is built.
 //!

@@ -37,12 +37,15 @@ impl serde::Serialize for HeaderOut<'_> {
     }
 }
 
+/// The tensors in the order they are written.
+pub type WriteOrder<'a> = Vec<(&'a str, &'a Tensor)>;
+
 /// The reference writer's layout: the tensors in the order they are written, and the
 /// 8-byte length followed by the JSON header padded with spaces to a multiple of 8.
 pub fn layout<'a>(
     tensors: &'a Tensors,
     metadata: Option<&'a Metadata>,
-) -> Result<(Vec<u8>, Vec<(&'a str, &'a Tensor)>)> {
+) -> Result<(Vec<u8>, WriteOrder<'a>)> {
     let mut order: Vec<(&str, &Tensor)> = tensors.iter().collect();
     // Descending dtype order, then name: `safetensors::serialize`'s order.
     order.sort_by(|(ln, lt), (rn, rt)| rt.dtype().cmp(&lt.dtype()).then(ln.cmp(rn)));

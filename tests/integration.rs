@@ -1,3 +1,8 @@
 //! The integration tests, in one binary: one module per area.
 
+mod backends;
+#[cfg(feature = "cli")]
+mod cli;
+mod common;
+mod format;
 mod shaders;

@@ -2,11 +2,11 @@
 //! reference on a real wgpu device (Mesa's software Vulkan in CI), NaN payloads, infinities,
 //! subnormals and odd lengths included.
 
-#![cfg(feature = "wgpu")]
-
 use tensorplace::Conversion;
+#[cfg(feature = "wgpu")]
 use tensorplace::device::wgpu::{KERNELS, WgpuBackend};
 
+#[cfg(feature = "wgpu")]
 #[test]
 fn every_kernel_validates_with_naga() {
     assert!(KERNELS.len() >= 8);
@@ -85,6 +85,7 @@ fn inputs(c: Conversion) -> Vec<u8> {
     }
 }
 
+#[cfg(feature = "wgpu")]
 #[test]
 fn every_kernel_is_bit_exact_on_the_device() {
     let backend = match WgpuBackend::open(None) {
@@ -134,5 +135,127 @@ fn every_kernel_is_bit_exact_on_the_device() {
                 &want[i * out..][..out]
             );
         }
+    }
+}
+
+/// The source of the CUDA kernels (`shaders/cuda/convert.cl`, compiled to the committed PTX)
+/// compiled for this CPU with the host C compiler and run over the same inputs: the
+/// algorithms equal the CPU reference bit for bit without a GPU. (The PTX itself runs in the
+/// generic backend tests where a CUDA device is present.)
+#[test]
+fn cuda_kernel_source_is_bit_exact_on_the_host() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let source = root.join("shaders/cuda/convert.cl");
+    let dir = tempfile::tempdir().unwrap();
+    let harness = dir.path().join("harness.c");
+    std::fs::write(
+        &harness,
+        format!(
+            r#"#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+static unsigned __nvvm_read_ptx_sreg_ctaid_x(void) {{ return 0; }}
+static unsigned __nvvm_read_ptx_sreg_ntid_x(void) {{ return 1; }}
+static unsigned __nvvm_read_ptx_sreg_tid_x(void) {{ return 0; }}
+static unsigned __nvvm_read_ptx_sreg_nctaid_x(void) {{ return 1; }}
+#define __kernel
+#define __global
+#include "{}"
+int main(int argc, char **argv) {{
+    const char *names[] = {{"bf16_to_f32", "f16_to_f32", "f8_e4m3_to_f32", "f8_e5m2_to_f32",
+                           "f32_to_f16", "f32_to_bf16", "bf16_to_f16", "f16_to_bf16"}};
+    void (*kernels[])(const u32 *, u32 *, u64, u64) = {{bf16_to_f32, f16_to_f32, f8_e4m3_to_f32,
+        f8_e5m2_to_f32, f32_to_f16, f32_to_bf16, bf16_to_f16, f16_to_bf16}};
+    if (argc != 7) return 2;
+    int k = -1;
+    for (int i = 0; i < 8; i++) if (!strcmp(argv[1], names[i])) k = i;
+    if (k < 0) return 3;
+    u64 units = strtoull(argv[4], 0, 10), elements = strtoull(argv[5], 0, 10), out_len = strtoull(argv[6], 0, 10);
+    FILE *f = fopen(argv[2], "rb");
+    fseek(f, 0, SEEK_END); long n = ftell(f); fseek(f, 0, SEEK_SET);
+    unsigned char *in = calloc(n + 16, 1), *out = calloc(out_len + 16, 1);
+    if (fread(in, 1, n, f) != (size_t)n) return 4;
+    fclose(f);
+    kernels[k]((const u32 *)in, (u32 *)out, units, elements);
+    f = fopen(argv[3], "wb");
+    fwrite(out, 1, out_len, f);
+    fclose(f);
+    return 0;
+}}
+"#,
+            source.display()
+        ),
+    )
+    .unwrap();
+    let exe = dir.path().join("harness");
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    match std::process::Command::new(&cc)
+        .args(["-O1", "-w", "-o"])
+        .arg(&exe)
+        .arg(&harness)
+        .status()
+    {
+        Ok(s) if s.success() => {}
+        other => {
+            println!(
+                "SKIPPED cuda_kernel_source_is_bit_exact_on_the_host: no working C compiler ({cc}: {other:?})"
+            );
+            return;
+        }
+    }
+    for c in Conversion::ALL {
+        let input = inputs(c);
+        let mut want = vec![0u8; c.output_len(input.len()).unwrap()];
+        c.convert(&input, &mut want);
+        let elements = input.len() / (c.from().bits() / 8);
+        let per_unit = if c.from().bits() == 8 { 4 } else { 2 };
+        let name = format!("{c:?}");
+        let kernel = match c {
+            Conversion::Bf16ToF32 => "bf16_to_f32",
+            Conversion::F16ToF32 => "f16_to_f32",
+            Conversion::F8E4m3ToF32 => "f8_e4m3_to_f32",
+            Conversion::F8E5m2ToF32 => "f8_e5m2_to_f32",
+            Conversion::F32ToF16 => "f32_to_f16",
+            Conversion::F32ToBf16 => "f32_to_bf16",
+            Conversion::Bf16ToF16 => "bf16_to_f16",
+            Conversion::F16ToBf16 => "f16_to_bf16",
+        };
+        let inp = dir.path().join(format!("{name}.in"));
+        let outp = dir.path().join(format!("{name}.out"));
+        std::fs::write(&inp, &input).unwrap();
+        let status = std::process::Command::new(&exe)
+            .arg(kernel)
+            .arg(&inp)
+            .arg(&outp)
+            .arg(elements.div_ceil(per_unit).to_string())
+            .arg(elements.to_string())
+            .arg(want.len().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "{kernel}");
+        let got = std::fs::read(&outp).unwrap();
+        if let Some(i) = (0..want.len()).find(|&i| got[i] != want[i]) {
+            panic!(
+                "{kernel}: byte {i} is {:#04x}, the CPU gives {:#04x}",
+                got[i], want[i]
+            );
+        }
+    }
+    // The committed PTX holds every kernel.
+    let ptx = std::fs::read_to_string(root.join("shaders/cuda/convert.ptx")).unwrap();
+    for k in [
+        "bf16_to_f32",
+        "f16_to_f32",
+        "f8_e4m3_to_f32",
+        "f8_e5m2_to_f32",
+        "f32_to_f16",
+        "f32_to_bf16",
+        "bf16_to_f16",
+        "f16_to_bf16",
+    ] {
+        assert!(
+            ptx.contains(&format!(".entry {k}(")),
+            "{k} missing from convert.ptx"
+        );
     }
 }

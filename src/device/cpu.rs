@@ -55,14 +55,21 @@ impl Backend for CpuBackend {
                 .ok_or_else(|| plan.err(Error::new(ErrorKind::OutOfMemory, "size overflows")))?;
         }
         let arena = if total > 0 {
-            let mut words: Vec<u64> = Vec::new();
-            words.try_reserve_exact(total / 8).map_err(|_| {
-                plan.err(Error::new(
-                    ErrorKind::OutOfMemory,
-                    format!("cannot allocate {total} bytes of host memory"),
-                ))
-            })?;
-            words.resize(total / 8, 0);
+            // ALIGN extra bytes, so that the arena can start on an ALIGN boundary.
+            let words_len = (total + ALIGN) / 8;
+            // Zeroed by the allocator (fresh pages from the kernel for large sizes): the
+            // pages are first touched by the copy threads, so their faults run in parallel.
+            let mut words: Vec<u64> =
+                bytemuck::allocation::try_zeroed_vec(words_len).map_err(|()| {
+                    plan.err(Error::new(
+                        ErrorKind::OutOfMemory,
+                        format!("cannot allocate {total} bytes of host memory"),
+                    ))
+                })?;
+            let shift = words.as_ptr().cast::<u8>().align_offset(ALIGN).min(ALIGN);
+            for off in offsets.iter_mut().filter(|o| **o != usize::MAX) {
+                *off += shift;
+            }
             fill(plan, &offsets, bytemuck::cast_slice_mut(&mut words))?;
             Some(Arc::new(words))
         } else {
@@ -124,7 +131,8 @@ fn fill(plan: &LoadPlan<'_>, offsets: &[usize], arena: &mut [u8]) -> Result<()> 
                 Some(c) => c.output_len(src_len).unwrap_or(0),
                 None => src_len,
             };
-            let (d, tail) = std::mem::take(&mut dst).split_at_mut(dst_len.min(dst.len()));
+            let take = dst_len.min(dst.len());
+            let (d, tail) = std::mem::take(&mut dst).split_at_mut(take);
             dst = tail;
             jobs.push(Job {
                 item: index,

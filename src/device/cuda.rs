@@ -850,14 +850,10 @@ fn fill(file: &HostFile<'_>, pieces: &[Copy], offsets: &[usize], buf: &mut [u8])
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(Error::new(ErrorKind::Backend, "a reader thread panicked"))
-                })
-            })
-            .collect::<Result<()>>()
+        handles.into_iter().try_for_each(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err(Error::new(ErrorKind::Backend, "a reader thread panicked")))
+        })
     })
 }
 

@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::num::NonZeroU64;
 use std::ops::Range;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use wgpu::util::DeviceExt;
@@ -165,6 +165,8 @@ pub struct WgpuBackend {
     queue: wgpu::Queue,
     limits: wgpu::Limits,
     f16: bool,
+    direct_supported: bool,
+    direct: AtomicBool,
     native_f16: OnceLock<bool>,
     pipelines: Mutex<HashMap<&'static str, wgpu::ComputePipeline>>,
     lost: Arc<Mutex<Option<String>>>,
@@ -213,17 +215,23 @@ fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
         .unwrap_or_else(|_| Err(backend_err(format!("wgpu panicked while {what}"))))
 }
 
-/// The adapters, in the stable order of `wgpu:N`.
-fn adapters() -> Result<Vec<wgpu::Adapter>> {
-    guarded("enumerating adapters", || {
-        let backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::all());
-        let mut list = pollster::block_on(instance().enumerate_adapters(backends));
-        list.sort_by_key(|a| {
-            let i = a.get_info();
-            (type_rank(i.device_type), backend_rank(i.backend))
-        });
-        Ok(list)
-    })
+/// The adapters, in the stable order of `wgpu:N`, enumerated once per process (enumerating
+/// creates and drops GL contexts, which some drivers do not survive from several threads).
+fn adapters() -> Result<&'static [wgpu::Adapter]> {
+    static ADAPTERS: OnceLock<std::result::Result<Vec<wgpu::Adapter>, String>> = OnceLock::new();
+    let list = ADAPTERS.get_or_init(|| {
+        guarded("enumerating adapters", || {
+            let backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::all());
+            let mut list = pollster::block_on(instance().enumerate_adapters(backends));
+            list.sort_by_key(|a| {
+                let i = a.get_info();
+                (type_rank(i.device_type), backend_rank(i.backend))
+            });
+            Ok(list)
+        })
+        .map_err(|e| e.message().to_owned())
+    });
+    list.as_deref().map_err(|e| backend_err(e.clone()))
 }
 
 /// One line per adapter, in the order of `wgpu:N`, with the limits that matter.
@@ -322,11 +330,21 @@ impl WgpuBackend {
             let info = adapter.get_info();
             let limits = adapter.limits();
             let f16 = adapter.features().contains(wgpu::Features::SHADER_F16);
-            let features = if f16 {
-                wgpu::Features::SHADER_F16
-            } else {
-                wgpu::Features::empty()
-            };
+            // On adapters that share the host's memory (integrated and software GPUs),
+            // tensor buffers are mapped and written in place: no staging copy at all.
+            let direct = matches!(
+                info.device_type,
+                wgpu::DeviceType::IntegratedGpu | wgpu::DeviceType::Cpu
+            ) && adapter
+                .features()
+                .contains(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS);
+            let mut features = wgpu::Features::empty();
+            if f16 {
+                features |= wgpu::Features::SHADER_F16;
+            }
+            if direct {
+                features |= wgpu::Features::MAPPABLE_PRIMARY_BUFFERS;
+            }
             let (device, queue) =
                 pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
                     label: Some("tensorplace"),
@@ -353,6 +371,10 @@ impl WgpuBackend {
                 queue,
                 limits,
                 f16,
+                direct_supported: direct,
+                direct: AtomicBool::new(
+                    direct && std::env::var("TENSORPLACE_WGPU_UPLOAD").as_deref() != Ok("staging"),
+                ),
                 native_f16: OnceLock::new(),
                 pipelines: Mutex::new(HashMap::new()),
                 lost,
@@ -378,6 +400,20 @@ impl WgpuBackend {
     /// The queue.
     pub fn queue(&self) -> &wgpu::Queue {
         &self.queue
+    }
+
+    /// Whether uploads write the tensors' buffers in place (mapped), as they do on adapters
+    /// that share host memory; otherwise they go through the staging ring.
+    pub fn direct_writes(&self) -> bool {
+        self.direct.load(Ordering::Relaxed)
+    }
+
+    /// Chooses between writing in place (where the adapter allows it) and the staging ring;
+    /// returns the choice in force. `TENSORPLACE_WGPU_UPLOAD=staging` sets the default.
+    pub fn set_direct_writes(&self, on: bool) -> bool {
+        let on = on && self.direct_supported;
+        self.direct.store(on, Ordering::Relaxed);
+        on
     }
 
     /// Whether SHADER_F16 is enabled.
@@ -522,7 +558,7 @@ impl WgpuBackend {
         let pipeline = self.pipeline(kernel)?;
         let layout = pipeline.get_bind_group_layout(0);
         let units = elements.div_ceil(kernel.elements);
-        let max_binding = u64::from(self.limits.max_storage_buffer_binding_size);
+        let max_binding = self.limits.max_storage_buffer_binding_size;
         let per_dispatch =
             u64::from(self.limits.max_compute_workgroups_per_dimension) * u64::from(WORKGROUP);
         let chunk = (max_binding / kernel.in_bytes.max(kernel.out_bytes)).min(per_dispatch)
@@ -715,35 +751,68 @@ fn upload(backend: &Arc<WgpuBackend>, plan: &LoadPlan<'_>) -> Result<Vec<Tensor>
         })
         .collect::<Result<_>>()?;
     backend.scoped("uploading", || {
-        // Destination buffers, and raw input buffers for the tensors to convert.
+        // Destination buffers, and raw input buffers for the tensors to convert. Where the
+        // adapter shares host memory, the buffers the file's bytes go to are created mapped.
+        let direct = backend.direct_writes();
+        let make = |label: &str, size: usize, written: bool| {
+            let mapped = direct && written;
+            backend.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: pad4(size as u64),
+                usage: if mapped {
+                    usage | wgpu::BufferUsages::MAP_WRITE
+                } else {
+                    usage
+                },
+                mapped_at_creation: mapped,
+            })
+        };
         let outs: Vec<wgpu::Buffer> = items
             .iter()
-            .map(|i| backend.new_buffer(i.name, pad4(i.out_len as u64), usage))
+            .map(|i| {
+                make(
+                    i.name,
+                    i.out_len,
+                    i.conversion.is_none() && !i.src.is_empty(),
+                )
+            })
             .collect();
         let raws: Vec<Option<wgpu::Buffer>> = items
             .iter()
             .map(|i| {
-                i.conversion.map(|_| {
-                    backend.new_buffer("tensorplace raw input", pad4(i.src.len() as u64), usage)
-                })
+                i.conversion
+                    .map(|_| make("tensorplace raw input", i.src.len(), !i.src.is_empty()))
             })
             .collect();
-        let staging_size = STAGING.min(max) / 256 * 256;
-        let mut pieces = Vec::new();
-        for (k, item) in items.iter().enumerate() {
-            let dst = raws[k].as_ref().unwrap_or(&outs[k]);
-            let mut at = item.src.start;
-            while at < item.src.end {
-                let end = (at + staging_size as usize).min(item.src.end);
-                pieces.push(Piece {
-                    src: at..end,
-                    dst,
-                    dst_offset: (at - item.src.start) as u64,
-                });
-                at = end;
+        let targets = items
+            .iter()
+            .enumerate()
+            .filter(|(_, i)| !i.src.is_empty())
+            .map(|(k, i)| (raws[k].as_ref().unwrap_or(&outs[k]), i.src.clone()));
+        if direct {
+            let writes: Vec<_> = targets.map(|(b, src)| (b, 0u64, src)).collect();
+            fill(plan.file(), &writes)?;
+            for (b, _, _) in &writes {
+                b.unmap();
             }
+            plan.report(plan.input_bytes());
+        } else {
+            let staging_size = STAGING.min(max) / 256 * 256;
+            let mut pieces = Vec::new();
+            for (dst, src) in targets {
+                let mut at = src.start;
+                while at < src.end {
+                    let end = (at + staging_size as usize).min(src.end);
+                    pieces.push(Piece {
+                        src: at..end,
+                        dst,
+                        dst_offset: (at - src.start) as u64,
+                    });
+                    at = end;
+                }
+            }
+            stream(backend, plan, &pieces, staging_size)?;
         }
-        stream(backend, plan, &pieces, staging_size)?;
         let mut enc = backend.device.create_command_encoder(&Default::default());
         let mut any = false;
         for (k, item) in items.iter().enumerate() {
@@ -820,7 +889,12 @@ fn stream(
         if let Some(state) = staging.state.take() {
             wait_mapped(backend, &state)?;
         }
-        fill(&staging.buffer, file, batch, &offsets)?;
+        let writes: Vec<_> = batch
+            .iter()
+            .zip(&offsets)
+            .map(|(p, &off)| (&staging.buffer, off, p.src.clone()))
+            .collect();
+        fill(file, &writes)?;
         staging.buffer.unmap();
         let mut enc = backend.device.create_command_encoder(&Default::default());
         for (p, &off) in batch.iter().zip(&offsets) {
@@ -842,40 +916,39 @@ fn stream(
     Ok(())
 }
 
-/// Copies the pieces' file bytes into the mapped staging buffer, zero-padding each to 4
-/// bytes, with one thread per core.
+/// Copies file bytes into mapped buffers: each write is (buffer, offset, file range), the
+/// offset 8-aligned; each write is zero-padded to 4 bytes. One thread per core, the bytes
+/// split evenly between them.
 fn fill(
-    buffer: &wgpu::Buffer,
     file: &crate::host::HostFile<'_>,
-    batch: &[Piece<'_>],
-    offsets: &[u64],
+    writes: &[(&wgpu::Buffer, u64, Range<usize>)],
 ) -> Result<()> {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
-        .min(batch.len())
+        .min(writes.len())
         .max(1);
-    let total: u64 = batch.iter().map(|p| p.src.len() as u64).sum();
+    let total: u64 = writes.iter().map(|w| w.2.len() as u64).sum();
     let share = total.div_ceil(threads as u64).max(1);
-    // Split the batch into runs of about `share` bytes; big pieces are split in sub-ranges.
-    let mut work: Vec<Vec<(u64, Range<usize>)>> = vec![Vec::new(); threads];
+    // Runs of about `share` bytes per thread; big writes are split into 8-aligned sub-ranges
+    // (wgpu's MAP_ALIGNMENT), so that only a write's last sub-range needs padding.
+    let mut work: Vec<Vec<(&wgpu::Buffer, u64, Range<usize>)>> = vec![Vec::new(); threads];
     let mut t = 0usize;
     let mut acc = 0u64;
-    for (p, &off) in batch.iter().zip(offsets) {
-        let mut at = p.src.start;
-        while at < p.src.end {
-            let room = (share - acc.min(share)).max(4) as usize;
+    for (buffer, off, src) in writes {
+        let mut at = src.start;
+        while at < src.end {
+            let room = (share - acc.min(share)).max(8) as usize;
             let end = if t + 1 == threads {
-                p.src.end
+                src.end
             } else {
-                (at + room).min(p.src.end)
+                (at + room).min(src.end)
             };
-            // Sub-ranges start 8-aligned within the piece (wgpu MAP_ALIGNMENT).
-            let end = if end < p.src.end {
-                at + (end - at).next_multiple_of(8).min(p.src.end - at)
+            let end = if end < src.end {
+                at + (end - at).next_multiple_of(8).min(src.end - at)
             } else {
                 end
             };
-            work[t].push((off + (at - p.src.start) as u64, at..end));
+            work[t].push((*buffer, off + (at - src.start) as u64, at..end));
             acc += (end - at) as u64;
             at = end;
             if acc >= share && t + 1 < threads {
@@ -890,12 +963,12 @@ fn fill(
             .map(|runs| {
                 s.spawn(move || -> Result<()> {
                     let mut scratch = Vec::new();
-                    for (off, src) in runs {
+                    for (buffer, off, src) in runs {
                         let len = src.len();
                         let padded = pad4(len as u64);
                         let mut view = buffer
                             .get_mapped_range_mut(off..off + padded)
-                            .map_err(|e| backend_err(format!("mapping staging: {e}")))?;
+                            .map_err(|e| backend_err(format!("mapping a buffer: {e}")))?;
                         let bytes: &[u8] = match file.bytes() {
                             Some(b) => b
                                 .get(src.clone())
@@ -906,13 +979,12 @@ fn fill(
                                 &scratch
                             }
                         };
-                        let mut dst = view.slice(..);
-                        if padded as usize == len {
-                            dst.copy_from_slice(bytes);
-                        } else {
-                            let mut tmp = bytes.to_vec();
-                            tmp.resize(padded as usize, 0);
-                            dst.copy_from_slice(&tmp);
+                        let whole = len / 4 * 4;
+                        view.slice(..whole).copy_from_slice(&bytes[..whole]);
+                        if whole < padded as usize {
+                            let mut tail = [0u8; 4];
+                            tail[..len - whole].copy_from_slice(&bytes[whole..]);
+                            view.slice(whole..).copy_from_slice(&tail);
                         }
                     }
                     Ok(())
@@ -942,18 +1014,19 @@ pub fn bench_group<'a>(
     let device = Device::Wgpu(Some(backend.index));
     let file = crate::host::HostFile::open(path, crate::host::ReadMode::Mmap)?;
     let b2 = backend.clone();
+    let label = if backend.direct_writes() {
+        "tensorplace load_file (mapped in place)"
+    } else {
+        "tensorplace load_file (staging ring)"
+    };
     Ok(Group {
         device: device.to_string(),
         paths: vec![
-            BenchPath::new(
-                "tensorplace load_file (staging ring)",
-                Role::Ours,
-                move || {
-                    let t = crate::load_file(path, device)?;
-                    drop(t);
-                    Ok(())
-                },
-            ),
+            BenchPath::new(label, Role::Ours, move || {
+                let t = crate::load_file(path, device)?;
+                drop(t);
+                Ok(())
+            }),
             BenchPath::new("per-tensor queue.write_buffer", Role::Baseline, move || {
                 let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
                 let mut keep = Vec::new();

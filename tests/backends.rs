@@ -1,0 +1,277 @@
+//! One generic body per behaviour, run on every device present: the CPU always, CUDA and
+//! wgpu where compiled in and present (Mesa's software Vulkan in CI). Each compares the
+//! device's bytes, read back, with the CPU reference.
+
+use tensorplace::{
+    Conversion, Device, Dtype, ErrorKind, Loader, ReadMode, Storage, Tensor, Tensors,
+};
+
+use crate::common;
+
+fn write(dir: &tempfile::TempDir, t: &Tensors) -> std::path::PathBuf {
+    let path = dir.path().join("m.safetensors");
+    tensorplace::save_file(t, &path, t.metadata()).unwrap();
+    path
+}
+
+fn assert_same(device: Device, got: &Tensors, want: &Tensors) {
+    assert_eq!(got.len(), want.len(), "{device}");
+    for (name, w) in want.iter() {
+        let g = got.tensor(name).unwrap();
+        assert_eq!(g.dtype(), w.dtype(), "{device}: {name}");
+        assert_eq!(g.shape(), w.shape(), "{device}: {name}");
+        assert_eq!(g.len_bytes(), w.len_bytes(), "{device}: {name}");
+        assert_eq!(
+            g.host_bytes().unwrap(),
+            w.host_bytes().unwrap(),
+            "{device}: {name}"
+        );
+    }
+}
+
+#[test]
+fn every_device_loads_every_dtype_byte_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let want = common::mixed_tensors(5);
+    let path = write(&dir, &want);
+    let raw = std::fs::read(&path).unwrap();
+    for device in common::devices("every_device_loads_every_dtype_byte_exactly") {
+        let mapped = tensorplace::load_file(&path, device).unwrap();
+        assert_same(device, &mapped, &want);
+        for t in mapped.iter().map(|(_, t)| t) {
+            assert_eq!(t.device(), mapped.iter().next().unwrap().1.device());
+            assert_ne!(t.device(), Device::Auto);
+        }
+        let pread = Loader::new(device)
+            .read_mode(ReadMode::Pread)
+            .load_file(&path)
+            .unwrap();
+        assert_same(device, &pread, &want);
+        let from_bytes = tensorplace::load(&raw, device).unwrap();
+        assert_same(device, &from_bytes, &want);
+        // Back to the host, and saved from the device: the same file.
+        let host = mapped.to_host().unwrap();
+        assert_same(Device::Cpu, &host, &want);
+        assert_eq!(
+            tensorplace::save(&mapped, None).unwrap(),
+            raw,
+            "{device}: save"
+        );
+        let out = dir.path().join(format!(
+            "saved-{}.safetensors",
+            device.to_string().replace(':', "_")
+        ));
+        tensorplace::save_file(&mapped, &out, None).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), raw, "{device}: save_file");
+    }
+}
+
+#[test]
+fn every_device_loads_the_python_fixtures() {
+    for device in common::devices("every_device_loads_the_python_fixtures") {
+        for name in ["numpy_all.safetensors", "rust_writer_all.safetensors"] {
+            let path = common::fixtures().join(name);
+            let cpu = tensorplace::load_file(&path, Device::Cpu).unwrap();
+            let dev = tensorplace::load_file(&path, device).unwrap();
+            assert_same(device, &dev, &cpu);
+        }
+    }
+}
+
+/// A file of the conversions' source dtypes with every 8- and 16-bit pattern.
+fn conversion_sources() -> Tensors {
+    let mut t = Tensors::new();
+    let all16: Vec<u8> = (0..=u16::MAX).flat_map(|x| x.to_le_bytes()).collect();
+    let odd16 = &all16[..2 * 4099];
+    let all8: Vec<u8> = (0..=255u8).collect();
+    t.insert(
+        "bf16",
+        Tensor::from_bytes(Dtype::BF16, vec![256, 256], &all16).unwrap(),
+    );
+    t.insert(
+        "bf16_odd",
+        Tensor::from_bytes(Dtype::BF16, vec![4099], odd16).unwrap(),
+    );
+    t.insert(
+        "f16",
+        Tensor::from_bytes(Dtype::F16, vec![65536], &all16).unwrap(),
+    );
+    t.insert(
+        "f16_odd",
+        Tensor::from_bytes(Dtype::F16, vec![4099], odd16).unwrap(),
+    );
+    t.insert(
+        "e4m3",
+        Tensor::from_bytes(Dtype::F8_E4M3, vec![16, 16], &all8).unwrap(),
+    );
+    t.insert(
+        "e5m2",
+        Tensor::from_bytes(Dtype::F8_E5M2, vec![255], &all8[..255]).unwrap(),
+    );
+    let f32s = common::bytes(4 * 10_001, 99);
+    t.insert(
+        "f32",
+        Tensor::from_bytes(Dtype::F32, vec![10_001], &f32s).unwrap(),
+    );
+    t.insert(
+        "ints",
+        Tensor::from_bytes(Dtype::I32, vec![3], &common::bytes(12, 5)).unwrap(),
+    );
+    t.insert(
+        "empty_bf16",
+        Tensor::from_bytes(Dtype::BF16, vec![0], &[]).unwrap(),
+    );
+    t
+}
+
+#[test]
+fn every_device_converts_bit_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = conversion_sources();
+    let path = write(&dir, &src);
+    for device in common::devices("every_device_converts_bit_exactly") {
+        for to in [Dtype::F32, Dtype::F16, Dtype::BF16] {
+            let loaded = match Loader::new(device).dtype(to).load_file(&path) {
+                Ok(l) => l,
+                // F8 has no conversion to F16 or BF16: the error names the tensor.
+                Err(e) => {
+                    assert_eq!(e.kind(), ErrorKind::Unsupported, "{device} {to}: {e}");
+                    assert!(e.tensor().is_some_and(|t| t.starts_with('e')), "{e}");
+                    assert!(e.file().is_some());
+                    let some = Loader::new(device)
+                        .dtype(to)
+                        .filter(|n| !n.starts_with('e'))
+                        .load_file(&path)
+                        .unwrap();
+                    assert!(some.len() >= 6);
+                    some
+                }
+            };
+            for (name, got) in loaded.iter() {
+                let orig = src.tensor(name).unwrap();
+                let want = match Conversion::between(orig.dtype(), to) {
+                    Some(c) => {
+                        let input = orig.as_bytes().unwrap();
+                        let mut out = vec![0u8; c.output_len(input.len()).unwrap()];
+                        c.convert(input, &mut out);
+                        assert_eq!(got.dtype(), to, "{device}: {name}");
+                        out
+                    }
+                    None => orig.as_bytes().unwrap().to_vec(),
+                };
+                assert_eq!(got.shape(), orig.shape());
+                let bytes = got.host_bytes().unwrap();
+                if let Some(i) = (0..want.len()).find(|&i| bytes[i] != want[i]) {
+                    panic!(
+                        "{device}: {name} to {to}: byte {i} is {:#04x}, the CPU gives {:#04x}",
+                        bytes[i], want[i]
+                    );
+                }
+                assert_eq!(bytes.len(), want.len());
+            }
+        }
+    }
+}
+
+#[test]
+fn backend_handles_are_exposed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(&dir, &common::mixed_tensors(8));
+    for device in common::devices("backend_handles_are_exposed") {
+        let loaded = tensorplace::load_file(&path, device).unwrap();
+        for (name, t) in loaded.iter() {
+            match t.storage() {
+                Storage::Cpu(s) => assert_eq!(s.len(), t.len_bytes(), "{name}"),
+                #[cfg(feature = "cuda")]
+                Storage::Cuda(s) => {
+                    assert_eq!(s.device_ptr() % 256, 0, "{name}");
+                    assert_eq!(s.len(), t.len_bytes());
+                }
+                #[cfg(feature = "wgpu")]
+                Storage::Wgpu(s) => {
+                    assert_eq!(s.range(), 0..t.len_bytes() as u64, "{name}");
+                    assert!(s.buffer().size() >= t.len_bytes() as u64);
+                    assert_eq!(s.buffer().size() % 4, 0);
+                }
+                #[allow(unreachable_patterns)]
+                _ => panic!("unexpected storage"),
+            }
+        }
+    }
+}
+
+#[test]
+fn explicit_devices_fail_clearly_and_auto_falls_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(&dir, &common::mixed_tensors(9));
+    let auto = tensorplace::load_file(&path, "auto").unwrap();
+    assert_eq!(auto.len(), common::mixed_tensors(9).len());
+    for (name, shown) in [
+        ("cuda:7", "cuda:7"),
+        ("gpu:9", "cuda:9"),
+        ("wgpu:99", "wgpu:99"),
+    ] {
+        let e = tensorplace::load_file(&path, name).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::DeviceUnavailable, "{name}: {e}");
+        assert!(e.to_string().contains(shown), "{e}");
+    }
+    if tensorplace::device::open(Device::Cuda(0)).is_err() {
+        let e = tensorplace::load_file(&path, "cuda").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::DeviceUnavailable, "{e}");
+        println!("no CUDA here: {e}");
+    }
+}
+
+#[test]
+fn progress_reaches_the_total() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(&dir, &common::mixed_tensors(10));
+    for device in common::devices("progress_reaches_the_total") {
+        let last = std::sync::Mutex::new((0u64, 0u64));
+        Loader::new(device)
+            .owned(true)
+            .progress(|p| {
+                let mut l = last.lock().unwrap();
+                assert!(p.done <= p.total);
+                *l = (l.0.max(p.done), p.total);
+            })
+            .load_file(&path)
+            .unwrap();
+        let (done, total) = *last.lock().unwrap();
+        assert!(total > 0 && done == total, "{device}: {done} of {total}");
+    }
+}
+
+/// The wgpu staging ring (the path of discrete GPUs) checked on whatever adapter is here, by
+/// turning off in-place writes for one load.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_staging_ring_matches_the_cpu() {
+    use tensorplace::device::wgpu::WgpuBackend;
+    let backend = match WgpuBackend::open(None) {
+        Ok(b) => b,
+        Err(e) => {
+            println!("SKIPPED wgpu_staging_ring_matches_the_cpu: {e}");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let want = common::mixed_tensors(12);
+    let path = write(&dir, &want);
+    let before = backend.direct_writes();
+    backend.set_direct_writes(false);
+    let staged = tensorplace::load_file(&path, "wgpu");
+    let converted = Loader::new("wgpu")
+        .dtype(Dtype::F32)
+        .filter(|n| n.starts_with("odd"))
+        .load_file(&path);
+    backend.set_direct_writes(before);
+    assert_same(Device::Wgpu(None), &staged.unwrap(), &want);
+    let converted = converted.unwrap();
+    let reference = Loader::new("cpu")
+        .dtype(Dtype::F32)
+        .filter(|n| n.starts_with("odd"))
+        .load_file(&path)
+        .unwrap();
+    assert_same(Device::Wgpu(None), &converted, &reference);
+}

@@ -1,0 +1,194 @@
+//! The `tensorplace` command line: its outputs, exit codes and files.
+
+use std::process::{Command, Output};
+
+use crate::common;
+
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tensorplace"))
+        .args(args)
+        .env(
+            "XDG_RUNTIME_DIR",
+            std::env::var("XDG_RUNTIME_DIR").unwrap_or_else(|_| "/tmp".into()),
+        )
+        .output()
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn inspect_json_matches_what_python_wrote() {
+    let expected = crate::format::expected();
+    for (name, want) in expected.as_object().unwrap() {
+        let path = common::fixtures().join(name);
+        let out = run(&["inspect", path.to_str().unwrap(), "--json", "--hash"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert_eq!(stdout(&out).lines().count(), 1, "one object");
+        let got: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+        assert_eq!(got["metadata"], want["metadata"]);
+        assert_eq!(got["tensors"], want["tensors"], "{name}");
+        let keys: Vec<_> = got.as_object().unwrap().keys().cloned().collect();
+        assert_eq!(keys, ["metadata", "tensors"]);
+        let plain = run(&["inspect", path.to_str().unwrap(), "--json"]);
+        let plain: serde_json::Value = serde_json::from_str(&stdout(&plain)).unwrap();
+        assert!(plain["tensors"][0].get("sha256").is_none());
+        let text = run(&["inspect", path.to_str().unwrap()]);
+        assert!(text.status.success());
+        assert!(stdout(&text).contains(want["tensors"][0]["name"].as_str().unwrap()));
+    }
+}
+
+#[test]
+fn invalid_input_exits_2_with_one_line_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.safetensors");
+    let json = r#"{"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#;
+    let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(json.as_bytes());
+    bytes.extend_from_slice(&[0; 8]);
+    std::fs::write(&bad, bytes).unwrap();
+    let out_file = dir.path().join("out.safetensors");
+    let b = bad.to_str().unwrap();
+    let missing = dir.path().join("missing.safetensors");
+    for args in [
+        vec!["inspect", b],
+        vec!["inspect", b, "--json", "--hash"],
+        vec!["load", b, "--device", "cpu"],
+        vec!["convert", b, out_file.to_str().unwrap()],
+        vec!["load", missing.to_str().unwrap(), "--device", "cpu"],
+        vec!["load", b, "--device", "tpu"],
+    ] {
+        let out = run(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = stderr(&out);
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        if args[1] == b && !args.contains(&"tpu") {
+            assert!(
+                err.contains("bad.safetensors") && err.contains("\"w\""),
+                "{err}"
+            );
+        }
+        assert!(stdout(&out).is_empty() || args[0] == "load", "{args:?}");
+    }
+    assert!(!out_file.exists(), "no partial output");
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+}
+
+#[test]
+fn convert_round_trips_byte_identically_and_casts() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["numpy_all.safetensors", "rust_writer_all.safetensors"] {
+        let input = common::fixtures().join(name);
+        let output = dir.path().join(name);
+        let out = run(&["convert", input.to_str().unwrap(), output.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert_eq!(
+            std::fs::read(&output).unwrap(),
+            std::fs::read(&input).unwrap(),
+            "{name}"
+        );
+    }
+    let input = common::fixtures().join("numpy_all.safetensors");
+    let output = dir.path().join("f16.safetensors");
+    for device in common::devices("convert_round_trips_byte_identically_and_casts") {
+        let dev = device.to_string();
+        let out = run(&[
+            "convert",
+            input.to_str().unwrap(),
+            output.to_str().unwrap(),
+            "--dtype",
+            "F16",
+            "--device",
+            &dev,
+        ]);
+        // numpy_all has F64 tensors, which have no conversion: a clear error, no file.
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        assert!(stderr(&out).contains("F64"), "{}", stderr(&out));
+        assert!(!output.exists());
+    }
+    let bf16 = dir.path().join("bf16.safetensors");
+    let mut t = tensorplace::Tensors::new();
+    t.insert(
+        "a",
+        tensorplace::Tensor::from_bytes(
+            tensorplace::Dtype::BF16,
+            vec![3],
+            &[0x80, 0x3F, 0, 0x40, 0xC0, 0x7F],
+        )
+        .unwrap(),
+    );
+    t.insert(
+        "i",
+        tensorplace::Tensor::from_slice(vec![1], &[7i64]).unwrap(),
+    );
+    tensorplace::save_file(&t, &bf16, None).unwrap();
+    let out = run(&[
+        "convert",
+        bf16.to_str().unwrap(),
+        output.to_str().unwrap(),
+        "--dtype",
+        "F32",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let back = tensorplace::load_file(&output, "cpu").unwrap();
+    let a = back.tensor("a").unwrap();
+    assert_eq!(a.dtype(), tensorplace::Dtype::F32);
+    let v = a.to_vec::<f32>().unwrap();
+    assert_eq!(&v[..2], &[1.0, 2.0]);
+    assert!(v[2].is_nan());
+    assert_eq!(back.tensor("i").unwrap().to_vec::<i64>().unwrap(), [7]);
+}
+
+#[test]
+fn load_verifies_on_every_device_and_devices_lists_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    tensorplace::save_file(&common::mixed_tensors(4), &path, None).unwrap();
+    // Only dtypes with a conversion to F32 (or none to make).
+    let cast = dir.path().join("cast.safetensors");
+    let mut t = tensorplace::Tensors::new();
+    for (name, tensor) in common::mixed_tensors(4).iter() {
+        use tensorplace::Dtype::*;
+        if matches!(
+            tensor.dtype(),
+            BF16 | F16 | F8_E4M3 | F8_E5M2 | F32 | I32 | U8 | BOOL
+        ) {
+            t.insert(name, tensor.clone());
+        }
+    }
+    tensorplace::save_file(&t, &cast, None).unwrap();
+    for device in common::devices("load_verifies_on_every_device") {
+        let dev = device.to_string();
+        let out = run(&["load", path.to_str().unwrap(), "--device", &dev, "--verify"]);
+        assert!(out.status.success(), "{dev}: {}", stderr(&out));
+        let s = stdout(&out);
+        assert!(s.contains("GB/s") && s.contains("verified"), "{s}");
+        let out = run(&[
+            "load",
+            cast.to_str().unwrap(),
+            "--device",
+            &dev,
+            "--verify",
+            "--pread",
+            "--dtype",
+            "F32",
+        ]);
+        assert!(out.status.success(), "{dev}: {}", stderr(&out));
+        assert!(stdout(&out).contains("verified"));
+    }
+    let out = run(&["devices"]);
+    assert!(out.status.success());
+    assert!(stdout(&out).contains("cpu:"));
+}

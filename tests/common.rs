@@ -1,0 +1,90 @@
+//! Helpers shared by the test modules.
+
+use std::path::{Path, PathBuf};
+
+use tensorplace::{Device, Dtype, Tensor, Tensors};
+
+/// The fixtures folder.
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// Every device to test on: the CPU, and each GPU backend that is compiled in and present.
+/// Those absent are reported, with the reason, on stdout (`--nocapture` shows it).
+pub fn devices(test: &str) -> Vec<Device> {
+    let mut out = vec![Device::Cpu];
+    for d in [Device::Cuda(0), Device::Wgpu(None)] {
+        match tensorplace::device::open(d) {
+            Ok(b) => out.push(b.device()),
+            Err(e) => println!("SKIPPED {test} on {d}: {e}"),
+        }
+    }
+    out
+}
+
+/// Pseudo-random bytes.
+pub fn bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut s = seed | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 24) as u8
+        })
+        .collect()
+}
+
+/// A mixed set of host tensors: every dtype, odd sizes, a scalar, empty tensors, non-ASCII names.
+pub fn mixed_tensors(seed: u64) -> Tensors {
+    let mut t = Tensors::new();
+    for (i, d) in Dtype::ALL.into_iter().enumerate() {
+        // Element counts that keep sub-byte types whole: multiples of 4 (F4 and F6).
+        let shape = match i % 4 {
+            0 => vec![4 * (i + 1)],
+            1 => vec![3, 4, 1 + i % 3 * 4],
+            2 => vec![4 * (2 * i + 1) + 4],
+            _ => vec![2, 2 * (i + 3)],
+        };
+        let numel: usize = shape.iter().product();
+        let len = d.bytes_for(numel).unwrap();
+        let data = bytes(len, seed + i as u64);
+        t.insert(
+            format!("t{i:02}.{}", d.name().to_lowercase()),
+            Tensor::from_bytes(d, shape, &data).unwrap(),
+        );
+    }
+    t.insert(
+        "scalar",
+        Tensor::from_bytes(Dtype::F64, vec![], &bytes(8, seed ^ 7)).unwrap(),
+    );
+    t.insert(
+        "empty",
+        Tensor::from_bytes(Dtype::F32, vec![0, 5], &[]).unwrap(),
+    );
+    t.insert(
+        "ünï/名前",
+        Tensor::from_bytes(Dtype::BF16, vec![3], &bytes(6, seed ^ 9)).unwrap(),
+    );
+    t.insert(
+        "big_f32",
+        Tensor::from_bytes(Dtype::F32, vec![1000, 77], &bytes(308_000, seed ^ 11)).unwrap(),
+    );
+    t.insert(
+        "odd_bf16",
+        Tensor::from_bytes(Dtype::BF16, vec![1001], &bytes(2002, seed ^ 13)).unwrap(),
+    );
+    t.insert(
+        "odd_f16",
+        Tensor::from_bytes(Dtype::F16, vec![7, 11], &bytes(154, seed ^ 17)).unwrap(),
+    );
+    t.insert(
+        "odd_f8",
+        Tensor::from_bytes(Dtype::F8_E4M3, vec![1003], &bytes(1003, seed ^ 19)).unwrap(),
+    );
+    t.insert(
+        "odd_f8b",
+        Tensor::from_bytes(Dtype::F8_E5M2, vec![5], &bytes(5, seed ^ 23)).unwrap(),
+    );
+    t
+}
