@@ -435,8 +435,40 @@ fn devices(args: &BenchArgs) -> Result<Vec<(Device, Option<String>)>> {
     Ok(out)
 }
 
+/// A sequential read of the whole file through one reused 8 MiB buffer: with `--cold`, the
+/// disk's sequential read speed, the ceiling of every cold load.
+pub fn disk_read_path(path: &Path) -> BenchPath<'_> {
+    BenchPath::new(
+        "sequential read of the file (disk ceiling)",
+        Role::Ceiling,
+        move || {
+            use std::io::Read;
+            let mut f =
+                std::fs::File::open(path).map_err(|e| Error::io("opening", Some(path), e))?;
+            let mut buf = vec![0u8; 8 << 20];
+            loop {
+                let n = f
+                    .read(&mut buf)
+                    .map_err(|e| Error::io("reading", Some(path), e))?;
+                if n == 0 {
+                    return Ok(());
+                }
+                std::hint::black_box(&buf[..n]);
+            }
+        },
+    )
+}
+
+/// With `--cold`, puts the disk's sequential read first among the ceilings of `group`.
+fn with_disk_ceiling<'a>(mut group: Group<'a>, path: &'a Path, cold: bool) -> Group<'a> {
+    if cold {
+        group.paths.insert(0, disk_read_path(path));
+    }
+    group
+}
+
 /// The CPU groups: zero-copy load, owned load, save.
-fn cpu_groups<'a>(path: &'a Path, out: &'a Path) -> Vec<Group<'a>> {
+fn cpu_groups<'a>(path: &'a Path, out: &'a Path, cold: bool) -> Vec<Group<'a>> {
     use safetensors::SafeTensors;
     let map = |p: &Path| -> Result<memmap2::Mmap> {
         let f = std::fs::File::open(p).map_err(|e| Error::io("opening", Some(p), e))?;
@@ -546,17 +578,19 @@ fn cpu_groups<'a>(path: &'a Path, out: &'a Path) -> Vec<Group<'a>> {
         ],
         pairs: vec![],
     };
-    vec![zero_copy, owned, save]
+    vec![zero_copy, with_disk_ceiling(owned, path, cold), save]
 }
 
 #[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(unused_variables))]
-fn device_groups<'a>(d: Device, path: &'a Path) -> Result<Vec<Group<'a>>> {
+fn device_groups<'a>(d: Device, path: &'a Path, cold: bool) -> Result<Vec<Group<'a>>> {
     match d {
         Device::Cpu | Device::Auto => Ok(vec![]),
         #[cfg(feature = "cuda")]
-        Device::Cuda(i) => crate::device::cuda::bench_group(i, path).map(|g| vec![g]),
+        Device::Cuda(i) => crate::device::cuda::bench_group(i, path)
+            .map(|g| vec![with_disk_ceiling(g, path, cold)]),
         #[cfg(feature = "wgpu")]
-        Device::Wgpu(i) => crate::device::wgpu::bench_group(i, path).map(|g| vec![g]),
+        Device::Wgpu(i) => crate::device::wgpu::bench_group(i, path)
+            .map(|g| vec![with_disk_ceiling(g, path, cold)]),
         #[allow(unreachable_patterns)]
         other => Err(Error::new(
             ErrorKind::DeviceUnavailable,
@@ -613,9 +647,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             continue;
         }
         let groups = if d == Device::Cpu {
-            Ok(cpu_groups(&path, &out))
+            Ok(cpu_groups(&path, &out, args.cold))
         } else {
-            device_groups(d, &path)
+            device_groups(d, &path, args.cold)
         };
         match groups {
             Ok(groups) => {

@@ -26,7 +26,8 @@ pub enum ReadMode {
 }
 
 enum Source<'a> {
-    Mapped(Arc<Mmap>),
+    // The file stays open beside its mapping, for positioned reads of cold pages.
+    Mapped(Arc<Mmap>, File),
     Borrowed(&'a [u8]),
     File(File),
 }
@@ -42,7 +43,7 @@ pub struct HostFile<'a> {
 impl std::fmt::Debug for HostFile<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let source = match self.source {
-            Source::Mapped(_) => "mmap",
+            Source::Mapped(..) => "mmap",
             Source::Borrowed(_) => "bytes",
             Source::File(_) => "pread",
         };
@@ -91,7 +92,7 @@ impl HostFile<'static> {
                     path,
                     len,
                     header,
-                    source: Source::Mapped(Arc::new(map)),
+                    source: Source::Mapped(Arc::new(map), file),
                 })
             }
             ReadMode::Pread => {
@@ -153,7 +154,7 @@ impl<'a> HostFile<'a> {
     /// The mapping, when the file is memory-mapped.
     pub fn mapping(&self) -> Option<&Arc<Mmap>> {
         match &self.source {
-            Source::Mapped(m) => Some(m),
+            Source::Mapped(m, _) => Some(m),
             _ => None,
         }
     }
@@ -161,7 +162,7 @@ impl<'a> HostFile<'a> {
     /// The whole file, when it is in memory (mapped or borrowed).
     pub fn bytes(&self) -> Option<&[u8]> {
         match &self.source {
-            Source::Mapped(m) => Some(m),
+            Source::Mapped(m, _) => Some(m),
             Source::Borrowed(b) => Some(b),
             Source::File(_) => None,
         }
@@ -178,11 +179,61 @@ impl<'a> HostFile<'a> {
         self.bytes()?.get(start..start + self.header.data_len())
     }
 
+    /// The fraction of the data section's pages that are in the page cache (for a mapped
+    /// file; 1 for bytes in memory, 0 for a file read with pread), from `mincore` over up to
+    /// 1,024 pages spread evenly.
+    pub fn resident_fraction(&self) -> f64 {
+        let map = match &self.source {
+            Source::Mapped(m, _) => m,
+            Source::Borrowed(_) => return 1.0,
+            Source::File(_) => return 0.0,
+        };
+        let page = page_size();
+        let start = self.header.data_start() / page * page;
+        let end = (self.header.data_start() + self.header.data_len()).min(map.len());
+        if end <= start {
+            return 1.0;
+        }
+        let pages = (end - start).div_ceil(page);
+        let samples = pages.min(1024);
+        let mut resident = 0usize;
+        for k in 0..samples {
+            let p = start + (k * pages / samples) * page;
+            let mut v = 0u8;
+            // SAFETY: `p` is page-aligned and one page from it lies inside the mapping (the
+            // mapping covers whole pages); mincore writes one byte per page into `v`.
+            let rc = unsafe { libc::mincore(map.as_ptr().add(p) as *mut libc::c_void, 1, &mut v) };
+            if rc != 0 {
+                return 1.0;
+            }
+            resident += usize::from(v & 1);
+        }
+        resident as f64 / samples as f64
+    }
+
+    /// Whether most of the data is not in the page cache: then positioned reads on several
+    /// threads (see [`read_at_direct`](Self::read_at_direct)) beat faulting the mapping in.
+    pub fn is_cold(&self) -> bool {
+        self.resident_fraction() < 0.5
+    }
+
+    /// Like [`read_at`](Self::read_at), but with a positioned read (`pread`) wherever a file
+    /// descriptor is open, even for a mapped file: for cold pages, several of these in
+    /// parallel read at the disk's speed, where page faults read one readahead at a time.
+    pub fn read_at_direct(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
+        match &self.source {
+            Source::Mapped(_, file) | Source::File(file) => {
+                read_exact_at(file, buf, offset as u64).map_err(|e| e.with_opt_file(self.path()))
+            }
+            Source::Borrowed(_) => self.read_at(offset, buf),
+        }
+    }
+
     /// Copies `buf.len()` bytes at `offset` of the file into `buf`, whatever the source.
     pub fn read_at(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
         let range: Range<usize> = offset..offset.saturating_add(buf.len());
         match &self.source {
-            Source::Mapped(_) | Source::Borrowed(_) => {
+            Source::Mapped(..) | Source::Borrowed(_) => {
                 let src = self
                     .bytes()
                     .and_then(|b| b.get(range.clone()))
@@ -196,6 +247,12 @@ impl<'a> HostFile<'a> {
         }
         .map_err(|e| e.with_opt_file(self.path()))
     }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(p).ok().filter(|&p| p > 0).unwrap_or(4096)
 }
 
 fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -228,7 +285,16 @@ mod tests {
                 .unwrap();
             assert_eq!(buf, [7, 8, 9]);
             assert_eq!(mem.tensor_bytes(info).unwrap(), &buf);
+            let mut direct = [0u8; 3];
+            f.read_at_direct(f.header().file_range(info).start, &mut direct)
+                .unwrap();
+            assert_eq!(direct, buf);
+            let r = f.resident_fraction();
+            assert!((0.0..=1.0).contains(&r));
         }
+        // Just written, so in the page cache: not cold.
+        assert!(!HostFile::open(&path, ReadMode::Mmap).unwrap().is_cold());
+        assert!(!mem.is_cold());
         std::fs::write(&path, [1u8, 2]).unwrap();
         let e = HostFile::open(&path, ReadMode::Pread).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::HeaderTooSmall);

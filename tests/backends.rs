@@ -275,3 +275,31 @@ fn wgpu_staging_ring_matches_the_cpu() {
         .unwrap();
     assert_same(Device::Wgpu(None), &converted, &reference);
 }
+
+/// A file dropped from the page cache loads the same bytes (through positioned reads where
+/// the kernel honoured the drop).
+#[test]
+fn cold_files_load_the_same_bytes() {
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir().unwrap();
+    let mut want = common::mixed_tensors(13);
+    // Large enough that the readahead of the header's page fault leaves most of it cold.
+    want.insert(
+        "large",
+        Tensor::from_bytes(Dtype::U8, vec![24 << 20], &common::bytes(24 << 20, 3)).unwrap(),
+    );
+    let path = write(&dir, &want);
+    for device in common::devices("cold_files_load_the_same_bytes") {
+        let f = std::fs::File::open(&path).unwrap();
+        f.sync_all().unwrap();
+        // SAFETY: a valid descriptor; the call only advises the kernel.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        let host = tensorplace::HostFile::open(&path, ReadMode::Mmap).unwrap();
+        println!(
+            "{device}: resident fraction after the drop: {:.2}",
+            host.resident_fraction()
+        );
+        let loaded = Loader::new(device).owned(true).load_file(&path).unwrap();
+        assert_same(device, &loaded, &want);
+    }
+}

@@ -157,6 +157,8 @@ fn fill(plan: &LoadPlan<'_>, offsets: &[usize], arena: &mut [u8]) -> Result<()> 
     }
     let done = AtomicU64::new(0);
     let file = plan.file();
+    // Cold pages: positioned reads on every thread, instead of faulting the mapping in.
+    let cold = file.mapping().is_some() && file.is_cold();
     let results: Vec<Result<()>> = std::thread::scope(|s| {
         let handles: Vec<_> = buckets
             .into_iter()
@@ -166,7 +168,7 @@ fn fill(plan: &LoadPlan<'_>, offsets: &[usize], arena: &mut [u8]) -> Result<()> 
                     let mut scratch = Vec::new();
                     for job in bucket {
                         let (item, n) = (job.item, job.src_len as u64);
-                        run_job(file, job, &mut scratch)
+                        run_job(file, job, cold, &mut scratch)
                             .map_err(|e| e.with_tensor(plan.items()[item].name))?;
                         plan.report(done.fetch_add(n, Ordering::Relaxed) + n);
                     }
@@ -189,17 +191,21 @@ fn fill(plan: &LoadPlan<'_>, offsets: &[usize], arena: &mut [u8]) -> Result<()> 
         .map_err(|e| plan.err(e))
 }
 
-fn run_job(file: &HostFile<'_>, job: Job<'_>, scratch: &mut Vec<u8>) -> Result<()> {
+fn run_job(file: &HostFile<'_>, job: Job<'_>, cold: bool, scratch: &mut Vec<u8>) -> Result<()> {
     let Some(conversion) = job.conversion else {
-        return file.read_at(job.src, job.dst);
+        return if cold {
+            file.read_at_direct(job.src, job.dst)
+        } else {
+            file.read_at(job.src, job.dst)
+        };
     };
-    let src = match file.bytes() {
+    let src = match file.bytes().filter(|_| !cold) {
         Some(bytes) => bytes.get(job.src..job.src + job.src_len).ok_or_else(|| {
             Error::new(ErrorKind::Io, "tensor bytes lie past the end of the file")
         })?,
         None => {
             scratch.resize(job.src_len, 0);
-            file.read_at(job.src, scratch)?;
+            file.read_at_direct(job.src, scratch)?;
             &scratch[..]
         }
     };

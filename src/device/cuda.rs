@@ -382,7 +382,9 @@ impl CudaBackend {
             Ok("register") if file.mapping().is_some() => return UploadPath::Register,
             _ => {}
         }
-        if file.mapping().is_some() && self.register_supported {
+        // Registering faults cold pages in one readahead at a time: cold files go through
+        // the staging ring, read with pread by several threads.
+        if file.mapping().is_some() && self.register_supported && !file.is_cold() {
             UploadPath::Register
         } else {
             UploadPath::Staging
@@ -768,6 +770,7 @@ fn stage_and_copy(backend: &CudaBackend, plan: &LoadPlan<'_>, copies: &[Copy]) -
         }
     }
     let file = plan.file();
+    let cold = file.mapping().is_none() || file.is_cold();
     let mut done = 0u64;
     let mut start = 0usize;
     let mut batch_no = 0usize;
@@ -787,7 +790,13 @@ fn stage_and_copy(backend: &CudaBackend, plan: &LoadPlan<'_>, copies: &[Copy]) -
             e.synchronize()
                 .map_err(|e| driver_err(backend.ordinal, "waiting for a staging copy", e))?;
         }
-        fill(file, &pieces[start..end], &offsets, buffer.as_mut_slice())?;
+        fill(
+            file,
+            cold,
+            &pieces[start..end],
+            &offsets,
+            buffer.as_mut_slice(),
+        )?;
         for (p, &off) in pieces[start..end].iter().zip(&offsets) {
             // SAFETY: the source is `len` bytes of the pinned buffer, which is not written
             // again before this copy's event completes; the destination is inside an arena.
@@ -812,7 +821,13 @@ fn stage_and_copy(backend: &CudaBackend, plan: &LoadPlan<'_>, copies: &[Copy]) -
 }
 
 /// Reads the pieces' file bytes into `buf` at `offsets`, with up to READERS threads.
-fn fill(file: &HostFile<'_>, pieces: &[Copy], offsets: &[usize], buf: &mut [u8]) -> Result<()> {
+fn fill(
+    file: &HostFile<'_>,
+    cold: bool,
+    pieces: &[Copy],
+    offsets: &[usize],
+    buf: &mut [u8],
+) -> Result<()> {
     let mut jobs: Vec<(usize, &mut [u8])> = Vec::new();
     let mut rest = buf;
     let mut at = 0usize;
@@ -844,9 +859,13 @@ fn fill(file: &HostFile<'_>, pieces: &[Copy], offsets: &[usize], buf: &mut [u8])
             .into_iter()
             .map(|bucket| {
                 s.spawn(move || {
-                    bucket
-                        .into_iter()
-                        .try_for_each(|(src, dst)| file.read_at(src, dst))
+                    bucket.into_iter().try_for_each(|(src, dst)| {
+                        if cold {
+                            file.read_at_direct(src, dst)
+                        } else {
+                            file.read_at(src, dst)
+                        }
+                    })
                 })
             })
             .collect();
