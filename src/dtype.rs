@@ -266,6 +266,21 @@ impl Conversion {
         }
     }
 
+    /// The name of the device kernel that performs it: `shaders/NAME.wgsl` and the entry
+    /// point NAME of `shaders/cuda/convert.ptx`.
+    pub const fn kernel_name(self) -> &'static str {
+        match self {
+            Conversion::Bf16ToF32 => "bf16_to_f32",
+            Conversion::F16ToF32 => "f16_to_f32",
+            Conversion::F8E4m3ToF32 => "f8_e4m3_to_f32",
+            Conversion::F8E5m2ToF32 => "f8_e5m2_to_f32",
+            Conversion::F32ToF16 => "f32_to_f16",
+            Conversion::F32ToBf16 => "f32_to_bf16",
+            Conversion::Bf16ToF16 => "bf16_to_f16",
+            Conversion::F16ToBf16 => "f16_to_bf16",
+        }
+    }
+
     /// The size of the output for `input_bytes` bytes of input (a whole number of elements).
     pub fn output_len(self, input_bytes: usize) -> Option<usize> {
         let numel = input_bytes / (self.from().bits() / 8);

@@ -69,6 +69,7 @@ pub mod dtype;
 pub mod error;
 pub mod header;
 pub mod host;
+mod parallel;
 pub mod save;
 pub mod tensor;
 

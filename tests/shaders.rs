@@ -210,16 +210,7 @@ int main(int argc, char **argv) {{
         let elements = input.len() / (c.from().bits() / 8);
         let per_unit = if c.from().bits() == 8 { 4 } else { 2 };
         let name = format!("{c:?}");
-        let kernel = match c {
-            Conversion::Bf16ToF32 => "bf16_to_f32",
-            Conversion::F16ToF32 => "f16_to_f32",
-            Conversion::F8E4m3ToF32 => "f8_e4m3_to_f32",
-            Conversion::F8E5m2ToF32 => "f8_e5m2_to_f32",
-            Conversion::F32ToF16 => "f32_to_f16",
-            Conversion::F32ToBf16 => "f32_to_bf16",
-            Conversion::Bf16ToF16 => "bf16_to_f16",
-            Conversion::F16ToBf16 => "f16_to_bf16",
-        };
+        let kernel = c.kernel_name();
         let inp = dir.path().join(format!("{name}.in"));
         let outp = dir.path().join(format!("{name}.out"));
         std::fs::write(&inp, &input).unwrap();
@@ -243,16 +234,8 @@ int main(int argc, char **argv) {{
     }
     // The committed PTX holds every kernel.
     let ptx = std::fs::read_to_string(root.join("shaders/cuda/convert.ptx")).unwrap();
-    for k in [
-        "bf16_to_f32",
-        "f16_to_f32",
-        "f8_e4m3_to_f32",
-        "f8_e5m2_to_f32",
-        "f32_to_f16",
-        "f32_to_bf16",
-        "bf16_to_f16",
-        "f16_to_bf16",
-    ] {
+    for c in Conversion::ALL {
+        let k = c.kernel_name();
         assert!(
             ptx.contains(&format!(".entry {k}(")),
             "{k} missing from convert.ptx"

@@ -12,6 +12,7 @@ use crate::device::{Backend, Device, LoadPlan, PlanItem};
 use crate::dtype::Conversion;
 use crate::error::{Error, ErrorKind, Result};
 use crate::host::HostFile;
+use crate::parallel;
 use crate::tensor::{CpuStorage, Storage, Tensor};
 
 /// Alignment of each tensor's start in an owned arena.
@@ -147,48 +148,17 @@ fn fill(plan: &LoadPlan<'_>, offsets: &[usize], arena: &mut [u8]) -> Result<()> 
             }
         }
     }
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(jobs.len())
-        .max(1);
-    let mut buckets: Vec<Vec<Job<'_>>> = (0..threads).map(|_| Vec::new()).collect();
-    for (k, job) in jobs.into_iter().enumerate() {
-        buckets[k % threads].push(job);
-    }
     let done = AtomicU64::new(0);
     let file = plan.file();
     // Cold pages: positioned reads on every thread, instead of faulting the mapping in.
     let cold = file.mapping().is_some() && file.is_cold();
-    let results: Vec<Result<()>> = std::thread::scope(|s| {
-        let handles: Vec<_> = buckets
-            .into_iter()
-            .map(|bucket| {
-                let done = &done;
-                s.spawn(move || {
-                    let mut scratch = Vec::new();
-                    for job in bucket {
-                        let (item, n) = (job.item, job.src_len as u64);
-                        run_job(file, job, cold, &mut scratch)
-                            .map_err(|e| e.with_tensor(plan.items()[item].name))?;
-                        plan.report(done.fetch_add(n, Ordering::Relaxed) + n);
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(Error::new(ErrorKind::Backend, "a copy thread panicked"))
-                })
-            })
-            .collect()
-    });
-    results
-        .into_iter()
-        .collect::<Result<()>>()
-        .map_err(|e| plan.err(e))
+    parallel::for_each(jobs, usize::MAX, |job, scratch| {
+        let (item, n) = (job.item, job.src_len as u64);
+        run_job(file, job, cold, scratch).map_err(|e| e.with_tensor(plan.items()[item].name))?;
+        plan.report(done.fetch_add(n, Ordering::Relaxed) + n);
+        Ok(())
+    })
+    .map_err(|e| plan.err(e))
 }
 
 fn run_job(file: &HostFile<'_>, job: Job<'_>, cold: bool, scratch: &mut Vec<u8>) -> Result<()> {

@@ -34,6 +34,7 @@ use crate::device::{Backend, Device, LoadPlan};
 use crate::dtype::Conversion;
 use crate::error::{Error, ErrorKind, Result};
 use crate::host::HostFile;
+use crate::parallel;
 use crate::tensor::{Storage, Tensor};
 
 /// Alignment of each tensor's start in the arena.
@@ -240,19 +241,6 @@ impl Drop for Kernels {
     }
 }
 
-fn kernel_name(c: Conversion) -> &'static str {
-    match c {
-        Conversion::Bf16ToF32 => "bf16_to_f32",
-        Conversion::F16ToF32 => "f16_to_f32",
-        Conversion::F8E4m3ToF32 => "f8_e4m3_to_f32",
-        Conversion::F8E5m2ToF32 => "f8_e5m2_to_f32",
-        Conversion::F32ToF16 => "f32_to_f16",
-        Conversion::F32ToBf16 => "f32_to_bf16",
-        Conversion::Bf16ToF16 => "bf16_to_f16",
-        Conversion::F16ToBf16 => "f16_to_bf16",
-    }
-}
-
 /// Elements per unit of a kernel (see the header of `convert.cl`).
 fn elements_per_unit(c: Conversion) -> u64 {
     match c {
@@ -404,10 +392,10 @@ impl CudaBackend {
                 functions: HashMap::new(),
             };
             for c in Conversion::ALL {
-                let name = CString::new(kernel_name(c)).map_err(|e| e.to_string())?;
+                let name = CString::new(c.kernel_name()).map_err(|e| e.to_string())?;
                 // SAFETY: the module is loaded and not yet unloaded.
                 let f = unsafe { result::module::get_function(module, name) }
-                    .map_err(|e| format!("finding kernel {}: {e}", kernel_name(c)))?;
+                    .map_err(|e| format!("finding kernel {}: {e}", c.kernel_name()))?;
                 kernels.functions.insert(c, f);
             }
             Ok(kernels)
@@ -452,7 +440,7 @@ impl CudaBackend {
                 &mut params,
             )
         }
-        .map_err(|e| driver_err(self.ordinal, &format!("launching {}", kernel_name(c)), e))
+        .map_err(|e| driver_err(self.ordinal, &format!("launching {}", c.kernel_name()), e))
     }
 
     /// Converts a host buffer on the device (for tests and tools).
@@ -846,33 +834,12 @@ fn fill(
             src += n;
         }
     }
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .clamp(1, READERS)
-        .min(jobs.len().max(1));
-    let mut buckets: Vec<Vec<(usize, &mut [u8])>> = (0..threads).map(|_| Vec::new()).collect();
-    for (k, j) in jobs.into_iter().enumerate() {
-        buckets[k % threads].push(j);
-    }
-    std::thread::scope(|s| {
-        let handles: Vec<_> = buckets
-            .into_iter()
-            .map(|bucket| {
-                s.spawn(move || {
-                    bucket.into_iter().try_for_each(|(src, dst)| {
-                        if cold {
-                            file.read_at_direct(src, dst)
-                        } else {
-                            file.read_at(src, dst)
-                        }
-                    })
-                })
-            })
-            .collect();
-        handles.into_iter().try_for_each(|h| {
-            h.join()
-                .unwrap_or_else(|_| Err(Error::new(ErrorKind::Backend, "a reader thread panicked")))
-        })
+    parallel::for_each(jobs, READERS, |(src, dst), _| {
+        if cold {
+            file.read_at_direct(src, dst)
+        } else {
+            file.read_at(src, dst)
+        }
     })
 }
 

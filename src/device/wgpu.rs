@@ -23,6 +23,7 @@ use wgpu::util::DeviceExt;
 use crate::device::{Backend, Device, LoadPlan};
 use crate::dtype::Conversion;
 use crate::error::{Error, ErrorKind, Result};
+use crate::parallel;
 use crate::tensor::{Storage, Tensor};
 
 /// Staging buffers in the ring.
@@ -917,89 +918,45 @@ fn stream(
 }
 
 /// Copies file bytes into mapped buffers: each write is (buffer, offset, file range), the
-/// offset 8-aligned; each write is zero-padded to 4 bytes. One thread per core, the bytes
-/// split evenly between them.
+/// offset 8-aligned; each write is zero-padded to 4 bytes. Writes are cut into 4 MiB pieces
+/// (8-aligned, wgpu's MAP_ALIGNMENT) spread over one thread per core.
 fn fill(
     file: &crate::host::HostFile<'_>,
     writes: &[(&wgpu::Buffer, u64, Range<usize>)],
 ) -> Result<()> {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(writes.len())
-        .max(1);
-    let total: u64 = writes.iter().map(|w| w.2.len() as u64).sum();
-    let share = total.div_ceil(threads as u64).max(1);
-    // Runs of about `share` bytes per thread; big writes are split into 8-aligned sub-ranges
-    // (wgpu's MAP_ALIGNMENT), so that only a write's last sub-range needs padding.
-    let mut work: Vec<Vec<(&wgpu::Buffer, u64, Range<usize>)>> = vec![Vec::new(); threads];
-    let mut t = 0usize;
-    let mut acc = 0u64;
+    const PIECE: usize = 4 << 20;
+    let mut jobs = Vec::new();
     for (buffer, off, src) in writes {
-        let mut at = src.start;
-        while at < src.end {
-            let room = (share - acc.min(share)).max(8) as usize;
-            let end = if t + 1 == threads {
-                src.end
-            } else {
-                (at + room).min(src.end)
-            };
-            let end = if end < src.end {
-                at + (end - at).next_multiple_of(8).min(src.end - at)
-            } else {
-                end
-            };
-            work[t].push((*buffer, off + (at - src.start) as u64, at..end));
-            acc += (end - at) as u64;
-            at = end;
-            if acc >= share && t + 1 < threads {
-                t += 1;
-                acc = 0;
-            }
+        for at in src.clone().step_by(PIECE) {
+            let end = (at + PIECE).min(src.end);
+            jobs.push((*buffer, off + (at - src.start) as u64, at..end));
         }
     }
-    let results: Vec<Result<()>> = std::thread::scope(|s| {
-        let handles: Vec<_> = work
-            .into_iter()
-            .map(|runs| {
-                s.spawn(move || -> Result<()> {
-                    let mut scratch = Vec::new();
-                    for (buffer, off, src) in runs {
-                        let len = src.len();
-                        let padded = pad4(len as u64);
-                        let mut view = buffer
-                            .get_mapped_range_mut(off..off + padded)
-                            .map_err(|e| backend_err(format!("mapping a buffer: {e}")))?;
-                        let bytes: &[u8] = match file.bytes() {
-                            Some(b) => b
-                                .get(src.clone())
-                                .ok_or_else(|| backend_err("range past the file"))?,
-                            None => {
-                                scratch.resize(len, 0);
-                                file.read_at(src.start, &mut scratch)?;
-                                &scratch
-                            }
-                        };
-                        let whole = len / 4 * 4;
-                        view.slice(..whole).copy_from_slice(&bytes[..whole]);
-                        if whole < padded as usize {
-                            let mut tail = [0u8; 4];
-                            tail[..len - whole].copy_from_slice(&bytes[whole..]);
-                            view.slice(whole..).copy_from_slice(&tail);
-                        }
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(backend_err("a staging thread panicked")))
-            })
-            .collect()
-    });
-    results.into_iter().collect()
+    parallel::for_each(jobs, usize::MAX, |(buffer, off, src), scratch| {
+        let len = src.len();
+        let padded = pad4(len as u64);
+        let mut view = buffer
+            .get_mapped_range_mut(off..off + padded)
+            .map_err(|e| backend_err(format!("mapping a buffer: {e}")))?;
+        let bytes: &[u8] = match file.bytes() {
+            Some(b) => b
+                .get(src.clone())
+                .ok_or_else(|| backend_err("range past the file"))?,
+            None => {
+                scratch.resize(len, 0);
+                file.read_at(src.start, scratch)?;
+                scratch
+            }
+        };
+        let whole = len / 4 * 4;
+        view.slice(..whole).copy_from_slice(&bytes[..whole]);
+        if whole < padded as usize {
+            let mut tail = [0u8; 4];
+            tail[..len - whole].copy_from_slice(&bytes[whole..]);
+            view.slice(whole..).copy_from_slice(&tail);
+        }
+        Ok(())
+    })
 }
 
 /// The harness's wgpu group: our load against a per-tensor `queue.write_buffer` loop (what
