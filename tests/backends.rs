@@ -303,3 +303,36 @@ fn cold_files_load_the_same_bytes() {
         assert_same(device, &loaded, &want);
     }
 }
+
+/// A tensor larger than the adapter's `max_buffer_size` is an error naming the tensor and
+/// the limit, found before anything is read (the file here is sparse).
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_buffer_limit_is_a_clear_error() {
+    use tensorplace::device::wgpu::WgpuBackend;
+    let backend = match WgpuBackend::open(None) {
+        Ok(b) => b,
+        Err(e) => {
+            println!("SKIPPED wgpu_buffer_limit_is_a_clear_error: {e}");
+            return;
+        }
+    };
+    let max = backend.limits().max_buffer_size;
+    let size = max + 8;
+    let json = format!(r#"{{"huge":{{"dtype":"U8","shape":[{size}],"data_offsets":[0,{size}]}}}}"#);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("huge.safetensors");
+    let mut head = (json.len() as u64).to_le_bytes().to_vec();
+    head.extend_from_slice(json.as_bytes());
+    std::fs::write(&path, &head).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.set_len(head.len() as u64 + size).unwrap();
+    let e = tensorplace::load_file(&path, "wgpu").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    assert_eq!(e.tensor(), Some("huge"));
+    assert!(
+        e.to_string().contains("max_buffer_size") && e.to_string().contains(&max.to_string()),
+        "{e}"
+    );
+    assert_eq!(e.file(), Some(path.as_path()));
+}

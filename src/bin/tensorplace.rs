@@ -115,11 +115,17 @@ fn one_line(s: &str) -> String {
 
 fn inspect(path: &Path, json: bool, hash: bool) -> Result<()> {
     let file = HostFile::open(path, ReadMode::Mmap)?;
+    // Hashed in 8 MiB pieces, so that a tensor of any size needs no more memory than that.
     let digest = |name: &str, info: &tensorplace::TensorInfo| -> Result<String> {
-        let mut buf = vec![0u8; info.len()];
-        file.read_at(file.header().file_range(info).start, &mut buf)
-            .map_err(|e| e.with_tensor(name))?;
-        Ok(format!("{:x}", Sha256::digest(&buf)))
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; info.len().min(8 << 20)];
+        for at in file.header().file_range(info).step_by(8 << 20) {
+            let n = buf.len().min(file.header().file_range(info).end - at);
+            file.read_at(at, &mut buf[..n])
+                .map_err(|e| e.with_tensor(name))?;
+            hasher.update(&buf[..n]);
+        }
+        Ok(format!("{:x}", hasher.finalize()))
     };
     if json {
         let mut tensors = Vec::with_capacity(file.header().tensors().len());
