@@ -4,8 +4,18 @@ use std::process::{Command, Output};
 
 use crate::common;
 
+/// The binary: cargo's, or the packed one where the tests run on another machine.
+fn exe() -> std::path::PathBuf {
+    let built = std::path::PathBuf::from(env!("CARGO_BIN_EXE_tensorplace"));
+    if built.exists() {
+        built
+    } else {
+        common::root().join(".gpu/bin/bin-tensorplace")
+    }
+}
+
 fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tensorplace"))
+    Command::new(exe())
         .args(args)
         .env(
             "XDG_RUNTIME_DIR",

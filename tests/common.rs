@@ -4,9 +4,20 @@ use std::path::{Path, PathBuf};
 
 use tensorplace::{Device, Dtype, Tensor, Tensors};
 
+/// The project's root: where it was built, or, for test binaries carried to another
+/// machine (`../shared/gpu/pack.sh`), the current folder.
+pub fn root() -> PathBuf {
+    let built = Path::new(env!("CARGO_MANIFEST_DIR"));
+    if built.join("tests/fixtures").is_dir() {
+        built.to_path_buf()
+    } else {
+        std::env::current_dir().unwrap()
+    }
+}
+
 /// The fixtures folder.
 pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    root().join("tests/fixtures")
 }
 
 /// Every device to test on: the CPU, and each GPU backend that is compiled in and present.

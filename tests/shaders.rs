@@ -144,7 +144,7 @@ fn every_kernel_is_bit_exact_on_the_device() {
 /// generic backend tests where a CUDA device is present.)
 #[test]
 fn cuda_kernel_source_is_bit_exact_on_the_host() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = crate::common::root();
     let source = root.join("shaders/cuda/convert.cl");
     let dir = tempfile::tempdir().unwrap();
     let harness = dir.path().join("harness.c");
