@@ -768,23 +768,60 @@ fn upload(backend: &Arc<WgpuBackend>, plan: &LoadPlan<'_>) -> Result<Vec<Tensor>
                 mapped_at_creation: mapped,
             })
         };
-        let outs: Vec<wgpu::Buffer> = items
-            .iter()
-            .map(|i| {
-                make(
-                    i.name,
-                    i.out_len,
-                    i.conversion.is_none() && !i.src.is_empty(),
-                )
-            })
+        // Creating a buffer mapped zero-fills it on the creating thread: create them on
+        // every core, the largest first, so that the fills (and page faults) run in parallel.
+        let create_all = |specs: Vec<(&str, usize, bool)>| -> Result<Vec<wgpu::Buffer>> {
+            if !direct {
+                return Ok(specs.into_iter().map(|(l, n, w)| make(l, n, w)).collect());
+            }
+            let slots: Vec<Mutex<Option<wgpu::Buffer>>> =
+                specs.iter().map(|_| Mutex::new(None)).collect();
+            let mut order: Vec<usize> = (0..specs.len()).collect();
+            order.sort_by_key(|&k| std::cmp::Reverse(specs[k].1));
+            parallel::for_each(order, usize::MAX, |k, _| {
+                let (label, n, written) = specs[k];
+                let buffer = make(label, n, written);
+                *slots[k].lock().unwrap_or_else(|p| p.into_inner()) = Some(buffer);
+                Ok(())
+            })?;
+            slots
+                .into_iter()
+                .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| backend_err("a buffer was not created"))
+        };
+        let outs = create_all(
+            items
+                .iter()
+                .map(|i| {
+                    (
+                        i.name,
+                        i.out_len,
+                        i.conversion.is_none() && !i.src.is_empty(),
+                    )
+                })
+                .collect(),
+        )?;
+        let converted: Vec<usize> = (0..items.len())
+            .filter(|&k| items[k].conversion.is_some())
             .collect();
-        let raws: Vec<Option<wgpu::Buffer>> = items
-            .iter()
-            .map(|i| {
-                i.conversion
-                    .map(|_| make("tensorplace raw input", i.src.len(), !i.src.is_empty()))
-            })
-            .collect();
+        let mut raw_buffers = create_all(
+            converted
+                .iter()
+                .map(|&k| {
+                    (
+                        "tensorplace raw input",
+                        items[k].src.len(),
+                        !items[k].src.is_empty(),
+                    )
+                })
+                .collect(),
+        )?
+        .into_iter();
+        let mut raws: Vec<Option<wgpu::Buffer>> = (0..items.len()).map(|_| None).collect();
+        for &k in &converted {
+            raws[k] = raw_buffers.next();
+        }
         let targets = items
             .iter()
             .enumerate()
