@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// The result type of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -49,8 +50,11 @@ pub enum ErrorKind {
     InvalidDevice,
     /// The device is not compiled in, absent, or its driver cannot be used.
     DeviceUnavailable,
-    /// The device has too little free memory for the load.
+    /// The device (or the host) has too little free memory for the load.
     OutOfMemory,
+    /// A size computed for a load or a save (the sum of the tensors' bytes, say) does not
+    /// fit the address space.
+    SizeOverflow,
     /// A device driver or API call failed.
     Backend,
     /// The operation is not supported (a conversion between two dtypes, say).
@@ -83,7 +87,8 @@ impl ErrorKind {
             ErrorKind::Io => "I/O error",
             ErrorKind::InvalidDevice => "invalid device string",
             ErrorKind::DeviceUnavailable => "device unavailable",
-            ErrorKind::OutOfMemory => "out of device memory",
+            ErrorKind::OutOfMemory => "out of memory",
+            ErrorKind::SizeOverflow => "size overflows the address space",
             ErrorKind::Backend => "device error",
             ErrorKind::Unsupported => "unsupported",
             ErrorKind::InvalidTensor => "invalid tensor",
@@ -123,14 +128,23 @@ impl fmt::Display for ErrorKind {
 /// The error of every fallible function in this crate.
 ///
 /// It displays as `FILE: tensor "NAME": RULE: DETAILS`, leaving out what does not apply.
-#[derive(Debug, thiserror::Error)]
+/// Cloning is cheap: the underlying cause is shared, so a clone keeps it.
+#[derive(Debug, Clone)]
 pub struct Error {
     kind: ErrorKind,
     file: Option<PathBuf>,
     tensor: Option<String>,
     message: String,
-    #[source]
-    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    cause: Option<Arc<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+impl std::error::Error for Error {
+    /// The underlying error itself (an `std::io::Error`, a driver's error), so that
+    /// `downcast_ref` finds it.
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        let cause: &(dyn std::error::Error + 'static) = self.cause.as_deref()?;
+        Some(cause)
+    }
 }
 
 impl Error {
@@ -141,7 +155,7 @@ impl Error {
             file: None,
             tensor: None,
             message: message.into(),
-            source: None,
+            cause: None,
         }
     }
 
@@ -178,7 +192,7 @@ impl Error {
 
     /// Attaches the underlying error.
     pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
-        self.source = Some(Box::new(source));
+        self.cause = Some(Arc::new(source));
         self
     }
 
@@ -236,5 +250,20 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::SizeMismatch);
         assert!(e.kind().is_format());
         assert!(!ErrorKind::Io.is_format());
+    }
+
+    #[test]
+    fn clones_keep_the_cause() {
+        use std::error::Error as _;
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "gone");
+        let e = Error::io("opening", Some(Path::new("m")), io);
+        let c = e.clone();
+        assert_eq!(c.to_string(), e.to_string());
+        assert_eq!(c.source().map(|s| s.to_string()), Some("gone".to_owned()));
+        let io = c.source().and_then(|s| s.downcast_ref::<std::io::Error>());
+        assert_eq!(
+            io.map(std::io::Error::kind),
+            Some(std::io::ErrorKind::NotFound)
+        );
     }
 }

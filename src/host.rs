@@ -21,7 +21,9 @@ pub enum ReadMode {
     #[default]
     Mmap,
     /// Read with positioned reads (`pread`), for files that may change under us or live on
-    /// network storage. Nothing is mapped; every tensor is a copy.
+    /// network storage. Nothing is mapped and every tensor is a copy, so a change to the
+    /// file cannot reach the process as a signal: a file truncated during the load is an
+    /// [`ErrorKind::Io`] error, and bytes rewritten during it may be old or new.
     Pread,
 }
 
@@ -249,7 +251,8 @@ impl<'a> HostFile<'a> {
     }
 }
 
-fn page_size() -> usize {
+/// The host's page size (4 KiB where it cannot be read).
+pub(crate) fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
     let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     usize::try_from(p).ok().filter(|&p| p > 0).unwrap_or(4096)

@@ -37,15 +37,17 @@ impl serde::Serialize for HeaderOut<'_> {
     }
 }
 
-/// The tensors in the order they are written.
-pub type WriteOrder<'a> = Vec<(&'a str, &'a Tensor)>;
+/// The reference writer's layout of a file.
+struct Layout<'a> {
+    /// The 8-byte length followed by the JSON header padded with spaces to a multiple of 8.
+    head: Vec<u8>,
+    /// The tensors in the order their bytes follow the header.
+    order: Vec<(&'a str, &'a Tensor)>,
+}
 
-/// The reference writer's layout: the tensors in the order they are written, and the
-/// 8-byte length followed by the JSON header padded with spaces to a multiple of 8.
-pub fn layout<'a>(
-    tensors: &'a Tensors,
-    metadata: Option<&'a Metadata>,
-) -> Result<(Vec<u8>, WriteOrder<'a>)> {
+/// Lays out `tensors` as the reference writer does, with `metadata` or else the tensors' own.
+fn layout<'a>(tensors: &'a Tensors, metadata: Option<&'a Metadata>) -> Result<Layout<'a>> {
+    let metadata = metadata.or(tensors.metadata());
     let mut order: Vec<(&str, &Tensor)> = tensors.iter().collect();
     // Descending dtype order, then name: `safetensors::serialize`'s order.
     order.sort_by(|(ln, lt), (rn, rt)| rt.dtype().cmp(&lt.dtype()).then(ln.cmp(rn)));
@@ -71,7 +73,7 @@ pub fn layout<'a>(
         }
         let end = offset
             .checked_add(t.len_bytes())
-            .ok_or_else(|| Error::new(ErrorKind::InvalidTensor, "total size overflows"))?;
+            .ok_or_else(|| Error::new(ErrorKind::SizeOverflow, "the tensors' total size"))?;
         entries.push((
             name,
             EntryOut {
@@ -88,16 +90,24 @@ pub fn layout<'a>(
     let n = (head.len() - N_LEN).next_multiple_of(N_LEN);
     head.resize(N_LEN + n, b' ');
     head[..N_LEN].copy_from_slice(&(n as u64).to_le_bytes());
-    Ok((head, order))
+    Ok(Layout { head, order })
 }
 
-/// Serializes `tensors` (from any device) with `metadata` into the bytes of a safetensors
-/// file, identical to what `safetensors::serialize` writes for the same input.
+/// Serializes `tensors` (from any device) into the bytes of a safetensors file, identical
+/// to what `safetensors::serialize` writes for the same input.
+///
+/// The header's `__metadata__` is `metadata` where given, else the tensors' own (a loaded
+/// file's; [`Tensors::set_metadata`] changes or clears it).
 pub fn save(tensors: &Tensors, metadata: Option<&Metadata>) -> Result<Vec<u8>> {
-    let (head, order) = layout(tensors, metadata)?;
+    let Layout { head, order } = layout(tensors, metadata)?;
     let mut out = Vec::new();
     out.try_reserve_exact(head.len() + tensors.total_bytes())
-        .map_err(|_| Error::new(ErrorKind::OutOfMemory, "cannot allocate the output"))?;
+        .map_err(|_| {
+            Error::new(
+                ErrorKind::OutOfMemory,
+                "cannot allocate the output in host memory",
+            )
+        })?;
     out.extend_from_slice(&head);
     for (name, t) in order {
         out.extend_from_slice(&t.host_bytes().map_err(|e| e.with_tensor(name))?);
@@ -105,7 +115,8 @@ pub fn save(tensors: &Tensors, metadata: Option<&Metadata>) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Writes `tensors` with `metadata` to `path`, atomically.
+/// Writes `tensors` to `path`, atomically, with `metadata` where given, else the tensors'
+/// own (as [`save`](fn@save)).
 ///
 /// The bytes go to a temporary file beside `path`, which is flushed to disk (`fsync`) and
 /// then renamed over `path`. A crash or an error leaves the previous file whole, and
@@ -122,7 +133,7 @@ pub fn save_file(
 
 fn save_file_inner(tensors: &Tensors, path: &Path, metadata: Option<&Metadata>) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    let (head, order) = layout(tensors, metadata)?;
+    let Layout { head, order } = layout(tensors, metadata)?;
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -182,6 +193,18 @@ mod tests {
         t.insert("b", Tensor::from_slice(vec![1], &[1u8]).unwrap());
         t.insert("a", Tensor::from_slice(vec![1], &[2u8]).unwrap());
         t.insert("z", Tensor::from_slice(vec![1], &[3.0f32]).unwrap());
+        let mut md = Metadata::new();
+        md.insert("k".into(), "v".into());
+        t.set_metadata(Some(md.clone()));
+        assert_eq!(save(&t, None).unwrap(), save(&t, Some(&md)).unwrap());
+        let other: Metadata = [("o".to_owned(), "p".to_owned())].into_iter().collect();
+        assert!(
+            save(&t, Some(&other))
+                .unwrap()
+                .windows(3)
+                .any(|w| w == b"\"o\"")
+        );
+        t.set_metadata(None);
         let bytes = save(&t, None).unwrap();
         let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
         assert_eq!(n % 8, 0);
@@ -191,7 +214,7 @@ mod tests {
         let bad = Tensor::from_parts(
             Dtype::F32,
             vec![2],
-            crate::tensor::Storage::Cpu(crate::tensor::CpuStorage::copy_of(&[0; 4])),
+            crate::tensor::Storage::Cpu(crate::tensor::CpuStorage::copy_of(&[0; 4]).unwrap()),
         );
         t.insert("bad", bad);
         let e = save(&t, None).unwrap_err();

@@ -12,6 +12,7 @@ use crate::device::Device;
 use crate::dtype::Dtype;
 use crate::error::{Error, ErrorKind, Result};
 use crate::header::Metadata;
+use crate::memory::HostBuffer;
 
 /// Where a tensor's bytes live.
 #[derive(Debug, Clone)]
@@ -70,11 +71,11 @@ impl Storage {
 #[derive(Debug, Clone)]
 enum CpuBuf {
     Mapped(Arc<Mmap>),
-    Owned(Arc<Vec<u64>>),
+    Owned(Arc<HostBuffer>),
 }
 
-/// Host bytes: a zero-copy view into a mapped file (which stays mapped while a view lives),
-/// or a range of an owned buffer aligned to 8 bytes.
+/// Host bytes: a range of an owned buffer (tensors of a load start on 64-byte boundaries), or a zero-copy view into a mapped file, which stays mapped while a
+/// view lives (only from [`Loader::load_file_mapped`](crate::Loader::load_file_mapped)).
 #[derive(Debug, Clone)]
 pub struct CpuStorage {
     buf: CpuBuf,
@@ -92,8 +93,8 @@ impl CpuStorage {
     }
 
     /// A view of `range` (in bytes) of an owned buffer. The range must lie inside it.
-    pub(crate) fn owned(buf: Arc<Vec<u64>>, range: Range<usize>) -> Self {
-        debug_assert!(range.end <= buf.len() * 8);
+    pub(crate) fn owned(buf: Arc<HostBuffer>, range: Range<usize>) -> Self {
+        debug_assert!(range.end <= buf.len());
         CpuStorage {
             buf: CpuBuf::Owned(buf),
             range,
@@ -101,17 +102,16 @@ impl CpuStorage {
     }
 
     /// A new owned copy of `bytes`.
-    pub fn copy_of(bytes: &[u8]) -> Self {
-        let mut buf = vec![0u64; bytes.len().div_ceil(8)];
-        bytemuck::cast_slice_mut::<u64, u8>(&mut buf)[..bytes.len()].copy_from_slice(bytes);
-        CpuStorage::owned(Arc::new(buf), 0..bytes.len())
+    pub(crate) fn copy_of(bytes: &[u8]) -> Result<Self> {
+        let buf = HostBuffer::copy_of(bytes)?;
+        Ok(CpuStorage::owned(Arc::new(buf), 0..bytes.len()))
     }
 
     /// The bytes.
     pub fn as_bytes(&self) -> &[u8] {
         let all: &[u8] = match &self.buf {
             CpuBuf::Mapped(m) => m,
-            CpuBuf::Owned(v) => bytemuck::cast_slice(v),
+            CpuBuf::Owned(b) => b.as_bytes(),
         };
         // Ranges are checked when the storage is made.
         all.get(self.range.clone()).unwrap_or_default()
@@ -201,7 +201,7 @@ impl Tensor {
         Ok(Tensor::from_parts(
             dtype,
             shape,
-            Storage::Cpu(CpuStorage::copy_of(bytes)),
+            Storage::Cpu(CpuStorage::copy_of(bytes)?),
         ))
     }
 
@@ -260,7 +260,7 @@ impl Tensor {
         let storage = match &self.storage {
             Storage::Cpu(s) => s.clone(),
             #[allow(unreachable_patterns)]
-            other => CpuStorage::copy_of(&other.host_bytes()?),
+            other => CpuStorage::copy_of(&other.host_bytes()?)?,
         };
         Ok(Tensor::from_parts(
             self.dtype,
@@ -432,8 +432,9 @@ mod tests {
 
     #[test]
     fn misaligned_views_are_copied() {
-        let buf = Arc::new(vec![0x0102_0304_0506_0708u64, 0x1112_1314_1516_1718]);
-        let s = CpuStorage::owned(buf, 1..5);
+        let words = [0x0102_0304_0506_0708u64, 0x1112_1314_1516_1718];
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let s = CpuStorage::owned(Arc::new(HostBuffer::copy_of(&bytes).unwrap()), 1..5);
         let t = Tensor::from_parts(Dtype::U32, vec![1], Storage::Cpu(s));
         let v = t.as_slice::<u32>().unwrap();
         assert!(matches!(v, Cow::Owned(_)));

@@ -2,9 +2,8 @@
 //! wgpu where compiled in and present (Mesa's software Vulkan in CI). Each compares the
 //! device's bytes, read back, with the CPU reference.
 
-use tensorplace::{
-    Conversion, Device, Dtype, ErrorKind, Loader, ReadMode, Storage, Tensor, Tensors,
-};
+use tensorplace::internals::{Conversion, HostFile};
+use tensorplace::{Device, Dtype, ErrorKind, Loader, ReadMode, Storage, Tensor, Tensors, Upload};
 
 use crate::common;
 
@@ -206,16 +205,17 @@ fn explicit_devices_fail_clearly_and_auto_falls_back() {
     let path = write(&dir, &common::mixed_tensors(9));
     let auto = tensorplace::load_file(&path, "auto").unwrap();
     assert_eq!(auto.len(), common::mixed_tensors(9).len());
+    // Ordinals past any machine's device count.
     for (name, shown) in [
-        ("cuda:7", "cuda:7"),
-        ("gpu:9", "cuda:9"),
-        ("wgpu:99", "wgpu:99"),
+        ("cuda:1000", "cuda:1000"),
+        ("gpu:1001", "cuda:1001"),
+        ("wgpu:1000", "wgpu:1000"),
     ] {
         let e = tensorplace::load_file(&path, name).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::DeviceUnavailable, "{name}: {e}");
         assert!(e.to_string().contains(shown), "{e}");
     }
-    if tensorplace::device::open(Device::Cuda(0)).is_err() {
+    if Device::Cuda(0).probe().is_err() {
         let e = tensorplace::load_file(&path, "cuda").unwrap_err();
         assert_eq!(e.kind(), ErrorKind::DeviceUnavailable, "{e}");
         println!("no CUDA here: {e}");
@@ -229,7 +229,6 @@ fn progress_reaches_the_total() {
     for device in common::devices("progress_reaches_the_total") {
         let last = std::sync::Mutex::new((0u64, 0u64));
         Loader::new(device)
-            .owned(true)
             .progress(|p| {
                 let mut l = last.lock().unwrap();
                 assert!(p.done <= p.total);
@@ -242,38 +241,112 @@ fn progress_reaches_the_total() {
     }
 }
 
-/// The wgpu staging ring (the path of discrete GPUs) checked on whatever adapter is here, by
-/// turning off in-place writes for one load.
+/// The wgpu staging ring (the path of discrete GPUs) checked on whatever adapter is here,
+/// asked for with the upload option while another thread loads in place: options belong
+/// to their load, never to the process.
 #[cfg(feature = "wgpu")]
 #[test]
 fn wgpu_staging_ring_matches_the_cpu() {
-    use tensorplace::device::wgpu::WgpuBackend;
-    let backend = match WgpuBackend::open(None) {
+    if let Err(e) = Device::Wgpu(None).probe() {
+        println!("SKIPPED wgpu_staging_ring_matches_the_cpu: {e}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let want = common::mixed_tensors(12);
+    let path = write(&dir, &want);
+    let odd = |n: &str| n.starts_with("odd");
+    let reference = Loader::new("cpu")
+        .dtype(Dtype::F32)
+        .filter(odd)
+        .load_file(&path)
+        .unwrap();
+    std::thread::scope(|s| {
+        let staged = s.spawn(|| {
+            for _ in 0..3 {
+                let staged = Loader::new("wgpu")
+                    .upload(Upload::Staging)
+                    .load_file(&path)
+                    .unwrap();
+                assert_same(Device::Wgpu(None), &staged, &want);
+                let converted = Loader::new("wgpu")
+                    .upload(Upload::Staging)
+                    .dtype(Dtype::F32)
+                    .filter(odd)
+                    .load_file(&path)
+                    .unwrap();
+                assert_same(Device::Wgpu(None), &converted, &reference);
+            }
+        });
+        let auto = s.spawn(|| {
+            for _ in 0..3 {
+                let loaded = tensorplace::load_file(&path, "wgpu").unwrap();
+                assert_same(Device::Wgpu(None), &loaded, &want);
+            }
+        });
+        staged.join().unwrap();
+        auto.join().unwrap();
+    });
+}
+
+/// A strategy the device cannot take is a clear error before anything is read; the CPU has
+/// no upload and ignores it.
+#[test]
+fn upload_strategies_that_do_not_apply_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let want = common::mixed_tensors(14);
+    let path = write(&dir, &want);
+    for upload in [Upload::Register, Upload::InPlace, Upload::Staging] {
+        let cpu = Loader::new("cpu").upload(upload).load_file(&path).unwrap();
+        assert_same(Device::Cpu, &cpu, &want);
+    }
+    for device in common::devices("upload_strategies_that_do_not_apply_are_errors") {
+        let refused = match device {
+            Device::Wgpu(_) => Upload::Register,
+            Device::Cuda(_) => Upload::InPlace,
+            _ => continue,
+        };
+        let e = Loader::new(device)
+            .upload(refused)
+            .load_file(&path)
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unsupported, "{device}: {e}");
+        assert!(e.to_string().contains(&refused.to_string()), "{e}");
+        assert_eq!(e.file(), Some(path.as_path()));
+    }
+    #[cfg(feature = "cuda")]
+    if Device::Cuda(0).probe().is_ok() {
+        // Caller bytes are not mapped: nothing to register.
+        let raw = std::fs::read(&path).unwrap();
+        let e = Loader::new("cuda")
+            .upload(Upload::Register)
+            .load(&raw)
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    }
+}
+
+/// `Loader::adapter` picks a wgpu adapter by name; a name no adapter has is an error.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_adapters_are_chosen_by_name() {
+    let backend = match tensorplace::internals::WgpuBackend::open(None, None) {
         Ok(b) => b,
         Err(e) => {
-            println!("SKIPPED wgpu_staging_ring_matches_the_cpu: {e}");
+            println!("SKIPPED wgpu_adapters_are_chosen_by_name: {e}");
             return;
         }
     };
     let dir = tempfile::tempdir().unwrap();
-    let want = common::mixed_tensors(12);
+    let want = common::mixed_tensors(15);
     let path = write(&dir, &want);
-    let before = backend.direct_writes();
-    backend.set_direct_writes(false);
-    let staged = tensorplace::load_file(&path, "wgpu");
-    let converted = Loader::new("wgpu")
-        .dtype(Dtype::F32)
-        .filter(|n| n.starts_with("odd"))
-        .load_file(&path);
-    backend.set_direct_writes(before);
-    assert_same(Device::Wgpu(None), &staged.unwrap(), &want);
-    let converted = converted.unwrap();
-    let reference = Loader::new("cpu")
-        .dtype(Dtype::F32)
-        .filter(|n| n.starts_with("odd"))
+    let name = backend.info().name.to_uppercase();
+    let loaded = Loader::new("wgpu").adapter(name).load_file(&path).unwrap();
+    assert_same(Device::Wgpu(Some(backend.index())), &loaded, &want);
+    let e = Loader::new("wgpu")
+        .adapter("no such adapter, surely")
         .load_file(&path)
-        .unwrap();
-    assert_same(Device::Wgpu(None), &converted, &reference);
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::DeviceUnavailable, "{e}");
 }
 
 /// A file dropped from the page cache loads the same bytes (through positioned reads where
@@ -294,12 +367,12 @@ fn cold_files_load_the_same_bytes() {
         f.sync_all().unwrap();
         // SAFETY: a valid descriptor; the call only advises the kernel.
         unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-        let host = tensorplace::HostFile::open(&path, ReadMode::Mmap).unwrap();
+        let host = HostFile::open(&path, ReadMode::Mmap).unwrap();
         println!(
             "{device}: resident fraction after the drop: {:.2}",
             host.resident_fraction()
         );
-        let loaded = Loader::new(device).owned(true).load_file(&path).unwrap();
+        let loaded = tensorplace::load_file(&path, device).unwrap();
         assert_same(device, &loaded, &want);
     }
 }
@@ -309,8 +382,8 @@ fn cold_files_load_the_same_bytes() {
 #[cfg(feature = "wgpu")]
 #[test]
 fn wgpu_buffer_limit_is_a_clear_error() {
-    use tensorplace::device::wgpu::WgpuBackend;
-    let backend = match WgpuBackend::open(None) {
+    use tensorplace::internals::WgpuBackend;
+    let backend = match WgpuBackend::open(None, None) {
         Ok(b) => b,
         Err(e) => {
             println!("SKIPPED wgpu_buffer_limit_is_a_clear_error: {e}");

@@ -4,13 +4,12 @@ use std::process::{Command, Output};
 
 use crate::common;
 
-/// The binary: cargo's, or the packed one where the tests run on another machine.
+/// The binary: the one `TENSORPLACE_BIN` names (set by a script that carries the tests to
+/// another machine), else the one cargo built.
 fn exe() -> std::path::PathBuf {
-    let built = std::path::PathBuf::from(env!("CARGO_BIN_EXE_tensorplace"));
-    if built.exists() {
-        built
-    } else {
-        common::root().join(".gpu/bin/bin-tensorplace")
+    match std::env::var_os("TENSORPLACE_BIN") {
+        Some(p) => p.into(),
+        None => env!("CARGO_BIN_EXE_tensorplace").into(),
     }
 }
 
@@ -201,4 +200,39 @@ fn load_verifies_on_every_device_and_devices_lists_the_cpu() {
     let out = run(&["devices"]);
     assert!(out.status.success());
     assert!(stdout(&out).contains("cpu:"));
+}
+
+/// A reader that goes away (`| head`) ends every printing command quietly: status 0, no
+/// panic, no backtrace.
+#[test]
+fn a_closed_stdout_ends_quietly() {
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    let mut many = tensorplace::Tensors::new();
+    for i in 0..20_000 {
+        many.insert(
+            format!("a.rather.long.tensor.name.to.fill.the.pipe.{i:05}"),
+            tensorplace::Tensor::from_slice(vec![1], &[i as u32]).unwrap(),
+        );
+    }
+    tensorplace::save_file(&many, &path, None).unwrap();
+    let p = path.to_str().unwrap();
+    for args in [
+        vec!["inspect", p],
+        vec!["inspect", p, "--json"],
+        vec!["devices"],
+    ] {
+        let mut child = Command::new(exe())
+            .args(&args)
+            .env("RUST_BACKTRACE", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).is_empty(), "{args:?}: {}", stderr(&out));
+    }
 }

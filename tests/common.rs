@@ -25,8 +25,8 @@ pub fn fixtures() -> PathBuf {
 pub fn devices(test: &str) -> Vec<Device> {
     let mut out = vec![Device::Cpu];
     for d in [Device::Cuda(0), Device::Wgpu(None)] {
-        match tensorplace::device::open(d) {
-            Ok(b) => out.push(b.device()),
+        match d.probe() {
+            Ok(d) => out.push(d),
             Err(e) => println!("SKIPPED {test} on {d}: {e}"),
         }
     }

@@ -7,7 +7,8 @@ use std::collections::HashMap;
 
 use proptest::prelude::*;
 use sha2::{Digest, Sha256};
-use tensorplace::{Device, Dtype, ErrorKind, Header, Metadata, Tensor, Tensors};
+use tensorplace::internals::Header;
+use tensorplace::{Device, Dtype, ErrorKind, Metadata, Tensor, Tensors};
 
 use crate::common;
 
@@ -544,22 +545,26 @@ fn save_file_is_atomic_and_safe_over_a_loaded_file() {
 }
 
 #[test]
-fn pread_and_bytes_give_the_mapped_bytes() {
+fn pread_bytes_and_views_give_the_same_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.safetensors");
     let t = common::mixed_tensors(3);
     tensorplace::save_file(&t, &path, None).unwrap();
     let raw = std::fs::read(&path).unwrap();
-    let mapped = tensorplace::load_file(&path, Device::Cpu).unwrap();
+    // SAFETY: the file lives in a temporary folder of this test and is not changed while
+    // the views live.
+    let mapped = unsafe { tensorplace::Loader::new(Device::Cpu).load_file_mapped(&path) }.unwrap();
     let pread = tensorplace::Loader::new(Device::Cpu)
         .read_mode(tensorplace::ReadMode::Pread)
         .load_file(&path)
         .unwrap();
-    let owned = tensorplace::Loader::new(Device::Cpu)
-        .owned(true)
-        .load_file(&path)
-        .unwrap();
+    let owned = tensorplace::load_file(&path, Device::Cpu).unwrap();
     let bytes = tensorplace::load(&raw, Device::Cpu).unwrap();
+    for (_, t) in mapped.iter() {
+        if let tensorplace::Storage::Cpu(s) = t.storage() {
+            assert!(s.is_mapped());
+        }
+    }
     for (name, want) in t.iter() {
         for (how, set) in [
             ("mmap", &mapped),
@@ -589,4 +594,40 @@ fn pread_and_bytes_give_the_mapped_bytes() {
     let mut names: Vec<_> = some.names().collect();
     names.sort_unstable();
     assert_eq!(names, ["odd_bf16", "odd_f16", "odd_f8", "odd_f8b"]);
+}
+
+/// The safe `load_file` hands out owned memory: rewriting or truncating the file after the
+/// load changes nothing the caller holds. Views are the `unsafe` opt-in.
+#[test]
+fn safe_loads_do_not_see_later_changes_to_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    let t = common::mixed_tensors(21);
+    tensorplace::save_file(&t, &path, None).unwrap();
+    let owned = tensorplace::load_file(&path, Device::Cpu).unwrap();
+    let raw = std::fs::read(&path).unwrap();
+    // Rewrite the file in place (not by rename), flipping every data byte, then truncate it.
+    {
+        use std::os::unix::fs::FileExt;
+        let n = u64::from_le_bytes(raw[..8].try_into().unwrap()) as usize;
+        let flipped: Vec<u8> = raw[8 + n..].iter().map(|b| !b).collect();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&flipped, (8 + n) as u64).unwrap();
+        f.set_len((8 + n) as u64).unwrap();
+    }
+    for (name, want) in t.iter() {
+        let got = owned.tensor(name).unwrap();
+        assert_eq!(got.as_bytes(), want.as_bytes(), "{name}");
+        if let tensorplace::Storage::Cpu(s) = got.storage() {
+            assert!(!s.is_mapped(), "{name}");
+        }
+    }
+    // The truncated file is now an error (not a signal) for every read mode.
+    for mode in [tensorplace::ReadMode::Mmap, tensorplace::ReadMode::Pread] {
+        let e = tensorplace::Loader::new(Device::Cpu)
+            .read_mode(mode)
+            .load_file(&path)
+            .unwrap_err();
+        assert!(e.kind().is_format(), "{mode:?}: {e}");
+    }
 }

@@ -2,9 +2,9 @@
 //! reference on a real wgpu device (Mesa's software Vulkan in CI), NaN payloads, infinities,
 //! subnormals and odd lengths included.
 
-use tensorplace::Conversion;
+use tensorplace::internals::Conversion;
 #[cfg(feature = "wgpu")]
-use tensorplace::device::wgpu::{KERNELS, WgpuBackend};
+use tensorplace::internals::{KERNELS, WgpuBackend};
 
 #[cfg(feature = "wgpu")]
 #[test]
@@ -88,7 +88,7 @@ fn inputs(c: Conversion) -> Vec<u8> {
 #[cfg(feature = "wgpu")]
 #[test]
 fn every_kernel_is_bit_exact_on_the_device() {
-    let backend = match WgpuBackend::open(None) {
+    let backend = match WgpuBackend::open(None, None) {
         Ok(b) => b,
         Err(e) => {
             println!("SKIPPED every_kernel_is_bit_exact_on_the_device: no wgpu adapter: {e}");

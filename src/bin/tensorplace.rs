@@ -1,16 +1,22 @@
 //! `tensorplace`: inspect, load, convert and benchmark safetensors files on any device.
+//!
+//! `main` calls `try_main` and turns its error into one line on stderr and an exit status
+//! (2 for bad input, 1 for device trouble); a closed stdout (`| head`) ends the program
+//! quietly. The flags and environment variables are read here and mapped onto the
+//! library's `Loader` options; the library itself reads no environment.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use sha2::{Digest, Sha256};
 
 use tensorplace::bench::{self, BenchArgs};
-use tensorplace::{Device, Dtype, Error, ErrorKind, HostFile, Loader, ReadMode, Result};
+use tensorplace::internals::{Conversion, HostFile, TensorInfo, list_devices};
+use tensorplace::{Device, Dtype, Error, ErrorKind, Loader, ReadMode, Result, Upload};
 
 #[derive(Parser)]
 #[command(
@@ -26,79 +32,126 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Print a file's metadata and tensors, in file order.
-    Inspect {
-        /// The safetensors file.
-        file: PathBuf,
-        /// Print one JSON object instead of text.
-        #[arg(long)]
-        json: bool,
-        /// Add each tensor's SHA-256.
-        #[arg(long)]
-        hash: bool,
-    },
+    Inspect(InspectArgs),
     /// Load a file onto a device and report the speed (a demo checkpoint without FILE).
-    Load {
-        /// The safetensors file; without it a ~1 GiB demo checkpoint is written first.
-        file: Option<PathBuf>,
-        /// cpu, cuda, cuda:N, gpu, gpu:N, wgpu, wgpu:N or auto.
-        #[arg(long, short, default_value = "auto")]
-        device: String,
-        /// Read every tensor back and compare it with the file.
-        #[arg(long)]
-        verify: bool,
-        /// Cast every floating tensor to this dtype on the device.
-        #[arg(long)]
-        dtype: Option<Dtype>,
-        /// Read with pread instead of mapping the file.
-        #[arg(long)]
-        pread: bool,
-    },
+    Load(LoadArgs),
     /// Load, optionally cast every floating tensor, and save.
-    Convert {
-        /// The input file.
-        input: PathBuf,
-        /// The output file (written atomically).
-        output: PathBuf,
-        /// Cast every floating tensor to this dtype.
-        #[arg(long)]
-        dtype: Option<Dtype>,
-        /// The device that does the casting.
-        #[arg(long, short, default_value = "cpu")]
-        device: String,
-    },
+    Convert(ConvertArgs),
     /// Benchmark loads against their baselines and ceilings in one run.
     Bench(BenchArgs),
     /// List CUDA devices, wgpu adapters and the CPU.
     Devices,
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Inspect { file, json, hash } => inspect(&file, json, hash),
-        Command::Load {
-            file,
-            device,
-            verify,
-            dtype,
-            pread,
-        } => load(file, &device, verify, dtype, pread),
-        Command::Convert {
-            input,
-            output,
-            dtype,
-            device,
-        } => convert(&input, &output, dtype, &device),
-        Command::Bench(args) => bench::run(&args),
-        Command::Devices => {
-            for line in tensorplace::device::list() {
-                println!("{line}");
-            }
-            Ok(())
+#[derive(Args)]
+struct InspectArgs {
+    /// The safetensors file.
+    file: PathBuf,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Add each tensor's SHA-256.
+    #[arg(long)]
+    hash: bool,
+}
+
+/// How tensors reach the device: the `Loader` options a command maps its flags onto.
+#[derive(Args)]
+struct DeviceArgs {
+    /// cpu, cuda, cuda:N, gpu, gpu:N, wgpu, wgpu:N or auto.
+    #[arg(long, short, default_value = "auto")]
+    device: Device,
+    /// How tensors go up to a GPU: auto, register, staging or in-place. Default: the
+    /// device's variable, TENSORPLACE_CUDA_UPLOAD or TENSORPLACE_WGPU_UPLOAD, else auto.
+    #[arg(long)]
+    upload: Option<Upload>,
+    /// For --device wgpu: the first adapter whose name contains this.
+    #[arg(long, env = "WGPU_ADAPTER_NAME")]
+    adapter: Option<String>,
+    /// Read with pread instead of mapping the file.
+    #[arg(long)]
+    pread: bool,
+    /// Cast every floating tensor to this dtype on the device.
+    #[arg(long)]
+    dtype: Option<Dtype>,
+}
+
+impl DeviceArgs {
+    /// The loader these flags (and the upload variables) describe.
+    fn loader<'a>(&self) -> Result<Loader<'a>> {
+        let mut loader = Loader::new(self.device).upload(self.upload()?);
+        if let Some(name) = &self.adapter {
+            loader = loader.adapter(name.clone());
         }
-    };
-    match result {
+        if let Some(d) = self.dtype {
+            loader = loader.dtype(d);
+        }
+        if self.pread {
+            loader = loader.read_mode(ReadMode::Pread);
+        }
+        Ok(loader)
+    }
+
+    /// `--upload`, else the variable of the device the load will use.
+    fn upload(&self) -> Result<Upload> {
+        if let Some(u) = self.upload {
+            return Ok(u);
+        }
+        let var = match self.device.probe() {
+            Ok(Device::Cuda(_)) => "TENSORPLACE_CUDA_UPLOAD",
+            Ok(Device::Wgpu(_)) => "TENSORPLACE_WGPU_UPLOAD",
+            _ => return Ok(Upload::Auto),
+        };
+        match std::env::var(var) {
+            Ok(v) => v
+                .parse()
+                .map_err(|e: Error| Error::new(e.kind(), format!("{var}: {}", e.message()))),
+            Err(_) => Ok(Upload::Auto),
+        }
+    }
+
+    fn read_mode(&self) -> ReadMode {
+        if self.pread {
+            ReadMode::Pread
+        } else {
+            ReadMode::Mmap
+        }
+    }
+}
+
+#[derive(Args)]
+struct LoadArgs {
+    /// The safetensors file; without it a ~1 GiB demo checkpoint is written first.
+    file: Option<PathBuf>,
+    #[command(flatten)]
+    target: DeviceArgs,
+    /// Read every tensor back and compare it with the file.
+    #[arg(long)]
+    verify: bool,
+    /// On the CPU, view the mapped file instead of copying it (zero-copy; the file must not
+    /// change while the command runs).
+    #[arg(long)]
+    mapped: bool,
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// The input file.
+    input: PathBuf,
+    /// The output file (written atomically).
+    output: PathBuf,
+    #[command(flatten)]
+    target: DeviceArgs,
+}
+
+fn main() -> ExitCode {
+    // A bug in this program prints one line, like every error, whatever RUST_BACKTRACE says.
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("tensorplace: internal error (please report it): {info}");
+    }));
+    match try_main() {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tensorplace: {}", one_line(&e.to_string()));
             match e.kind() {
@@ -109,14 +162,73 @@ fn main() -> ExitCode {
     }
 }
 
+fn try_main() -> Result<()> {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return Ok(());
+        }
+        Err(e) => return Err(usage_error(e)),
+    };
+    match cli.command {
+        Command::Inspect(args) => inspect(&args),
+        Command::Load(args) => load(&args),
+        Command::Convert(args) => convert(&args),
+        Command::Bench(args) => bench::run(&args),
+        Command::Devices => devices(),
+    }
+}
+
+/// Command-line misuse as one line: the kind of the value's own error where a value was
+/// refused (an unknown device string, say), else `Unsupported`; both exit with status 2.
+fn usage_error(e: clap::Error) -> Error {
+    let msg = e.to_string();
+    let first = msg.lines().next().unwrap_or_default();
+    let first = first.strip_prefix("error: ").unwrap_or(first).to_owned();
+    let kind = std::error::Error::source(&e)
+        .and_then(|s| s.downcast_ref::<Error>())
+        .map_or(ErrorKind::Unsupported, Error::kind);
+    Error::new(kind, first).with_source(e)
+}
+
+/// Whether the error is a write to a closed pipe (the reader went away: not a failure).
+fn is_broken_pipe(e: &Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::BrokenPipe;
+        }
+        source = s.source();
+    }
+    false
+}
+
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-fn inspect(path: &Path, json: bool, hash: bool) -> Result<()> {
+/// Writes a line to stdout; a failure (a closed pipe) is an error with its cause.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout().lock(), $($arg)*)
+            .map_err(|e| Error::io("writing to stdout", None, e))
+    };
+}
+
+fn devices() -> Result<()> {
+    for line in list_devices() {
+        out!("{line}")?;
+    }
+    Ok(())
+}
+
+fn inspect(args: &InspectArgs) -> Result<()> {
+    let path = &args.file;
     let file = HostFile::open(path, ReadMode::Mmap)?;
     // Hashed in 8 MiB pieces, so that a tensor of any size needs no more memory than that.
-    let digest = |name: &str, info: &tensorplace::TensorInfo| -> Result<String> {
+    let digest = |name: &str, info: &TensorInfo| -> Result<String> {
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; info.len().min(8 << 20)];
         for at in file.header().file_range(info).step_by(8 << 20) {
@@ -127,7 +239,7 @@ fn inspect(path: &Path, json: bool, hash: bool) -> Result<()> {
         }
         Ok(format!("{:x}", hasher.finalize()))
     };
-    if json {
+    if args.json {
         let mut tensors = Vec::with_capacity(file.header().tensors().len());
         for (name, info) in file.tensors() {
             let mut entry = serde_json::json!({
@@ -136,46 +248,45 @@ fn inspect(path: &Path, json: bool, hash: bool) -> Result<()> {
                 "shape": info.shape,
                 "data_offsets": [info.data_offsets.0, info.data_offsets.1],
             });
-            if hash {
+            if args.hash {
                 entry["sha256"] = digest(name, info)?.into();
             }
             tensors.push(entry);
         }
-        let out = serde_json::json!({
+        let object = serde_json::json!({
             "metadata": file.header().metadata(),
             "tensors": tensors,
         });
-        println!("{out}");
-        return Ok(());
+        return out!("{object}");
     }
-    println!(
+    out!(
         "{}: {} bytes, header {} bytes, {} tensors, {} data bytes",
         path.display(),
         file.len(),
         file.header().header_len(),
         file.header().tensors().len(),
         file.header().data_len()
-    );
+    )?;
     if let Some(md) = file.header().metadata() {
-        println!("metadata:");
+        out!("metadata:")?;
         for (k, v) in md {
-            println!("  {k}: {v}");
+            out!("  {k}: {v}")?;
         }
     }
     for (name, info) in file.tensors() {
         let (b, e) = info.data_offsets;
         let mut line = format!("{name}\t{}\t{:?}\t[{b}, {e}]", info.dtype, info.shape);
-        if hash {
+        if args.hash {
             line.push('\t');
             line.push_str(&digest(name, info)?);
         }
-        println!("{line}");
+        out!("{line}")?;
     }
     Ok(())
 }
 
 /// A progress bar on stderr that appears only on a terminal and only after a second.
-fn progress_bar() -> (ProgressBar, Instant) {
+fn progress_bar() -> ProgressBar {
     let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::hidden());
     bar.set_style(
         ProgressStyle::with_template(
@@ -183,107 +294,111 @@ fn progress_bar() -> (ProgressBar, Instant) {
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    (bar, Instant::now())
+    bar
 }
 
-fn load(
-    file: Option<PathBuf>,
-    device: &str,
-    verify: bool,
-    dtype: Option<Dtype>,
-    pread: bool,
-) -> Result<()> {
-    let device: Device = device.parse()?;
+/// Writes the demo checkpoint into `dir` and says so on stderr.
+fn write_demo(dir: &Path) -> Result<PathBuf> {
+    let path = dir.join("demo.safetensors");
+    let t = Instant::now();
+    let spec = bench::Synthetic::demo();
+    bench::write_synthetic(&path, &spec)?;
+    eprintln!(
+        "wrote a demo checkpoint: {} tensors, {} bytes, in {:.2} s ({})",
+        spec.tensors,
+        std::fs::metadata(&path).map_or(0, |m| m.len()),
+        t.elapsed().as_secs_f64(),
+        path.display()
+    );
+    Ok(path)
+}
+
+fn load(args: &LoadArgs) -> Result<()> {
     // Fail on an unusable device before writing a demo checkpoint.
-    let backend = tensorplace::device::open(device)?;
-    let _demo_dir;
-    let path = match file {
-        Some(p) => p,
-        None => {
-            let dir = tempfile::tempdir()
-                .map_err(|e| Error::io("creating a temporary folder", None, e))?;
-            let path = dir.path().join("demo.safetensors");
-            let t = Instant::now();
-            let spec = bench::Synthetic::demo();
-            bench::write_synthetic(&path, &spec)?;
-            eprintln!(
-                "wrote a demo checkpoint: {} tensors, {} bytes, in {:.2} s ({})",
-                spec.tensors,
-                std::fs::metadata(&path).map_or(0, |m| m.len()),
-                t.elapsed().as_secs_f64(),
-                path.display()
-            );
-            _demo_dir = dir;
-            path
-        }
+    let device = args.target.device.probe()?;
+    let description = device.describe()?;
+    let demo_dir =
+        tempfile::tempdir().map_err(|e| Error::io("creating a temporary folder", None, e))?;
+    let path = match &args.file {
+        Some(p) => p.clone(),
+        None => write_demo(demo_dir.path())?,
     };
-    let (bar, started) = progress_bar();
+    let bar = progress_bar();
+    let started = Instant::now();
     let terminal = std::io::stderr().is_terminal();
-    let mut loader = Loader::new(device).progress(|p| {
+    let loader = args.target.loader()?.progress(|p| {
         bar.set_length(p.total);
         bar.set_position(p.done);
         if terminal && bar.is_hidden() && started.elapsed() > Duration::from_secs(1) {
             bar.set_draw_target(ProgressDrawTarget::stderr());
         }
     });
-    if let Some(d) = dtype {
-        loader = loader.dtype(d);
-    }
-    if pread {
-        loader = loader.read_mode(ReadMode::Pread);
-    }
-    let mode = if pread {
-        ReadMode::Pread
-    } else {
-        ReadMode::Mmap
-    };
     let t = Instant::now();
-    let host = HostFile::open(&path, mode)?;
-    let tensors = loader.load_host(&host, backend.device())?;
+    let tensors = if args.mapped {
+        // SAFETY: the user asked for views of the mapping with --mapped, whose help states
+        // the contract: the file does not change while this command runs. The tensors are
+        // dropped before it ends.
+        unsafe { loader.load_file_mapped(&path) }?
+    } else {
+        loader.load_file(&path)?
+    };
     let secs = t.elapsed().as_secs_f64();
     bar.finish_and_clear();
-    let bytes = host.header().data_len();
-    println!(
-        "loaded {} tensors, {} bytes onto {} in {:.3} s: {:.2} GB/s",
-        tensors.len(),
-        bytes,
-        backend.describe(),
-        secs,
-        bytes as f64 / secs / 1e9
-    );
-    if verify {
-        let reference = HostFile::open(&path, mode)?;
-        let mut checked = 0usize;
-        for ((name, info), (_, tensor)) in reference.tensors().zip(tensors.iter()) {
-            let mut want = vec![0u8; info.len()];
-            reference.read_at(reference.header().file_range(info).start, &mut want)?;
-            if let Some(c) = tensorplace::Conversion::between(info.dtype, tensor.dtype()) {
-                let mut out = vec![0u8; c.output_len(want.len()).unwrap_or(0)];
-                c.convert(&want, &mut out);
-                want = out;
-            }
-            let got = tensor.host_bytes().map_err(|e| e.with_tensor(name))?;
-            if *got != want[..] {
-                return Err(Error::new(
-                    ErrorKind::Backend,
-                    "the bytes read back differ from the file's",
-                )
-                .with_tensor(name)
-                .with_file(&path));
-            }
-            checked += got.len();
-        }
-        println!("verified: every tensor read back equals the file ({checked} bytes)");
+    let bytes: usize = tensors.total_bytes();
+    let views = tensors
+        .iter()
+        .filter(|(_, t)| matches!(t.storage(), tensorplace::Storage::Cpu(s) if s.is_mapped()))
+        .count();
+    if views == tensors.len() && views > 0 {
+        out!(
+            "mapped {} tensors onto {description} in {:.3} s (zero-copy views, nothing copied)",
+            tensors.len(),
+            secs
+        )?;
+    } else {
+        out!(
+            "loaded {} tensors, {} bytes onto {description} in {:.3} s: {:.2} GB/s",
+            tensors.len(),
+            bytes,
+            secs,
+            bytes as f64 / secs / 1e9
+        )?;
+    }
+    if args.verify {
+        let checked = verify(&path, args.target.read_mode(), &tensors)?;
+        out!("verified: every tensor read back equals the file ({checked} bytes)")?;
     }
     Ok(())
 }
 
-fn convert(input: &Path, output: &Path, dtype: Option<Dtype>, device: &str) -> Result<()> {
-    let mut loader = Loader::new(device);
-    if let Some(d) = dtype {
-        loader = loader.dtype(d);
+/// Compares every loaded tensor, read back, with the file's bytes (converted on the CPU
+/// where the load converted them). Returns the bytes compared.
+fn verify(path: &Path, mode: ReadMode, tensors: &tensorplace::Tensors) -> Result<usize> {
+    let reference = HostFile::open(path, mode)?;
+    let mut checked = 0usize;
+    for ((name, info), (_, tensor)) in reference.tensors().zip(tensors.iter()) {
+        let mut want = vec![0u8; info.len()];
+        reference.read_at(reference.header().file_range(info).start, &mut want)?;
+        if let Some(c) = Conversion::between(info.dtype, tensor.dtype()) {
+            let mut out = vec![0u8; c.output_len(want.len()).unwrap_or(0)];
+            c.convert(&want, &mut out);
+            want = out;
+        }
+        let got = tensor.host_bytes().map_err(|e| e.with_tensor(name))?;
+        if *got != want[..] {
+            return Err(Error::new(
+                ErrorKind::Backend,
+                "the bytes read back differ from the file's",
+            )
+            .with_tensor(name)
+            .with_file(path));
+        }
+        checked += got.len();
     }
-    let tensors = loader.load_file(input)?;
-    tensorplace::save_file(&tensors, output, tensors.metadata())?;
-    Ok(())
+    Ok(checked)
+}
+
+fn convert(args: &ConvertArgs) -> Result<()> {
+    let tensors = args.target.loader()?.load_file(&args.input)?;
+    tensorplace::save_file(&tensors, &args.output, None)
 }

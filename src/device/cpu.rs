@@ -1,29 +1,35 @@
 //! The CPU backend: the reference every other backend is tested against.
 //!
-//! From a mapped file, tensors are zero-copy views that keep the mapping alive. Otherwise
-//! (pread, a caller's bytes, a conversion, or owned copies asked for) every tensor goes into
-//! one owned arena, each start aligned to [`ALIGN`] bytes, filled by one thread per core
-//! working on chunks, so that page faults on the fresh memory are taken in parallel.
+//! Every tensor goes into one owned arena (huge-page backed where large), each start
+//! aligned to [`ALIGN`] bytes, filled by the host I/O engine on every core, so that page
+//! faults on the fresh memory are taken in parallel; conversions run in the same pass.
+//! Only a load that asked for views ([`Loader::load_file_mapped`](crate::Loader::load_file_mapped))
+//! gets zero-copy views of the mapping instead, for the tensors it does not convert.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::device::{Backend, Device, LoadPlan, PlanItem};
-use crate::dtype::Conversion;
+use crate::device::{Backend, Device, LoadPlan, PlanItem, View};
 use crate::error::{Error, ErrorKind, Result};
-use crate::host::HostFile;
-use crate::parallel;
+use crate::io::{self, Converted, PIECE, Piece};
+use crate::memory::HostBuffer;
+use crate::parallel::Threads;
 use crate::tensor::{CpuStorage, Storage, Tensor};
 
 /// Alignment of each tensor's start in an owned arena.
-pub const ALIGN: usize = 64;
-
-/// Input bytes per unit of work (a multiple of every element size).
-const CHUNK: usize = 8 << 20;
+pub(crate) const ALIGN: usize = 64;
 
 /// The CPU backend.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct CpuBackend;
+pub(crate) struct CpuBackend;
+
+/// Where one tensor of a load ends up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placement {
+    /// A view of the file's mapping.
+    View,
+    /// At this offset of the arena.
+    Arena(usize),
+}
 
 impl Backend for CpuBackend {
     fn device(&self) -> Device {
@@ -38,56 +44,45 @@ impl Backend for CpuBackend {
     }
 
     fn upload(&self, plan: &LoadPlan<'_>) -> Result<Vec<Tensor>> {
-        let file = plan.file();
-        let mapping = file.mapping().filter(|_| !plan.owned());
-        // Items that can be views need no arena room.
-        let is_view = |item: &PlanItem<'_>| mapping.is_some() && item.conversion.is_none();
-        let mut offsets = Vec::with_capacity(plan.items().len());
+        let mapping = plan
+            .file()
+            .mapping()
+            .filter(|_| plan.view() == View::Mapped);
+        let mut placements = Vec::with_capacity(plan.items().len());
         let mut total = 0usize;
         for item in plan.items() {
-            if is_view(item) {
-                offsets.push(usize::MAX);
+            if mapping.is_some() && item.conversion.is_none() {
+                placements.push(Placement::View);
                 continue;
             }
-            offsets.push(total);
+            placements.push(Placement::Arena(total));
             total = total
                 .checked_add(item.out_len)
                 .and_then(|t| t.checked_next_multiple_of(ALIGN))
-                .ok_or_else(|| plan.err(Error::new(ErrorKind::OutOfMemory, "size overflows")))?;
-        }
-        let arena = if total > 0 {
-            // ALIGN extra bytes, so that the arena can start on an ALIGN boundary.
-            let words_len = (total + ALIGN) / 8;
-            // Zeroed by the allocator (fresh pages from the kernel for large sizes): the
-            // pages are first touched by the copy threads, so their faults run in parallel.
-            let mut words: Vec<u64> =
-                bytemuck::allocation::try_zeroed_vec(words_len).map_err(|()| {
+                .ok_or_else(|| {
                     plan.err(Error::new(
-                        ErrorKind::OutOfMemory,
-                        format!("cannot allocate {total} bytes of host memory"),
+                        ErrorKind::SizeOverflow,
+                        "the tensors' total size in host memory",
                     ))
                 })?;
-            let shift = words.as_ptr().cast::<u8>().align_offset(ALIGN).min(ALIGN);
-            for off in offsets.iter_mut().filter(|o| **o != usize::MAX) {
-                *off += shift;
-            }
-            fill(plan, &offsets, bytemuck::cast_slice_mut(&mut words))?;
-            Some(Arc::new(words))
-        } else {
-            None
-        };
+        }
+        let mut arena = HostBuffer::zeroed(total).map_err(|e| plan.err(e))?;
+        fill(plan, &placements, arena.as_mut_bytes())?;
+        let arena = Arc::new(arena);
         let tensors = plan
             .items()
             .iter()
-            .zip(&offsets)
-            .map(|(item, &off)| {
-                let storage = match (mapping, &arena) {
-                    (Some(map), _) if off == usize::MAX => {
+            .zip(&placements)
+            .map(|(item, placement)| {
+                let storage = match (placement, mapping) {
+                    (Placement::Arena(at), _) => {
+                        CpuStorage::owned(arena.clone(), *at..*at + item.out_len)
+                    }
+                    (Placement::View, Some(map)) => {
                         CpuStorage::mapped(map.clone(), item.src.clone())
                     }
-                    (_, Some(arena)) => CpuStorage::owned(arena.clone(), off..off + item.out_len),
-                    // Only reached for an empty arena, so the tensor is empty.
-                    _ => CpuStorage::copy_of(&[]),
+                    // Views are only planned where there is a mapping.
+                    (Placement::View, None) => CpuStorage::owned(arena.clone(), 0..0),
                 };
                 Tensor::from_parts(
                     item.out_dtype,
@@ -96,89 +91,59 @@ impl Backend for CpuBackend {
                 )
             })
             .collect();
-        plan.report(plan.input_bytes());
         Ok(tensors)
     }
 }
 
-/// One unit of work: input bytes at `src` of the file, into `dst`.
-struct Job<'a> {
-    item: usize,
-    src: usize,
-    src_len: usize,
-    dst: &'a mut [u8],
-    conversion: Option<Conversion>,
-}
-
-/// Fills the arena with every item whose offset is not `usize::MAX`, on every core.
-fn fill(plan: &LoadPlan<'_>, offsets: &[usize], arena: &mut [u8]) -> Result<()> {
-    let mut jobs = Vec::new();
+/// Fills the arena with every item placed in it, through the host I/O engine.
+fn fill(plan: &LoadPlan<'_>, placements: &[Placement], arena: &mut [u8]) -> Result<()> {
+    let mut copies = Vec::new();
+    let mut conversions = Vec::new();
     let mut rest = arena;
     let mut at = 0usize;
-    for (index, (item, &off)) in plan.items().iter().zip(offsets).enumerate() {
-        if off == usize::MAX {
+    for (item, placement) in plan.items().iter().zip(placements) {
+        let Placement::Arena(offset) = *placement else {
             continue;
-        }
+        };
         // Offsets increase in plan order: skip the padding before this item.
-        let (_, tail) = std::mem::take(&mut rest).split_at_mut(off - at);
-        let (mut dst, tail) = tail.split_at_mut(item.out_len);
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut(offset - at);
+        let (dst, tail) = tail.split_at_mut(item.out_len);
         rest = tail;
-        at = off + item.out_len;
-        let mut src = item.src.start;
-        let end = item.src.end;
-        loop {
-            let src_len = (end - src).min(CHUNK);
-            let dst_len = match item.conversion {
-                Some(c) => c.output_len(src_len).unwrap_or(0),
-                None => src_len,
-            };
-            let take = dst_len.min(dst.len());
-            let (d, tail) = std::mem::take(&mut dst).split_at_mut(take);
-            dst = tail;
-            jobs.push(Job {
-                item: index,
-                src,
-                src_len,
-                dst: d,
-                conversion: item.conversion,
-            });
-            src += src_len;
-            if src >= end {
-                break;
-            }
-        }
+        at = offset + item.out_len;
+        split(item, dst, &mut copies, &mut conversions);
     }
-    let done = AtomicU64::new(0);
+    let advance = |n| plan.advance(n);
     let file = plan.file();
-    // Cold pages: positioned reads on every thread, instead of faulting the mapping in.
-    let cold = file.mapping().is_some() && file.is_cold();
-    parallel::for_each(jobs, usize::MAX, |job, scratch| {
-        let (item, n) = (job.item, job.src_len as u64);
-        run_job(file, job, cold, scratch).map_err(|e| e.with_tensor(plan.items()[item].name))?;
-        plan.report(done.fetch_add(n, Ordering::Relaxed) + n);
-        Ok(())
-    })
-    .map_err(|e| plan.err(e))
+    io::read_pieces(file, copies, Threads::PerCore, &advance)?;
+    io::read_pieces(file, conversions, Threads::PerCore, &advance)
 }
 
-fn run_job(file: &HostFile<'_>, job: Job<'_>, cold: bool, scratch: &mut Vec<u8>) -> Result<()> {
-    let Some(conversion) = job.conversion else {
-        return if cold {
-            file.read_at_direct(job.src, job.dst)
-        } else {
-            file.read_at(job.src, job.dst)
+/// Cuts one item into pieces of at most [`PIECE`] input bytes, with their destinations.
+fn split<'n, 'd>(
+    item: &PlanItem<'n>,
+    mut dst: &'d mut [u8],
+    copies: &mut Vec<Piece<'n, &'d mut [u8]>>,
+    conversions: &mut Vec<Piece<'n, Converted<'d>>>,
+) {
+    for src in io::chunks(item.src.clone(), PIECE) {
+        let out_len = match item.conversion {
+            Some(c) => c.output_len(src.len()).unwrap_or(0),
+            None => src.len(),
         };
-    };
-    let src = match file.bytes().filter(|_| !cold) {
-        Some(bytes) => bytes.get(job.src..job.src + job.src_len).ok_or_else(|| {
-            Error::new(ErrorKind::Io, "tensor bytes lie past the end of the file")
-        })?,
-        None => {
-            scratch.resize(job.src_len, 0);
-            file.read_at_direct(job.src, scratch)?;
-            &scratch[..]
+        let take = out_len.min(dst.len());
+        let (d, tail) = std::mem::take(&mut dst).split_at_mut(take);
+        dst = tail;
+        match item.conversion {
+            Some(conversion) => conversions.push(Piece {
+                tensor: item.name,
+                src,
+                dst: Converted { conversion, dst: d },
+            }),
+            None => copies.push(Piece {
+                tensor: item.name,
+                src,
+                dst: d,
+            }),
         }
-    };
-    conversion.convert(src, job.dst);
-    Ok(())
+    }
 }

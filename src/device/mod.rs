@@ -1,10 +1,12 @@
-//! Devices: parsing device strings, the [`Backend`] trait every device implements, the
-//! [`LoadPlan`] a backend receives (the whole file at once), and `auto` selection.
+//! Devices: parsing device strings, the upload strategies, the [`Backend`] trait every
+//! device implements, the [`LoadPlan`] a backend receives (the whole file at once), and
+//! `auto` selection.
 
 use std::fmt;
 use std::ops::Range;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::dtype::{Conversion, Dtype};
 use crate::error::{Error, ErrorKind, Result};
@@ -12,11 +14,11 @@ use crate::header::TensorInfo;
 use crate::host::HostFile;
 use crate::tensor::Tensor;
 
-pub mod cpu;
+pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
-pub mod cuda;
+pub(crate) mod cuda;
 #[cfg(feature = "wgpu")]
-pub mod wgpu;
+pub(crate) mod wgpu;
 
 /// Where tensors go.
 ///
@@ -117,9 +119,65 @@ impl IntoDevice for &String {
     }
 }
 
+/// How tensors go up to a GPU: a [`Loader`](crate::Loader) option.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Upload {
+    /// The fastest way the device and the file allow: on CUDA, register a mapped file in
+    /// the page cache, else staging; on wgpu, in place on adapters that share host memory,
+    /// else staging.
+    #[default]
+    Auto,
+    /// CUDA: page-lock the read-only mapping of the file in place and copy from it (a
+    /// registration the driver refuses falls back to staging for the rest of the load).
+    Register,
+    /// CUDA and wgpu: copy through a ring of host staging buffers.
+    Staging,
+    /// wgpu, on adapters that share host memory (integrated and software GPUs): create the
+    /// tensors' buffers mapped and write them in place.
+    InPlace,
+}
+
+impl FromStr for Upload {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Upload::Auto),
+            "register" => Ok(Upload::Register),
+            "staging" => Ok(Upload::Staging),
+            "in-place" | "in_place" | "inplace" => Ok(Upload::InPlace),
+            _ => Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("{s:?}: expected auto, register, staging or in-place"),
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Upload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Upload::Auto => "auto",
+            Upload::Register => "register",
+            Upload::Staging => "staging",
+            Upload::InPlace => "in-place",
+        })
+    }
+}
+
+/// Whether CPU tensors may be views of the file's mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum View {
+    /// Owned copies (the safe default).
+    Copy,
+    /// Zero-copy views where possible (the caller promised the file does not change).
+    Mapped,
+}
+
 /// One tensor of a [`LoadPlan`].
 #[derive(Debug, Clone)]
-pub struct PlanItem<'f> {
+pub(crate) struct PlanItem<'f> {
     /// The tensor's name.
     pub name: &'f str,
     /// Its header entry.
@@ -135,11 +193,14 @@ pub struct PlanItem<'f> {
 }
 
 /// Everything one load asks of a device: the file and every tensor to place, in file order.
-pub struct LoadPlan<'f> {
+pub(crate) struct LoadPlan<'f> {
     file: &'f HostFile<'f>,
     items: Vec<PlanItem<'f>>,
-    owned: bool,
-    progress: Option<&'f (dyn Fn(u64) + Sync)>,
+    view: View,
+    upload: Upload,
+    total: u64,
+    done: AtomicU64,
+    progress: Option<&'f (dyn Fn(u64, u64) + Sync)>,
 }
 
 impl fmt::Debug for LoadPlan<'_> {
@@ -147,7 +208,8 @@ impl fmt::Debug for LoadPlan<'_> {
         f.debug_struct("LoadPlan")
             .field("file", &self.file)
             .field("items", &self.items.len())
-            .field("owned", &self.owned)
+            .field("view", &self.view)
+            .field("upload", &self.upload)
             .finish()
     }
 }
@@ -166,22 +228,26 @@ impl<'f> LoadPlan<'f> {
             if !keep(name) {
                 continue;
             }
+            let unsupported = |to: Dtype| {
+                Error::new(
+                    ErrorKind::Unsupported,
+                    format!("no conversion from {} to {to}", info.dtype),
+                )
+                .with_tensor(name)
+                .with_opt_file(file.path())
+            };
             let conversion = match dtype {
                 Some(to) if info.dtype.is_float() && info.dtype != to => {
-                    Some(Conversion::between(info.dtype, to).ok_or_else(|| {
-                        Error::new(
-                            ErrorKind::Unsupported,
-                            format!("no conversion from {} to {to}", info.dtype),
-                        )
-                        .with_tensor(name)
-                        .with_opt_file(file.path())
-                    })?)
+                    Some(Conversion::between(info.dtype, to).ok_or_else(|| unsupported(to))?)
                 }
                 _ => None,
             };
             let (out_dtype, out_len) = match conversion {
-                // Validated sizes are whole elements; output sizes are no larger than 2x.
-                Some(c) => (c.to(), c.output_len(info.len()).unwrap_or(0)),
+                Some(c) => (
+                    c.to(),
+                    c.output_len(info.len())
+                        .ok_or_else(|| unsupported(c.to()))?,
+                ),
                 None => (info.dtype, info.len()),
             };
             items.push(PlanItem {
@@ -193,23 +259,33 @@ impl<'f> LoadPlan<'f> {
                 out_len,
             });
         }
+        let total = items.iter().map(|i| i.src.len() as u64).sum();
         Ok(LoadPlan {
             file,
             items,
-            owned: false,
+            view: View::Copy,
+            upload: Upload::Auto,
+            total,
+            done: AtomicU64::new(0),
             progress: None,
         })
     }
 
-    /// Asks for owned copies even where zero-copy views are possible (CPU only).
-    pub fn with_owned(mut self, owned: bool) -> Self {
-        self.owned = owned;
+    /// Whether CPU tensors may be views of the mapping.
+    pub fn with_view(mut self, view: View) -> Self {
+        self.view = view;
         self
     }
 
-    /// Reports progress: the callback gets the input bytes done so far.
-    pub fn with_progress(mut self, progress: Option<&'f (dyn Fn(u64) + Sync)>) -> Self {
-        self.progress = progress;
+    /// The upload strategy asked for.
+    pub fn with_upload(mut self, upload: Upload) -> Self {
+        self.upload = upload;
+        self
+    }
+
+    /// Reports progress to `progress(done, total)`, in input bytes.
+    pub fn with_progress(mut self, progress: &'f (dyn Fn(u64, u64) + Sync)) -> Self {
+        self.progress = Some(progress);
         self
     }
 
@@ -223,21 +299,40 @@ impl<'f> LoadPlan<'f> {
         &self.items
     }
 
-    /// Whether owned copies were asked for.
-    pub fn owned(&self) -> bool {
-        self.owned
+    /// Whether CPU tensors may be views of the mapping.
+    pub fn view(&self) -> View {
+        self.view
     }
 
-    /// The input bytes of all items.
-    pub fn input_bytes(&self) -> u64 {
-        self.items.iter().map(|i| i.src.len() as u64).sum()
+    /// The upload strategy asked for.
+    #[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
+    pub fn upload(&self) -> Upload {
+        self.upload
     }
 
-    /// Reports `done` input bytes, if a progress callback was given.
-    pub fn report(&self, done: u64) {
+    /// Records `n` more input bytes placed (from any thread) and reports the new total.
+    pub fn advance(&self, n: u64) {
+        let done = self.done.fetch_add(n, Ordering::Relaxed) + n;
         if let Some(p) = self.progress {
-            p(done);
+            p(done.min(self.total), self.total);
         }
+    }
+
+    /// Reports the load complete, if the backend's reports have not reached the total.
+    pub fn finish(&self) {
+        let done = self.done.swap(self.total, Ordering::Relaxed);
+        if let (Some(p), true) = (self.progress, done < self.total || self.total == 0) {
+            p(self.total, self.total);
+        }
+    }
+
+    /// An [`ErrorKind::Unsupported`] error for an upload strategy this load cannot take.
+    #[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
+    pub fn unsupported_upload(&self, device: Device, why: &str) -> Error {
+        self.err(Error::new(
+            ErrorKind::Unsupported,
+            format!("{device}: upload {}: {why}", self.upload),
+        ))
     }
 
     /// Tags an error with the file's path.
@@ -247,7 +342,7 @@ impl<'f> LoadPlan<'f> {
 }
 
 /// A device that can receive a whole [`LoadPlan`].
-pub trait Backend: Send + Sync + fmt::Debug {
+pub(crate) trait Backend: Send + Sync + fmt::Debug {
     /// The device this backend places tensors on.
     fn device(&self) -> Device;
     /// A human description, such as `cuda:0 (NVIDIA H100 80GB HBM3)`.
@@ -256,16 +351,31 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn upload(&self, plan: &LoadPlan<'_>) -> Result<Vec<Tensor>>;
 }
 
-/// Opens the backend for `device`, resolving `auto`.
+/// Opens the backend for `device`, resolving `auto`; `adapter` picks the wgpu adapter of
+/// the device `wgpu` by name.
 ///
 /// An explicit GPU that is not compiled in, absent, or whose driver fails is an
 /// [`ErrorKind::DeviceUnavailable`] error, never a fallback; `auto` falls back to the CPU.
-pub fn open(device: Device) -> Result<Arc<dyn Backend>> {
+pub(crate) fn open(device: Device, adapter: Option<&str>) -> Result<Arc<dyn Backend>> {
     match device {
         Device::Cpu => Ok(Arc::new(cpu::CpuBackend)),
         Device::Cuda(ordinal) => open_cuda(ordinal),
-        Device::Wgpu(index) => open_wgpu(index),
+        Device::Wgpu(index) => open_wgpu(index, adapter),
         Device::Auto => Ok(open_auto()),
+    }
+}
+
+impl Device {
+    /// The device a load onto `self` would use: `auto` resolved to the device present, an
+    /// explicit device checked. An absent GPU is an [`ErrorKind::DeviceUnavailable`] error.
+    pub fn probe(self) -> Result<Device> {
+        open(self, None).map(|b| b.device())
+    }
+
+    /// A human description of the device a load onto `self` would use, such as
+    /// `cuda:0 (NVIDIA H100 80GB HBM3)`, or why it is unavailable.
+    pub fn describe(self) -> Result<String> {
+        open(self, None).map(|b| b.describe())
     }
 }
 
@@ -294,12 +404,12 @@ fn open_cuda(ordinal: usize) -> Result<Arc<dyn Backend>> {
 }
 
 #[cfg(feature = "wgpu")]
-fn open_wgpu(index: Option<usize>) -> Result<Arc<dyn Backend>> {
-    wgpu::WgpuBackend::open(index).map(|b| b as Arc<dyn Backend>)
+fn open_wgpu(index: Option<usize>, adapter: Option<&str>) -> Result<Arc<dyn Backend>> {
+    wgpu::WgpuBackend::open(index, adapter).map(|b| b as Arc<dyn Backend>)
 }
 
 #[cfg(not(feature = "wgpu"))]
-fn open_wgpu(index: Option<usize>) -> Result<Arc<dyn Backend>> {
+fn open_wgpu(index: Option<usize>, _adapter: Option<&str>) -> Result<Arc<dyn Backend>> {
     let name = Device::Wgpu(index);
     Err(Error::new(
         ErrorKind::DeviceUnavailable,
@@ -363,8 +473,22 @@ mod tests {
 
     #[test]
     fn auto_never_fails_and_cpu_is_there() {
-        let b = open(Device::Auto).unwrap();
+        let b = open(Device::Auto, None).unwrap();
         assert!(!b.describe().is_empty());
-        assert_eq!(open(Device::Cpu).unwrap().device(), Device::Cpu);
+        assert_ne!(Device::Auto.probe().unwrap(), Device::Auto);
+        assert_eq!(Device::Cpu.probe().unwrap(), Device::Cpu);
+    }
+
+    #[test]
+    fn upload_strategies_parse() {
+        for u in [
+            Upload::Auto,
+            Upload::Register,
+            Upload::Staging,
+            Upload::InPlace,
+        ] {
+            assert_eq!(u.to_string().parse::<Upload>().unwrap(), u);
+        }
+        assert!("fast".parse::<Upload>().is_err());
     }
 }

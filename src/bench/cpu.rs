@@ -1,0 +1,186 @@
+//! The CPU groups: zero-copy load, owned load, save; each against what a user of the
+//! `safetensors` crate writes, and the owned load against a copy into the same kind of
+//! memory on every core (the ceiling).
+
+use std::path::Path;
+
+use safetensors::{SafeTensorError, SafeTensors};
+
+use super::measure::{BenchPath, Group, Role};
+use crate::device::Device;
+use crate::error::{Error, ErrorKind, Result};
+use crate::io::{self, PIECE};
+use crate::memory::HostBuffer;
+use crate::parallel::{self, Threads};
+
+/// A `safetensors` crate error as ours, keeping it as the cause.
+fn reference_err(e: SafeTensorError) -> Error {
+    let kind = match &e {
+        SafeTensorError::IoError(_) => ErrorKind::Io,
+        SafeTensorError::HeaderTooLarge => ErrorKind::HeaderTooLarge,
+        SafeTensorError::HeaderTooSmall => ErrorKind::HeaderTooSmall,
+        SafeTensorError::InvalidHeaderLength => ErrorKind::InvalidHeaderLength,
+        SafeTensorError::InvalidHeader(_) => ErrorKind::HeaderNotUtf8,
+        SafeTensorError::InvalidHeaderDeserialization(_) | SafeTensorError::JsonError(_) => {
+            ErrorKind::InvalidJson
+        }
+        SafeTensorError::TensorNotFound(_) => ErrorKind::TensorNotFound,
+        SafeTensorError::InvalidOffset(_) => ErrorKind::InvalidOffsets,
+        SafeTensorError::MetadataIncompleteBuffer => ErrorKind::IncompleteBuffer,
+        SafeTensorError::ValidationOverflow => ErrorKind::ShapeOverflow,
+        _ => ErrorKind::InvalidTensor,
+    };
+    Error::new(kind, format!("the safetensors crate: {e}")).with_source(e)
+}
+
+/// Maps `path` for the reference paths.
+fn map(path: &Path) -> Result<memmap2::Mmap> {
+    let f = std::fs::File::open(path).map_err(|e| Error::io("opening", Some(path), e))?;
+    // SAFETY: a read-only shared mapping of a file this harness wrote and does not change
+    // while it is mapped.
+    unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io("mapping", Some(path), e))
+}
+
+/// The CPU groups: zero-copy load, owned load (with the disk's read first among its
+/// ceilings when `cold`), save.
+pub(super) fn groups<'a>(path: &'a Path, out: &'a Path, cold: bool) -> Vec<Group<'a>> {
+    let zero_copy = Group {
+        device: "cpu".into(),
+        paths: vec![
+            BenchPath::new(
+                "tensorplace load_file_mapped (zero-copy)",
+                Role::Ours,
+                move || {
+                    // SAFETY: the harness wrote the file (or was given it) and nothing changes it
+                    // while the tensors, dropped below, live.
+                    let t = unsafe { crate::Loader::new(Device::Cpu).load_file_mapped(path) }?;
+                    std::hint::black_box(t.len());
+                    Ok(())
+                },
+            ),
+            BenchPath::new(
+                "safetensors mmap + deserialize",
+                Role::Baseline,
+                move || {
+                    let m = map(path)?;
+                    let st = SafeTensors::deserialize(&m).map_err(reference_err)?;
+                    std::hint::black_box(st.iter().count());
+                    Ok(())
+                },
+            ),
+        ],
+        pairs: vec![],
+    };
+    let owned = Group {
+        device: "cpu".into(),
+        paths: vec![
+            BenchPath::new(
+                "tensorplace load_file (owned copies)",
+                Role::Ours,
+                move || {
+                    let t = crate::load_file(path, Device::Cpu)?;
+                    std::hint::black_box(t.len());
+                    Ok(())
+                },
+            ),
+            BenchPath::new(
+                "safetensors deserialize + copy each",
+                Role::Baseline,
+                move || {
+                    let m = map(path)?;
+                    let st = SafeTensors::deserialize(&m).map_err(reference_err)?;
+                    let v: Vec<Vec<u8>> = st.iter().map(|(_, t)| t.data().to_vec()).collect();
+                    std::hint::black_box(&v);
+                    Ok(())
+                },
+            ),
+            BenchPath::new(
+                "parallel copy into huge-page memory (ceiling)",
+                Role::Ceiling,
+                move || copy_ceiling(path),
+            ),
+        ],
+        pairs: vec![],
+    };
+    let loaded = crate::load_file(path, Device::Cpu);
+    // One mapping for both reference saves.
+    let reference = std::rc::Rc::new(map(path));
+    let reference_fsync = reference.clone();
+    let save = Group {
+        device: "cpu".into(),
+        paths: vec![
+            BenchPath::new(
+                "tensorplace save_file (fsync, rename)",
+                Role::Ours,
+                move || {
+                    let t = loaded.as_ref().map_err(Error::clone)?;
+                    crate::save_file(t, out, None)
+                },
+            ),
+            BenchPath::new("safetensors serialize_to_file", Role::Baseline, move || {
+                reference_save(&reference, out, false)
+            }),
+            BenchPath::new(
+                "safetensors serialize_to_file + fsync",
+                Role::Baseline,
+                move || reference_save(&reference_fsync, out, true),
+            ),
+        ],
+        pairs: vec![],
+    };
+    vec![zero_copy, super::with_disk_ceiling(owned, path, cold), save]
+}
+
+/// The whole file copied into fresh memory of the kind our arena is (anonymous, huge pages
+/// advised) by every core in pieces: what memory allows an owned load.
+fn copy_ceiling(path: &Path) -> Result<()> {
+    let m = map(path)?;
+    let mut buffer = HostBuffer::zeroed(m.len())?;
+    let jobs: Vec<_> = buffer
+        .as_mut_bytes()
+        .chunks_mut(PIECE)
+        .zip(io::chunks(0..m.len(), PIECE))
+        .collect();
+    parallel::for_each(jobs, Threads::PerCore, |(dst, src), _| {
+        dst.copy_from_slice(&m[src]);
+        Ok(())
+    })?;
+    std::hint::black_box(buffer.as_bytes().last());
+    Ok(())
+}
+
+/// `safetensors::serialize_to_file` of a mapped file's tensors and metadata, as a user of that
+/// crate writes it (its API parses the header once for the views and once for the metadata),
+/// followed by an fsync of the output where `fsync` asks for one.
+fn reference_save(m: &Result<memmap2::Mmap>, out: &Path, fsync: bool) -> Result<()> {
+    let m = m.as_ref().map_err(Error::clone)?;
+    let st = SafeTensors::deserialize(m).map_err(reference_err)?;
+    let md = SafeTensors::read_metadata(m)
+        .map_err(reference_err)?
+        .1
+        .metadata()
+        .clone();
+    safetensors::serialize_to_file(st.iter(), md, out).map_err(reference_err)?;
+    if fsync {
+        std::fs::File::open(out)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::io("fsync", Some(out), e))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reference_errors_keep_their_kind_and_cause() {
+        use std::error::Error as _;
+        let e = SafeTensors::deserialize(&[1, 0, 0, 0, 0, 0, 0, 0, b'x']).unwrap_err();
+        let ours = reference_err(e);
+        assert_eq!(ours.kind(), ErrorKind::InvalidJson, "{ours}");
+        assert!(ours.source().is_some());
+        let e = SafeTensors::deserialize(&[0; 3]).unwrap_err();
+        assert_eq!(reference_err(e).kind(), ErrorKind::HeaderTooSmall);
+    }
+}

@@ -1,0 +1,79 @@
+//! The CUDA group: our load, the per-tensor path every peer uses (allocate and copy each
+//! tensor from the mapping, as candle does), and one pinned-host-to-device copy of the same
+//! size (the ceiling). Each run ends synchronized, its device memory freed.
+
+use std::ffi::c_void;
+use std::path::Path;
+
+use cudarc::driver::sys;
+
+use super::measure::{BenchPath, Group, Role};
+use crate::device::Device;
+use crate::device::cuda::{Arena, CudaBackend, Pinned, driver_err};
+use crate::error::Result;
+use crate::host::{HostFile, ReadMode};
+
+/// The group for device `ordinal`.
+pub(super) fn group(ordinal: usize, path: &Path) -> Result<Group<'_>> {
+    let backend = CudaBackend::open(ordinal)?;
+    let file = HostFile::open(path, ReadMode::Mmap)?;
+    let bytes = file.header().data_len();
+    let mut pinned = Pinned::alloc(backend.context(), bytes)?;
+    if let Some(data) = file.data() {
+        pinned.host_mut()?[..data.len()].copy_from_slice(data);
+    }
+    let device_buf = Arena::alloc(backend.context(), bytes)?;
+    let ceiling = backend.clone();
+    let device = Device::Cuda(ordinal);
+    Ok(Group {
+        device: device.to_string(),
+        paths: vec![
+            BenchPath::new("tensorplace load_file", Role::Ours, move || {
+                let t = crate::load_file(path, device)?;
+                drop(t);
+                Ok(())
+            }),
+            BenchPath::new(
+                "per-tensor clone_htod from the mmap",
+                Role::Baseline,
+                move || {
+                    // One tensor at a time, each freed before the next: the per-copy cost is
+                    // measured without holding the whole file on the device twice.
+                    let stream = backend.stream().clone();
+                    for (_, info) in file.tensors() {
+                        let bytes = file.tensor_bytes(info).unwrap_or_default();
+                        if !bytes.is_empty() {
+                            let on_device = stream
+                                .clone_htod(bytes)
+                                .map_err(|e| driver_err(ordinal, "clone_htod", e))?;
+                            std::hint::black_box(&on_device);
+                        }
+                    }
+                    stream
+                        .synchronize()
+                        .map_err(|e| driver_err(ordinal, "synchronizing", e))
+                },
+            ),
+            BenchPath::new(
+                "one pinned host-to-device copy (ceiling)",
+                Role::Ceiling,
+                move || {
+                    ceiling.bind()?;
+                    let stream = ceiling.stream();
+                    let src: *const c_void = pinned.device_source(0);
+                    // SAFETY: both buffers hold `bytes` bytes and outlive the copy, which is
+                    // synchronized below.
+                    unsafe {
+                        sys::cuMemcpyHtoDAsync_v2(device_buf.ptr(), src, bytes, stream.cu_stream())
+                    }
+                    .result()
+                    .map_err(|e| driver_err(ordinal, "copying", e))?;
+                    stream
+                        .synchronize()
+                        .map_err(|e| driver_err(ordinal, "synchronizing", e))
+                },
+            ),
+        ],
+        pairs: vec![],
+    })
+}

@@ -1,0 +1,344 @@
+//! The benchmark harness behind `tensorplace bench` and `cargo bench --bench load`: every
+//! device's load against its baselines and its ceiling, timed in the same run, alternating
+//! their order, as the median of several runs (minimum and maximum shown).
+//!
+//! `measure` times a group; `synthetic` writes the files; `cpu`, `cuda` and
+//! `wgpu` hold each device's baselines and ceilings, beside the harness and out of the
+//! backends.
+//!
+//! Throughput is the file's data bytes over seconds, in GB/s (10^9 bytes). Each timed run
+//! ends only when the device has finished (backends synchronize before returning) and frees
+//! what it placed before the next run.
+
+mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+mod measure;
+mod synthetic;
+#[cfg(feature = "wgpu")]
+mod wgpu;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::device::{self, Device};
+use crate::dtype::Dtype;
+use crate::error::{Error, ErrorKind, Result};
+use crate::host::{HostFile, ReadMode};
+
+use measure::median;
+pub use measure::{BenchPath, Group, Role, Row, drop_cache, measure, table};
+use synthetic::MIX;
+pub use synthetic::{Synthetic, synthetic_tensors, write_synthetic};
+
+/// Command-line arguments of the harness.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// A safetensors file to load; without it a synthetic checkpoint is written.
+    pub file: Option<PathBuf>,
+    /// Devices to measure (repeatable); default: every one present.
+    #[arg(long = "device", short = 'd')]
+    pub devices: Vec<Device>,
+    /// Size of the synthetic checkpoint (such as 1GiB, 512MiB, 2e9).
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    pub size: u64,
+    /// Number of tensors of the synthetic checkpoint.
+    #[arg(long, default_value_t = 300)]
+    pub tensors: usize,
+    /// Dtype of the synthetic tensors; default: a mix of F32, BF16, F16, I64, U8, F8_E4M3.
+    #[arg(long)]
+    pub dtype: Option<Dtype>,
+    /// Timed runs per path (after one warm-up).
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Drop the file from the page cache before each run (posix_fadvise DONTNEED).
+    #[arg(long)]
+    pub cold: bool,
+    /// Also write the figures to this JSON file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Instead of the comparison, sweep sizes (16 MiB up to --size) and tensor counts
+    /// (10 to 100,000 at a fixed size) for our load on each device.
+    #[arg(long)]
+    pub sweep: bool,
+    /// Ignored: `cargo bench` passes it to every harness.
+    #[arg(long, hide = true)]
+    pub bench: bool,
+}
+
+/// Parses sizes such as `1GiB`, `512MiB`, `100MB`, `4096`, `2e9`.
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| c.is_ascii_alphabetic() && c != 'e' && c != 'E')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        u => return Err(format!("unknown unit {u:?} in {s:?}")),
+    };
+    let bytes = value * mult;
+    if !(0.0..1.8e19).contains(&bytes) {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok(bytes as u64)
+}
+
+/// The machine, for the JSON report.
+pub fn machine() -> serde_json::Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".to_owned());
+    serde_json::json!({
+        "cpu": cpu,
+        "cores": std::thread::available_parallelism().map_or(1, |n| n.get()),
+        "devices": device::list(),
+    })
+}
+
+/// Which devices to measure: those asked for, or every one present.
+fn devices(args: &BenchArgs) -> Result<Vec<(Device, Option<String>)>> {
+    if !args.devices.is_empty() {
+        return args
+            .devices
+            .iter()
+            .map(|&d| {
+                let skip = d.probe().err().map(|e| e.to_string());
+                Ok((d, skip))
+            })
+            .collect();
+    }
+    let mut out = vec![(Device::Cpu, None)];
+    for d in [Device::Cuda(0), Device::Wgpu(None)] {
+        out.push((d, d.probe().err().map(|e| e.to_string())));
+    }
+    Ok(out)
+}
+
+/// A sequential read of the whole file through one reused 8 MiB buffer: with `--cold`, the
+/// disk's sequential read speed, the ceiling of every cold load.
+pub fn disk_read_path(path: &Path) -> BenchPath<'_> {
+    BenchPath::new(
+        "sequential read of the file (disk ceiling)",
+        Role::Ceiling,
+        move || {
+            use std::io::Read;
+            let mut f =
+                std::fs::File::open(path).map_err(|e| Error::io("opening", Some(path), e))?;
+            let mut buf = vec![0u8; 8 << 20];
+            loop {
+                let n = f
+                    .read(&mut buf)
+                    .map_err(|e| Error::io("reading", Some(path), e))?;
+                if n == 0 {
+                    return Ok(());
+                }
+                std::hint::black_box(&buf[..n]);
+            }
+        },
+    )
+}
+
+/// With `--cold`, puts the disk's sequential read first among the ceilings of `group`.
+pub(crate) fn with_disk_ceiling<'a>(mut group: Group<'a>, path: &'a Path, cold: bool) -> Group<'a> {
+    if cold {
+        group.paths.insert(0, disk_read_path(path));
+    }
+    group
+}
+
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(unused_variables))]
+fn device_groups<'a>(d: Device, path: &'a Path, cold: bool) -> Result<Vec<Group<'a>>> {
+    match d {
+        Device::Cpu | Device::Auto => Ok(vec![]),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(i) => cuda::group(i, path).map(|g| vec![with_disk_ceiling(g, path, cold)]),
+        #[cfg(feature = "wgpu")]
+        Device::Wgpu(i) => wgpu::group(i, path).map(|g| vec![with_disk_ceiling(g, path, cold)]),
+        #[allow(unreachable_patterns)]
+        other => Err(Error::new(
+            ErrorKind::DeviceUnavailable,
+            format!("{other}: not compiled in"),
+        )),
+    }
+}
+
+/// Runs the harness as the command line asked; prints the table (and writes the JSON).
+pub fn run(args: &BenchArgs) -> Result<()> {
+    let dir = tempfile::tempdir().map_err(|e| Error::io("creating a temporary folder", None, e))?;
+    let path = match &args.file {
+        Some(p) => p.clone(),
+        None => {
+            let p = dir.path().join("bench.safetensors");
+            let spec = Synthetic {
+                size: args.size,
+                tensors: args.tensors,
+                dtypes: args.dtype.map_or(MIX.to_vec(), |d| vec![d]),
+            };
+            write_synthetic(&p, &spec)?;
+            p
+        }
+    };
+    if args.sweep {
+        return sweep(args, dir.path());
+    }
+    let file = HostFile::open(&path, ReadMode::Mmap)?;
+    let bytes = file.header().data_len() as u64;
+    println!(
+        "file: {} ({} tensors, {} data bytes); {} runs after a warm-up, page cache {}",
+        path.display(),
+        file.header().tensors().len(),
+        bytes,
+        args.runs,
+        if args.cold {
+            "dropped before each run (posix_fadvise DONTNEED)"
+        } else {
+            "warm"
+        }
+    );
+    drop(file);
+    if args.cold && !drop_cache(&path) {
+        println!("note: posix_fadvise(DONTNEED) was refused: the runs are not cold");
+    }
+    let cold = args.cold.then_some(path.as_path());
+    let out = dir.path().join("saved.safetensors");
+    let mut rows = Vec::new();
+    let mut skipped = Vec::new();
+    for (d, skip) in devices(args)? {
+        if let Some(reason) = skip {
+            println!("skipped {d}: {reason}");
+            skipped.push(serde_json::json!({"device": d.to_string(), "reason": reason}));
+            continue;
+        }
+        let groups = if d == Device::Cpu {
+            Ok(cpu::groups(&path, &out, args.cold))
+        } else {
+            device_groups(d, &path, args.cold)
+        };
+        match groups {
+            Ok(groups) => {
+                for mut g in groups {
+                    let r = measure(&mut g, bytes, args.runs, cold);
+                    print!("{}", table(&r));
+                    rows.extend(r);
+                }
+            }
+            Err(e) => {
+                println!("skipped {d}: {e}");
+                skipped.push(serde_json::json!({"device": d.to_string(), "reason": e.to_string()}));
+            }
+        }
+    }
+    println!("\n{}", table(&rows));
+    if let Some(json) = &args.json {
+        let report = serde_json::json!({
+            "date": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            "machine": machine(),
+            "file": {"path": path, "data_bytes": bytes, "runs": args.runs, "cold": args.cold},
+            "results": rows,
+            "skipped": skipped,
+        });
+        let text = serde_json::to_string_pretty(&report)
+            .map_err(|e| Error::new(ErrorKind::Io, e.to_string()))?;
+        std::fs::write(json, text).map_err(|e| Error::io("writing", Some(json), e))?;
+        println!("wrote {}", json.display());
+    }
+    Ok(())
+}
+
+/// Load time against size and against tensor count, for our load on each device.
+fn sweep(args: &BenchArgs, dir: &Path) -> Result<()> {
+    let devs: Vec<Device> = devices(args)?
+        .into_iter()
+        .filter_map(|(d, skip)| match skip {
+            Some(reason) => {
+                println!("skipped {d}: {reason}");
+                None
+            }
+            None => Some(d),
+        })
+        .collect();
+    let dtypes = args.dtype.map_or(MIX.to_vec(), |d| vec![d]);
+    let time_load = |p: &Path, d: Device| -> Result<f64> {
+        let mut v = Vec::new();
+        for i in 0..=args.runs.max(1) {
+            let t = Instant::now();
+            let loaded = crate::load_file(p, d)?;
+            drop(loaded);
+            if i > 0 {
+                v.push(t.elapsed().as_secs_f64());
+            }
+        }
+        Ok(median(&mut v))
+    };
+    println!(
+        "{:<8} {:>12} {:>9} {:>12} {:>9} {:>14}",
+        "device", "bytes", "tensors", "ms median", "GB/s", "us per tensor"
+    );
+    let mut size = 16u64 << 20;
+    let p = dir.join("sweep.safetensors");
+    let mut cases = Vec::new();
+    while size <= args.size.max(16 << 20) {
+        cases.push((size, 64usize));
+        size *= 2;
+    }
+    for n in [10usize, 100, 1_000, 10_000, 100_000] {
+        cases.push((64 << 20, n));
+    }
+    for (size, n) in cases {
+        write_synthetic(
+            &p,
+            &Synthetic {
+                size,
+                tensors: n,
+                dtypes: dtypes.clone(),
+            },
+        )?;
+        let bytes = HostFile::open(&p, ReadMode::Mmap)?.header().data_len();
+        for &d in &devs {
+            let s = time_load(&p, d)?;
+            println!(
+                "{:<8} {:>12} {:>9} {:>12.3} {:>9.3} {:>14.3}",
+                d.to_string(),
+                bytes,
+                n,
+                s * 1e3,
+                bytes as f64 / s / 1e9,
+                s * 1e6 / n as f64
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_size("100MB").unwrap(), 100_000_000);
+        assert_eq!(parse_size("2e9").unwrap(), 2_000_000_000);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("-1").is_err());
+    }
+}

@@ -1,0 +1,105 @@
+//! Synthetic checkpoints: the demo of `tensorplace load` and the files the harness times.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::dtype::Dtype;
+use crate::error::Result;
+use crate::memory::HostBuffer;
+use crate::tensor::{CpuStorage, Storage, Tensor, Tensors};
+
+/// What a synthetic checkpoint holds.
+#[derive(Debug, Clone)]
+pub struct Synthetic {
+    /// Total data bytes (approximately).
+    pub size: u64,
+    /// Number of tensors.
+    pub tensors: usize,
+    /// The dtypes, used in turn.
+    pub dtypes: Vec<Dtype>,
+}
+
+impl Synthetic {
+    /// The demo checkpoint of `tensorplace load`: about 1 GiB in 300 tensors of mixed dtypes
+    /// and sizes.
+    pub fn demo() -> Self {
+        Synthetic {
+            size: 1 << 30,
+            tensors: 300,
+            dtypes: MIX.to_vec(),
+        }
+    }
+}
+
+pub(crate) const MIX: [Dtype; 6] = [
+    Dtype::F32,
+    Dtype::BF16,
+    Dtype::F16,
+    Dtype::I64,
+    Dtype::U8,
+    Dtype::F8_E4M3,
+];
+
+/// Builds the tensors of a synthetic checkpoint (pseudo-random bytes, sizes varying over a
+/// range of 1 to 30, shapes 2-D where they divide by 256).
+pub fn synthetic_tensors(spec: &Synthetic) -> Result<Tensors> {
+    let n = spec.tensors.max(1);
+    let weight = |i: usize| 1 + (i * 7919) % 30;
+    let total_weight: u64 = (0..n).map(|i| weight(i) as u64).sum();
+    let mut plan = Vec::with_capacity(n);
+    let mut total = 0usize;
+    for i in 0..n {
+        let dtype = spec
+            .dtypes
+            .get(i % spec.dtypes.len().max(1))
+            .copied()
+            .unwrap_or(Dtype::F32);
+        let elem = (dtype.bits() / 8).max(1);
+        let bytes = (spec.size as u128 * weight(i) as u128 / total_weight as u128) as usize;
+        let numel = bytes / elem;
+        let shape = if numel >= 256 && numel % 256 == 0 {
+            vec![numel / 256, 256]
+        } else {
+            vec![numel]
+        };
+        plan.push((
+            format!("layer{:03}.{}.weight", i / 6, i % 6),
+            dtype,
+            shape,
+            numel * elem,
+        ));
+        total += numel * elem;
+    }
+    let mut buffer = HostBuffer::zeroed(total)?;
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    for chunk in buffer.as_mut_bytes().chunks_mut(8) {
+        // xorshift64*
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        let word = state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
+        chunk.copy_from_slice(&word[..chunk.len()]);
+    }
+    let arena = Arc::new(buffer);
+    let mut tensors = Tensors::new();
+    let mut at = 0usize;
+    for (name, dtype, shape, len) in plan {
+        let storage = CpuStorage::owned(arena.clone(), at..at + len);
+        tensors.insert(
+            name,
+            Tensor::from_parts(dtype, shape, Storage::Cpu(storage)),
+        );
+        at += len;
+    }
+    let mut md = crate::Metadata::new();
+    md.insert("format".into(), "pt".into());
+    md.insert("generator".into(), "tensorplace synthetic".into());
+    tensors.set_metadata(Some(md));
+    Ok(tensors)
+}
+
+/// Writes a synthetic checkpoint to `path`.
+pub fn write_synthetic(path: &Path, spec: &Synthetic) -> Result<()> {
+    let t = synthetic_tensors(spec)?;
+    crate::save_file(&t, path, None)
+}

@@ -1,0 +1,143 @@
+//! CUDA memory that the backend owns: device allocations ([`Arena`]) and page-locked host
+//! buffers ([`Pinned`]), each freed exactly once on drop.
+
+use std::sync::Arc;
+
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::{CudaContext, CudaEvent, CudaStream, result};
+
+use super::driver_err;
+use crate::error::{Error, ErrorKind, Result};
+
+/// A device allocation, freed on drop.
+#[derive(Debug)]
+pub(crate) struct Arena {
+    ctx: Arc<CudaContext>,
+    ptr: CUdeviceptr,
+}
+
+impl Arena {
+    /// Allocates `len` bytes (at least one) on the context's device.
+    pub(crate) fn alloc(ctx: &Arc<CudaContext>, len: usize) -> Result<Arena> {
+        let ordinal = ctx.ordinal();
+        ctx.bind_to_thread()
+            .map_err(|e| driver_err(ordinal, "binding the context", e))?;
+        // SAFETY: the context is bound to this thread; the pointer is freed exactly once, by Drop.
+        let ptr = unsafe { result::malloc_sync(len.max(1)) }.map_err(|e| {
+            Error::new(
+                ErrorKind::OutOfMemory,
+                format!("cuda:{ordinal}: allocating {len} bytes of device memory: {e}"),
+            )
+            .with_source(e)
+        })?;
+        Ok(Arena {
+            ctx: ctx.clone(),
+            ptr,
+        })
+    }
+
+    /// The device address of the first byte.
+    pub(crate) fn ptr(&self) -> CUdeviceptr {
+        self.ptr
+    }
+
+    /// The context that owns the allocation.
+    pub(crate) fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: `ptr` came from `malloc_sync` on this context and is freed only here; every
+        // copy or kernel that used it was synchronized before its owner dropped it (the
+        // load's stream guard, or the synchronized load that handed out its tensors).
+        let _ = unsafe { result::free_sync(self.ptr) };
+    }
+}
+
+/// Page-locked host memory from `cuMemHostAlloc`, with the event of the last copy that
+/// reads it: [`host_mut`](Self::host_mut) waits for that copy before lending the bytes, as
+/// cudarc's `PinnedHostSlice` does.
+pub(crate) struct Pinned {
+    ctx: Arc<CudaContext>,
+    ptr: *mut u8,
+    len: usize,
+    last_copy: Option<CudaEvent>,
+}
+
+// SAFETY: the buffer is plain host memory owned by this value; access goes through `&mut self`
+// after the last copy that reads it has completed (see `host_mut`).
+unsafe impl Send for Pinned {}
+
+impl Pinned {
+    /// Allocates `len` bytes of page-locked host memory.
+    pub(crate) fn alloc(ctx: &Arc<CudaContext>, len: usize) -> Result<Pinned> {
+        let ordinal = ctx.ordinal();
+        ctx.bind_to_thread()
+            .map_err(|e| driver_err(ordinal, "binding the context", e))?;
+        // SAFETY: the context is bound; the pointer is freed exactly once, by Drop.
+        let ptr = unsafe { result::malloc_host(len.max(1), 0) }.map_err(|e| {
+            Error::new(
+                ErrorKind::OutOfMemory,
+                format!("cuda:{ordinal}: allocating {len} bytes of pinned host memory: {e}"),
+            )
+            .with_source(e)
+        })?;
+        Ok(Pinned {
+            ctx: ctx.clone(),
+            ptr: ptr.cast(),
+            len,
+            last_copy: None,
+        })
+    }
+
+    /// The bytes, writable, once the last copy reading them has completed.
+    pub(crate) fn host_mut(&mut self) -> Result<&mut [u8]> {
+        if let Some(e) = self.last_copy.take() {
+            e.synchronize().map_err(|e| {
+                driver_err(
+                    self.ctx.ordinal(),
+                    "waiting for a copy from pinned memory",
+                    e,
+                )
+            })?;
+        }
+        // SAFETY: `ptr` points to `len` bytes we own; `&mut self` makes this the only view,
+        // and no copy reads them any more (waited for above).
+        Ok(unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) })
+    }
+
+    /// The address of byte `offset`, for a copy queued on a stream. The caller must call
+    /// [`copied_on`](Self::copied_on) after queuing its copies.
+    pub(crate) fn device_source(&self, offset: usize) -> *const std::ffi::c_void {
+        // SAFETY: callers pass offsets inside the buffer (at most `len`).
+        unsafe { self.ptr.add(offset.min(self.len)) }.cast()
+    }
+
+    /// Records that copies reading this buffer were queued on `stream`.
+    pub(crate) fn copied_on(&mut self, stream: &CudaStream) -> Result<()> {
+        let ordinal = self.ctx.ordinal();
+        let e = self
+            .ctx
+            .new_event(None)
+            .map_err(|e| driver_err(ordinal, "creating an event", e))?;
+        e.record(stream)
+            .map_err(|e| driver_err(ordinal, "recording an event", e))?;
+        self.last_copy = Some(e);
+        Ok(())
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        // A copy still reading the buffer must finish before it is freed.
+        if let Some(e) = self.last_copy.take() {
+            let _ = e.synchronize();
+        }
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: `ptr` came from `malloc_host` and is freed only here, after its last copy.
+        let _ = unsafe { result::free_host(self.ptr.cast()) };
+    }
+}

@@ -1,0 +1,512 @@
+//! The CUDA backend (cudarc, libcuda loaded at run time).
+//!
+//! One device allocation (an arena) per load; each tensor a view into it, its start
+//! 256-byte aligned; the arena is freed when the last tensor is dropped. Before anything is
+//! copied, the free device memory is checked against what the load needs.
+//!
+//! Two ways up the PCIe link, chosen per load ([`Upload`]):
+//! - **register** ([`register`]): a mapped file in the page cache is page-locked in place,
+//!   a few chunks at a time, and copied from directly.
+//! - **staging** ([`staging`]): a ring of pinned buffers filled by the host I/O engine, for
+//!   caller bytes, `ReadMode::Pread`, cold files, old drivers, and what registering refused.
+//!
+//! Dtype conversions run as the PTX kernels of [`kernels`]. Memory the backend owns is in
+//! [`memory`]. Every exit from a load, an error included, first waits for every stream
+//! ([`StreamGuard`]), so no copy outlives the memory it reads or writes.
+
+mod kernels;
+mod memory;
+mod register;
+mod staging;
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::sys::{self, CUdeviceptr};
+use cudarc::driver::{CudaContext, CudaStream, DriverError, result};
+
+use crate::device::{Backend, Device, LoadPlan, Upload};
+use crate::dtype::Conversion;
+use crate::error::{Error, ErrorKind, Result};
+use crate::host::HostFile;
+use crate::tensor::{Storage, Tensor};
+
+pub use kernels::CONVERT_PTX;
+use kernels::Kernels;
+pub(crate) use memory::{Arena, Pinned};
+
+/// Alignment of each tensor's start in the arena.
+pub(crate) const ALIGN: usize = 256;
+/// Streams the copies are spread over.
+const STREAMS: usize = 4;
+/// The first driver whose READ_ONLY registrations leave the page cache clean (R570, CUDA
+/// 12.8): older ones mark every unregistered page dirty, a write-back of the whole file.
+const CLEAN_REGISTER_DRIVER: i32 = 12080;
+
+pub(crate) fn driver_err(ordinal: usize, what: &str, e: DriverError) -> Error {
+    Error::new(ErrorKind::Backend, format!("cuda:{ordinal}: {what}: {e}")).with_source(e)
+}
+
+fn unavailable(ordinal: usize, why: &str) -> Error {
+    Error::new(
+        ErrorKind::DeviceUnavailable,
+        format!("cuda:{ordinal}: {why}"),
+    )
+}
+
+/// Runs `f`, turning a panic inside cudarc (a symbol missing from an old driver, say) into an error.
+fn guarded<T>(ordinal: usize, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| {
+        Err(unavailable(
+            ordinal,
+            "the CUDA driver panicked (a driver too old for CUDA 11?)",
+        ))
+    })
+}
+
+/// Whether libcuda can be loaded; probing never panics.
+pub(crate) fn driver_present() -> bool {
+    // SAFETY: `is_culib_present` only tries to dlopen the library names and drops the
+    // handles; it touches no state of ours.
+    std::panic::catch_unwind(|| unsafe { sys::is_culib_present() }).unwrap_or(false)
+}
+
+/// The number of CUDA devices, or why there are none.
+pub(crate) fn device_count() -> Result<usize> {
+    if !driver_present() {
+        return Err(Error::new(
+            ErrorKind::DeviceUnavailable,
+            "libcuda not found (no NVIDIA driver)",
+        ));
+    }
+    guarded(0, || {
+        let n = CudaContext::device_count().map_err(|e| {
+            Error::new(
+                ErrorKind::DeviceUnavailable,
+                format!("cuInit or cuDeviceGetCount failed: {e}"),
+            )
+            .with_source(e)
+        })?;
+        Ok(usize::try_from(n).unwrap_or(0))
+    })
+}
+
+/// One line per CUDA device.
+pub(crate) fn list() -> Result<Vec<String>> {
+    let n = device_count()?;
+    if n == 0 {
+        return Err(Error::new(ErrorKind::DeviceUnavailable, "no CUDA device"));
+    }
+    (0..n)
+        .map(|i| {
+            let b = CudaBackend::open(i)?;
+            let (free, total) = guarded(i, || {
+                b.ctx
+                    .mem_get_info()
+                    .map_err(|e| driver_err(i, "cuMemGetInfo", e))
+            })?;
+            Ok(format!(
+                "cuda:{i}: {} (driver {}), {} of {} bytes free, read-only host register {}",
+                b.name,
+                b.driver_version,
+                free,
+                total,
+                if b.register_supported { "yes" } else { "no" }
+            ))
+        })
+        .collect()
+}
+
+/// The path a load's bytes take to the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UploadPath {
+    /// Page-lock the mapped file in place and copy from it.
+    Register,
+    /// Copy through a ring of pinned staging buffers.
+    Staging,
+}
+
+/// A CUDA device: its context, streams, staging ring and kernels.
+pub struct CudaBackend {
+    ordinal: usize,
+    ctx: Arc<CudaContext>,
+    name: String,
+    driver_version: i32,
+    register_supported: bool,
+    streams: Vec<Arc<CudaStream>>,
+    ring: Mutex<Option<staging::Ring>>,
+    /// Loaded on first use; a failure is reported to that load and tried again by the next.
+    kernels: Mutex<Option<Arc<Kernels>>>,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaBackend")
+            .field("ordinal", &self.ordinal)
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl CudaBackend {
+    /// Opens device `ordinal`, reusing it if this process opened it before. No driver, no
+    /// device, a wrong ordinal or a driver too old are each a [`ErrorKind::DeviceUnavailable`].
+    pub fn open(ordinal: usize) -> Result<Arc<CudaBackend>> {
+        static OPEN: OnceLock<Mutex<HashMap<usize, Arc<CudaBackend>>>> = OnceLock::new();
+        let open = OPEN.get_or_init(Default::default);
+        let mut open = open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = open.get(&ordinal) {
+            return Ok(b.clone());
+        }
+        let count = device_count().map_err(|e| unavailable(ordinal, e.message()))?;
+        if count == 0 {
+            return Err(unavailable(ordinal, "no CUDA device"));
+        }
+        if ordinal >= count {
+            return Err(unavailable(
+                ordinal,
+                &format!("there are {count} CUDA devices, numbered from 0"),
+            ));
+        }
+        let b = Arc::new(guarded(ordinal, || CudaBackend::create(ordinal))?);
+        open.insert(ordinal, b.clone());
+        Ok(b)
+    }
+
+    fn create(ordinal: usize) -> Result<CudaBackend> {
+        let mut version = 0i32;
+        // SAFETY: cuDriverGetVersion writes one int through a valid pointer.
+        unsafe { sys::cuDriverGetVersion(&mut version) }
+            .result()
+            .map_err(|e| unavailable(ordinal, &format!("cuDriverGetVersion: {e}")))?;
+        if version < 11000 {
+            return Err(unavailable(
+                ordinal,
+                &format!(
+                    "the driver supports CUDA {}.{}, 11.0 or later is needed",
+                    version / 1000,
+                    version % 1000 / 10
+                ),
+            ));
+        }
+        let ctx = CudaContext::new(ordinal)
+            .map_err(|e| unavailable(ordinal, &format!("creating a context: {e}")))?;
+        let name = ctx.name().unwrap_or_else(|_| "unknown".to_owned());
+        let attr = sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED;
+        let register_supported = ctx.attribute(attr).is_ok_and(|v| v != 0);
+        let streams = (0..STREAMS)
+            .map(|_| {
+                ctx.new_stream()
+                    .map_err(|e| driver_err(ordinal, "creating a stream", e))
+            })
+            .collect::<Result<_>>()?;
+        Ok(CudaBackend {
+            ordinal,
+            ctx,
+            name,
+            driver_version: version,
+            register_supported,
+            streams,
+            ring: Mutex::new(None),
+            kernels: Mutex::new(None),
+        })
+    }
+
+    /// The device's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The stream on which loaded tensors are ready (every load synchronizes before returning).
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.streams[0]
+    }
+
+    pub(crate) fn bind(&self) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| driver_err(self.ordinal, "binding the context", e))
+    }
+
+    /// Waits for every stream, each on its own; the first error is returned.
+    pub(crate) fn sync_all(&self) -> Result<()> {
+        let mut first = Ok(());
+        for s in &self.streams {
+            let r = s
+                .synchronize()
+                .map_err(|e| driver_err(self.ordinal, "synchronizing a stream", e));
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
+
+    /// The path a load of `file` takes under `upload`, or why `upload` cannot be honoured.
+    fn upload_path(
+        &self,
+        file: &HostFile<'_>,
+        upload: Upload,
+    ) -> std::result::Result<UploadPath, String> {
+        let can_register = if file.mapping().is_none() {
+            Err("the file is not mapped (caller bytes, or ReadMode::Pread)".to_owned())
+        } else if !self.register_supported {
+            Err("the device does not support read-only host registration".to_owned())
+        } else if self.driver_version < CLEAN_REGISTER_DRIVER {
+            Err(format!(
+                "driver {} would dirty the page cache on unregistering (12.8 or later needed)",
+                self.driver_version
+            ))
+        } else {
+            Ok(())
+        };
+        match upload {
+            Upload::Staging => Ok(UploadPath::Staging),
+            Upload::Register => can_register.map(|()| UploadPath::Register),
+            // Registering faults cold pages in one readahead at a time: cold files go
+            // through the staging ring, read with pread by several threads.
+            Upload::Auto if can_register.is_ok() && !file.is_cold() => Ok(UploadPath::Register),
+            Upload::Auto => Ok(UploadPath::Staging),
+            Upload::InPlace => Err("in-place writes are a wgpu strategy".to_owned()),
+        }
+    }
+
+    /// The conversion kernels, loaded on first use.
+    fn kernels(&self) -> Result<Arc<Kernels>> {
+        let mut k = self.kernels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(k) = &*k {
+            return Ok(k.clone());
+        }
+        let loaded = Arc::new(Kernels::load(&self.ctx)?);
+        *k = Some(loaded.clone());
+        Ok(loaded)
+    }
+
+    /// Converts a host buffer on the device (for tests and tools).
+    pub fn convert(&self, c: Conversion, input: &[u8]) -> Result<Vec<u8>> {
+        self.bind()?;
+        self.kernels()?.convert(c, input, self.stream())
+    }
+}
+
+/// Waits for every stream of the backend when dropped: created after a load's allocations,
+/// it is dropped before them on every exit, so no queued copy or kernel outlives its memory.
+struct StreamGuard<'a>(&'a CudaBackend);
+
+impl Drop for StreamGuard<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.bind();
+        // On success the load has synchronized (and reported errors) already; on an error
+        // path the load's own error is the one returned.
+        let _ = self.0.sync_all();
+    }
+}
+
+/// A tensor's bytes in a CUDA arena.
+#[derive(Debug, Clone)]
+pub struct CudaStorage {
+    backend: Arc<CudaBackend>,
+    arena: Arc<Arena>,
+    offset: usize,
+    len: usize,
+}
+
+impl CudaStorage {
+    /// The device address of the tensor's first byte (256-byte aligned).
+    pub fn device_ptr(&self) -> u64 {
+        self.arena.ptr() + self.offset as u64
+    }
+
+    /// The tensor's size in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the tensor has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The device ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.backend.ordinal
+    }
+
+    /// The stream on which the bytes are ready.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        self.backend.stream()
+    }
+
+    /// The context that owns the memory.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        self.arena.context()
+    }
+
+    /// Copies the bytes back to the host, after the work queued on [`stream`](Self::stream).
+    pub fn to_host(&self) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; self.len];
+        if self.len == 0 {
+            return Ok(out);
+        }
+        let ordinal = self.backend.ordinal;
+        self.backend.bind()?;
+        let stream = self.stream();
+        // SAFETY: the arena holds offset + len bytes; the copy is ordered after the work on
+        // the tensors' stream and synchronized below, before `out` is read or dropped.
+        unsafe { result::memcpy_dtoh_async(&mut out, self.device_ptr(), stream.cu_stream()) }
+            .map_err(|e| driver_err(ordinal, "copying a tensor back", e))?;
+        stream
+            .synchronize()
+            .map_err(|e| driver_err(ordinal, "synchronizing", e))?;
+        Ok(out)
+    }
+}
+
+/// One copy of a load: the file's bytes `src` (of `tensor`) to device address `dst`.
+#[derive(Debug, Clone)]
+pub(crate) struct Transfer<'n> {
+    tensor: &'n str,
+    src: Range<usize>,
+    dst: CUdeviceptr,
+}
+
+impl<'n> Transfer<'n> {
+    /// The part of this transfer that covers `src` (a sub-range of its own).
+    fn part(&self, src: Range<usize>) -> Transfer<'n> {
+        Transfer {
+            tensor: self.tensor,
+            dst: self.dst + (src.start - self.src.start) as u64,
+            src,
+        }
+    }
+}
+
+/// Where one tensor of a load goes: its offset in the output arena, and, for a tensor to
+/// convert, the offset of its raw input in the scratch arena.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    out: usize,
+    raw: Option<usize>,
+}
+
+impl Backend for CudaBackend {
+    fn device(&self) -> Device {
+        Device::Cuda(self.ordinal)
+    }
+
+    fn describe(&self) -> String {
+        format!("cuda:{} ({})", self.ordinal, self.name)
+    }
+
+    fn upload(&self, plan: &LoadPlan<'_>) -> Result<Vec<Tensor>> {
+        let this = CudaBackend::open(self.ordinal)?;
+        guarded(self.ordinal, || upload(&this, plan)).map_err(|e| plan.err(e))
+    }
+}
+
+fn upload(backend: &Arc<CudaBackend>, plan: &LoadPlan<'_>) -> Result<Vec<Tensor>> {
+    let ordinal = backend.ordinal;
+    let path = backend
+        .upload_path(plan.file(), plan.upload())
+        .map_err(|why| plan.unsupported_upload(Device::Cuda(ordinal), &why))?;
+    backend.bind()?;
+    let items = plan.items();
+    let overflow = || Error::new(ErrorKind::SizeOverflow, "the load's size in device memory");
+    let (mut out_total, mut raw_total) = (0usize, 0usize);
+    let mut slots = Vec::with_capacity(items.len());
+    for item in items {
+        let out = out_total;
+        // Room for the kernels' 4-byte padding, then the next start aligned.
+        out_total = out_total
+            .checked_add(item.out_len + 4)
+            .and_then(|t| t.checked_next_multiple_of(ALIGN))
+            .ok_or_else(overflow)?;
+        let raw = item.conversion.map(|_| raw_total);
+        if item.conversion.is_some() {
+            raw_total = raw_total
+                .checked_add(item.src.len() + 4)
+                .and_then(|t| t.checked_next_multiple_of(ALIGN))
+                .ok_or_else(overflow)?;
+        }
+        slots.push(Slot { out, raw });
+    }
+    let need = out_total.checked_add(raw_total).ok_or_else(overflow)?;
+    let (free, _) = backend
+        .ctx
+        .mem_get_info()
+        .map_err(|e| driver_err(ordinal, "cuMemGetInfo", e))?;
+    if need > free {
+        return Err(Error::new(
+            ErrorKind::OutOfMemory,
+            format!(
+                "cuda:{ordinal}: the load needs {need} bytes of device memory, {free} are free"
+            ),
+        ));
+    }
+    let arena = Arc::new(Arena::alloc(&backend.ctx, out_total)?);
+    let raw = match raw_total {
+        0 => None,
+        n => Some(Arena::alloc(&backend.ctx, n)?),
+    };
+    // Dropped before the arenas on every exit.
+    let guard = StreamGuard(backend);
+    let transfers: Vec<Transfer<'_>> = items
+        .iter()
+        .zip(&slots)
+        .filter(|(i, _)| !i.src.is_empty())
+        .map(|(item, slot)| Transfer {
+            tensor: item.name,
+            src: item.src.clone(),
+            dst: match (slot.raw, &raw) {
+                (Some(r), Some(raw)) => raw.ptr() + r as u64,
+                _ => arena.ptr() + slot.out as u64,
+            },
+        })
+        .collect();
+    let rest = match path {
+        UploadPath::Register => register::register_and_copy(backend, plan, &transfers)?,
+        UploadPath::Staging => transfers,
+    };
+    if !rest.is_empty() {
+        staging::stage_and_copy(backend, plan, &rest)?;
+    }
+    backend.sync_all()?;
+    if let Some(raw) = &raw {
+        let kernels = backend.kernels()?;
+        for (item, slot) in items.iter().zip(&slots) {
+            if let (Some(c), Some(r)) = (item.conversion, slot.raw) {
+                let elements = (item.src.len() / (item.info.dtype.bits() / 8)) as u64;
+                if elements > 0 {
+                    let (src, dst) = (raw.ptr() + r as u64, arena.ptr() + slot.out as u64);
+                    kernels.launch(c, src, dst, elements, backend.stream())?;
+                }
+            }
+        }
+    }
+    backend.sync_all()?;
+    drop(guard);
+    drop(raw);
+    Ok(items
+        .iter()
+        .zip(&slots)
+        .map(|(item, slot)| {
+            let storage = CudaStorage {
+                backend: backend.clone(),
+                arena: arena.clone(),
+                offset: slot.out,
+                len: item.out_len,
+            };
+            Tensor::from_parts(
+                item.out_dtype,
+                item.info.shape.clone(),
+                Storage::Cuda(storage),
+            )
+        })
+        .collect())
+}

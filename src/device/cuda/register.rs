@@ -1,0 +1,164 @@
+//! The register path: the read-only shared mapping of a file in the page cache is
+//! page-locked in place (`cuMemHostRegister(READ_ONLY)`) chunk by chunk, and each chunk's
+//! pieces are copied from it on one of the backend's streams, so that registering the next
+//! chunk overlaps the copies of the ones before. At most [`IN_FLIGHT`] chunks are registered
+//! at once: pinned memory stays bounded whatever the file's size.
+
+use std::collections::VecDeque;
+use std::ffi::c_void;
+
+use cudarc::driver::CudaEvent;
+use cudarc::driver::sys;
+
+use super::{CudaBackend, STREAMS, Transfer, driver_err};
+use crate::device::LoadPlan;
+use crate::error::Result;
+use crate::host::page_size;
+
+/// Size of one registered chunk of the mapping.
+const CHUNK: usize = 512 << 20;
+/// Chunks registered at once (pinned memory at most `IN_FLIGHT * CHUNK`).
+const IN_FLIGHT: usize = 3;
+
+/// One registered chunk and the event after its last copy.
+struct Chunk {
+    ptr: *mut c_void,
+    copied: CudaEvent,
+}
+
+/// The chunks registered now. Dropping it waits for every stream, then unregisters them.
+struct Registered<'a> {
+    backend: &'a CudaBackend,
+    chunks: VecDeque<Chunk>,
+}
+
+impl Registered<'_> {
+    /// Waits for the oldest chunk's copies and unregisters it.
+    fn retire_oldest(&mut self) -> Result<()> {
+        let Some(chunk) = self.chunks.pop_front() else {
+            return Ok(());
+        };
+        let waited = chunk
+            .copied
+            .synchronize()
+            .map_err(|e| driver_err(self.backend.ordinal, "waiting for a chunk's copies", e));
+        if waited.is_ok() {
+            // SAFETY: `ptr` was registered by `cuMemHostRegister` and is unregistered once,
+            // after every copy from it has completed (its event, recorded after them, is done).
+            let _ = unsafe { sys::cuMemHostUnregister(chunk.ptr) }.result();
+        } else {
+            // Keep it for Drop, which waits for every stream before unregistering.
+            self.chunks.push_front(chunk);
+        }
+        waited
+    }
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        let _ = self.backend.bind();
+        // Copies from the chunks must finish before the pages are unlocked.
+        let _ = self.backend.sync_all();
+        for chunk in self.chunks.drain(..) {
+            // SAFETY: registered by `cuMemHostRegister`, unregistered once, after every copy
+            // from it has completed (every stream synchronized above).
+            let _ = unsafe { sys::cuMemHostUnregister(chunk.ptr) }.result();
+        }
+    }
+}
+
+/// Registers the mapping chunk by chunk and copies each chunk's pieces from it. Returns the
+/// transfers it could not do (those from the first chunk whose registration the driver
+/// refused onward), for the staging path.
+pub(crate) fn register_and_copy<'n>(
+    backend: &CudaBackend,
+    plan: &LoadPlan<'_>,
+    transfers: &[Transfer<'n>],
+) -> Result<Vec<Transfer<'n>>> {
+    let Some(map) = plan.file().mapping() else {
+        return Ok(transfers.to_vec());
+    };
+    let base = map.as_ptr() as usize;
+    let page = page_size();
+    let mapped_len = map.len().next_multiple_of(page);
+    // Split every transfer at chunk boundaries (chunk k covers [k*C, (k+1)*C) of the mapping).
+    let mut by_chunk: Vec<Vec<Transfer<'n>>> = Vec::new();
+    for t in transfers {
+        let mut at = t.src.start;
+        while at < t.src.end {
+            let k = at / CHUNK;
+            let end = t.src.end.min((k + 1) * CHUNK);
+            if by_chunk.len() <= k {
+                by_chunk.resize(k + 1, Vec::new());
+            }
+            by_chunk[k].push(t.part(at..end));
+            at = end;
+        }
+    }
+    let mut registered = Registered {
+        backend,
+        chunks: VecDeque::new(),
+    };
+    for (k, chunk) in by_chunk.iter().enumerate() {
+        let Some(first) = chunk.first() else {
+            continue;
+        };
+        if registered.chunks.len() >= IN_FLIGHT {
+            registered.retire_oldest()?;
+        }
+        let start = first.src.start / page * page;
+        let end = chunk
+            .iter()
+            .map(|t| t.src.end)
+            .max()
+            .unwrap_or(start)
+            .next_multiple_of(page)
+            .min(mapped_len);
+        let ptr = (base + start) as *mut c_void;
+        // SAFETY: [ptr, ptr + len) lies inside our read-only MAP_SHARED mapping (rounded to
+        // whole pages, which the mapping covers), which outlives this function; READ_ONLY
+        // matches its protection. It is unregistered by `registered` before returning.
+        let rc = unsafe {
+            sys::cuMemHostRegister_v2(ptr, end - start, sys::CU_MEMHOSTREGISTER_READ_ONLY)
+        };
+        if rc.result().is_err() {
+            // Out of lockable memory, say: stage the rest.
+            return Ok(by_chunk[k..].iter().flatten().cloned().collect());
+        }
+        let stream = &backend.streams[k % STREAMS];
+        let mut queued = Ok(0u64);
+        for t in chunk {
+            let src = (base + t.src.start) as *const c_void;
+            // SAFETY: the source lies in the registered chunk, which stays registered and
+            // mapped until its event or every stream is synchronized (`Registered`); the
+            // destination lies inside a device allocation of at least that size that the
+            // load's stream guard keeps alive until then.
+            queued =
+                unsafe { sys::cuMemcpyHtoDAsync_v2(t.dst, src, t.src.len(), stream.cu_stream()) }
+                    .result()
+                    .map(|()| queued.unwrap_or(0) + t.src.len() as u64)
+                    .map_err(|e| driver_err(backend.ordinal, "copying to the device", e));
+            if queued.is_err() {
+                break;
+            }
+        }
+        // Recorded even after a failed copy, so that the chunk is tracked and unregistered.
+        let copied = backend
+            .ctx
+            .new_event(None)
+            .and_then(|e| e.record(stream).map(|()| e))
+            .map_err(|e| driver_err(backend.ordinal, "recording an event", e));
+        match copied {
+            Ok(copied) => registered.chunks.push_back(Chunk { ptr, copied }),
+            Err(e) => {
+                let _ = backend.sync_all();
+                // SAFETY: registered above; every stream is synchronized, so no copy reads it.
+                let _ = unsafe { sys::cuMemHostUnregister(ptr) }.result();
+                return Err(e);
+            }
+        }
+        plan.advance(queued?);
+    }
+    drop(registered);
+    Ok(Vec::new())
+}

@@ -1,0 +1,438 @@
+//! The wgpu backend: tensors in wgpu buffers on any Vulkan, Metal, DX12 or GL device, with
+//! dtype conversions done on the device by the WGSL kernels in `shaders/` ([`kernels`]).
+//!
+//! Each tensor gets its own buffer, its size padded to 4 bytes; the true length is kept.
+//! How the bytes get there is [`upload`]'s story: written in place on adapters that share
+//! host memory, or through a ring of staging buffers.
+//!
+//! Adapters are listed in a stable order: by type (discrete, integrated, virtual, CPU,
+//! other), then by backend (Vulkan, Metal, DX12, GL), then in wgpu's enumeration order.
+//! `wgpu:N` is the Nth of that list; `wgpu` is the first, or the first whose name contains
+//! the [`Loader::adapter`](crate::Loader::adapter) option. Every backend wgpu was built with
+//! is enumerated; nothing is read from the environment.
+
+mod kernels;
+mod upload;
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::device::{Backend, Device, LoadPlan};
+use crate::error::{Error, ErrorKind, Result};
+use crate::tensor::Tensor;
+
+pub use kernels::{KERNELS, Kernel};
+use upload::{map_async, wait_mapped};
+
+pub(super) fn backend_err(msg: impl Into<String>) -> Error {
+    Error::new(ErrorKind::Backend, msg)
+}
+
+pub(super) fn pad4(n: u64) -> u64 {
+    n.div_ceil(4).max(1) * 4
+}
+
+/// A tensor's wgpu buffer. The buffer may be longer than the tensor (padding to 4 bytes).
+#[derive(Debug, Clone)]
+pub struct WgpuStorage {
+    backend: Arc<WgpuBackend>,
+    buffer: wgpu::Buffer,
+    len: usize,
+}
+
+impl WgpuStorage {
+    /// The buffer (usage `STORAGE | COPY_SRC | COPY_DST`).
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+
+    /// The tensor's byte range in the buffer.
+    pub fn range(&self) -> Range<u64> {
+        0..self.len as u64
+    }
+
+    /// The tensor's size in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the tensor has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The wgpu device that owns the buffer.
+    pub fn device(&self) -> &wgpu::Device {
+        &self.backend.device
+    }
+
+    /// The queue of that device.
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.backend.queue
+    }
+
+    /// The adapter's index in the order of `wgpu:N`.
+    pub fn adapter_index(&self) -> usize {
+        self.backend.index
+    }
+
+    /// Copies the bytes back to the host.
+    pub fn to_host(&self) -> Result<Vec<u8>> {
+        self.backend.download(&self.buffer, self.len)
+    }
+}
+
+/// A wgpu device with its queue, its limits and its compiled kernels.
+pub struct WgpuBackend {
+    index: usize,
+    info: wgpu::AdapterInfo,
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    limits: wgpu::Limits,
+    f16: bool,
+    in_place_supported: bool,
+    native_f16: OnceLock<bool>,
+    pipelines: Mutex<HashMap<&'static str, wgpu::ComputePipeline>>,
+    lost: Arc<Mutex<Option<String>>>,
+}
+
+impl std::fmt::Debug for WgpuBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WgpuBackend")
+            .field("index", &self.index)
+            .field("adapter", &self.info.name)
+            .field("backend", &self.info.backend)
+            .finish()
+    }
+}
+
+fn instance() -> &'static wgpu::Instance {
+    static INSTANCE: OnceLock<wgpu::Instance> = OnceLock::new();
+    INSTANCE
+        .get_or_init(|| wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle()))
+}
+
+fn type_rank(t: wgpu::DeviceType) -> u8 {
+    match t {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Cpu => 3,
+        wgpu::DeviceType::Other => 4,
+    }
+}
+
+fn backend_rank(b: wgpu::Backend) -> u8 {
+    match b {
+        wgpu::Backend::Vulkan => 0,
+        wgpu::Backend::Metal => 1,
+        wgpu::Backend::Dx12 => 2,
+        wgpu::Backend::Gl => 3,
+        _ => 4,
+    }
+}
+
+/// Runs `f`, turning a panic inside wgpu or a driver into an error.
+fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .unwrap_or_else(|_| Err(backend_err(format!("wgpu panicked while {what}"))))
+}
+
+/// The adapters, in the stable order of `wgpu:N`, enumerated once per process (enumerating
+/// creates and drops GL contexts, which some drivers do not survive from several threads).
+fn adapters() -> Result<&'static [wgpu::Adapter]> {
+    static ADAPTERS: OnceLock<std::result::Result<Vec<wgpu::Adapter>, String>> = OnceLock::new();
+    let list = ADAPTERS.get_or_init(|| {
+        guarded("enumerating adapters", || {
+            let mut list = pollster::block_on(instance().enumerate_adapters(wgpu::Backends::all()));
+            list.sort_by_key(|a| {
+                let i = a.get_info();
+                (type_rank(i.device_type), backend_rank(i.backend))
+            });
+            Ok(list)
+        })
+        .map_err(|e| e.message().to_owned())
+    });
+    list.as_deref().map_err(|e| backend_err(e.clone()))
+}
+
+/// One line per adapter, in the order of `wgpu:N`, with the limits that matter.
+pub fn list() -> Result<Vec<String>> {
+    Ok(adapters()?
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let info = a.get_info();
+            let l = a.limits();
+            format!(
+                "wgpu:{i}: {} {:?} {:?} (driver {} {}), max_buffer_size {}, \
+                 max_storage_buffer_binding_size {}, shader-f16 {}",
+                info.name,
+                info.backend,
+                info.device_type,
+                info.driver,
+                info.driver_info,
+                l.max_buffer_size,
+                l.max_storage_buffer_binding_size,
+                if a.features().contains(wgpu::Features::SHADER_F16) {
+                    "yes"
+                } else {
+                    "no"
+                }
+            )
+        })
+        .collect())
+}
+
+impl WgpuBackend {
+    /// Opens adapter `index` of the list (`None`: the first, or the first whose name
+    /// contains `name`, ignoring case), reusing the device if this process opened it before.
+    pub fn open(index: Option<usize>, name: Option<&str>) -> Result<Arc<WgpuBackend>> {
+        static OPEN: OnceLock<Mutex<HashMap<usize, Arc<WgpuBackend>>>> = OnceLock::new();
+        let adapter_name = name;
+        let name = Device::Wgpu(index);
+        let list = adapters().map_err(|e| unavailable(name, &e.to_string()))?;
+        if list.is_empty() {
+            return Err(unavailable(
+                name,
+                "no adapter found (no Vulkan, Metal, DX12 or GL driver)",
+            ));
+        }
+        let index = match index {
+            Some(i) if i < list.len() => i,
+            Some(i) => {
+                return Err(unavailable(
+                    name,
+                    &format!(
+                        "there are {} adapters, numbered from 0 (asked for {i})",
+                        list.len()
+                    ),
+                ));
+            }
+            None => match adapter_name {
+                Some(want) => {
+                    let want = want.to_lowercase();
+                    list.iter()
+                        .position(|a| a.get_info().name.to_lowercase().contains(&want))
+                        .ok_or_else(|| {
+                            unavailable(name, &format!("no adapter's name contains {want:?}"))
+                        })?
+                }
+                None => 0,
+            },
+        };
+        let open = OPEN.get_or_init(Default::default);
+        let mut open = open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = open.get(&index) {
+            return Ok(b.clone());
+        }
+        let adapter = &list[index];
+        let backend =
+            Arc::new(Self::create(index, adapter).map_err(|e| unavailable(name, &e.to_string()))?);
+        open.insert(index, backend.clone());
+        Ok(backend)
+    }
+
+    /// The best adapter that is a real GPU (discrete or integrated), for `auto`.
+    pub fn open_best_hardware() -> Result<Arc<WgpuBackend>> {
+        let list = adapters()?;
+        let first = list.first().map(|a| a.get_info().device_type);
+        match first {
+            Some(wgpu::DeviceType::DiscreteGpu | wgpu::DeviceType::IntegratedGpu) => {
+                WgpuBackend::open(Some(0), None)
+            }
+            _ => Err(unavailable(Device::Wgpu(None), "no hardware GPU adapter")),
+        }
+    }
+
+    fn create(index: usize, adapter: &wgpu::Adapter) -> Result<WgpuBackend> {
+        guarded("creating the device", || {
+            let info = adapter.get_info();
+            let limits = adapter.limits();
+            let f16 = adapter.features().contains(wgpu::Features::SHADER_F16);
+            // On adapters that share the host's memory (integrated and software GPUs),
+            // tensor buffers are mapped and written in place: no staging copy at all.
+            let in_place = matches!(
+                info.device_type,
+                wgpu::DeviceType::IntegratedGpu | wgpu::DeviceType::Cpu
+            ) && adapter
+                .features()
+                .contains(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS);
+            let mut features = wgpu::Features::empty();
+            if f16 {
+                features |= wgpu::Features::SHADER_F16;
+            }
+            if in_place {
+                features |= wgpu::Features::MAPPABLE_PRIMARY_BUFFERS;
+            }
+            let (device, queue) =
+                pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+                    label: Some("tensorplace"),
+                    required_features: features,
+                    required_limits: limits.clone(),
+                    ..Default::default()
+                }))
+                .map_err(|e| backend_err(format!("requesting a device from {}: {e}", info.name)))?;
+            let lost = Arc::new(Mutex::new(None));
+            let sink = lost.clone();
+            device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+                let mut s = sink.lock().unwrap_or_else(|p| p.into_inner());
+                s.get_or_insert_with(|| e.to_string());
+            }));
+            let sink = lost.clone();
+            device.set_device_lost_callback(move |reason, msg| {
+                let mut s = sink.lock().unwrap_or_else(|p| p.into_inner());
+                s.get_or_insert_with(|| format!("device lost ({reason:?}): {msg}"));
+            });
+            Ok(WgpuBackend {
+                index,
+                info,
+                device,
+                queue,
+                limits,
+                f16,
+                in_place_supported: in_place,
+                native_f16: OnceLock::new(),
+                pipelines: Mutex::new(HashMap::new()),
+                lost,
+            })
+        })
+    }
+
+    /// The adapter's index in the order of `wgpu:N`.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// The adapter's information.
+    pub fn info(&self) -> &wgpu::AdapterInfo {
+        &self.info
+    }
+
+    /// The device's limits (the adapter's own).
+    pub fn limits(&self) -> &wgpu::Limits {
+        &self.limits
+    }
+
+    /// The device.
+    pub fn device(&self) -> &wgpu::Device {
+        &self.device
+    }
+
+    /// The queue.
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.queue
+    }
+
+    /// Whether the adapter shares host memory, so that tensors' buffers can be created
+    /// mapped and written in place ([`Upload::InPlace`](crate::Upload::InPlace), the
+    /// automatic choice there); otherwise uploads go through the staging ring.
+    pub fn in_place_supported(&self) -> bool {
+        self.in_place_supported
+    }
+
+    /// Whether SHADER_F16 is enabled.
+    pub fn has_f16(&self) -> bool {
+        self.f16
+    }
+    /// Fails with the first uncaptured error or loss the device reported.
+    pub(super) fn check_lost(&self) -> Result<()> {
+        let s = self.lost.lock().unwrap_or_else(|p| p.into_inner());
+        match &*s {
+            Some(msg) => Err(backend_err(msg.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs `f` inside validation and out-of-memory error scopes, turning what they catch
+    /// into errors.
+    pub(super) fn scoped<T>(&self, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        self.check_lost()?;
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let out = guarded(what, f);
+        let v = pollster::block_on(validation.pop());
+        let o = pollster::block_on(oom.pop());
+        if let Some(e) = o {
+            return Err(Error::new(ErrorKind::OutOfMemory, format!("{what}: {e}")));
+        }
+        if let Some(e) = v {
+            return Err(backend_err(format!("{what}: {e}")));
+        }
+        let out = out?;
+        self.check_lost()?;
+        Ok(out)
+    }
+
+    pub(super) fn wait(&self, index: Option<wgpu::SubmissionIndex>) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::Wait {
+                submission_index: index,
+                timeout: None,
+            })
+            .map(|_| ())
+            .map_err(|e| backend_err(format!("waiting for the device: {e}")))
+    }
+
+    pub(super) fn new_buffer(
+        &self,
+        label: &str,
+        size: u64,
+        usage: wgpu::BufferUsages,
+    ) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// Reads `len` bytes of `buffer` back to the host.
+    pub(super) fn download(&self, buffer: &wgpu::Buffer, len: usize) -> Result<Vec<u8>> {
+        let size = pad4(len as u64);
+        let read = self.scoped("reading a buffer back", || {
+            let read = self.new_buffer(
+                "tensorplace readback",
+                size,
+                wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            );
+            let mut enc = self.device.create_command_encoder(&Default::default());
+            enc.copy_buffer_to_buffer(buffer, 0, &read, 0, size);
+            let idx = self.queue.submit([enc.finish()]);
+            let state = map_async(&read, wgpu::MapMode::Read);
+            wait_mapped(self, &state, Some(idx))?;
+            Ok(read)
+        })?;
+        let mut out = read
+            .get_mapped_range(..)
+            .map_err(|e| backend_err(e.to_string()))?
+            .to_vec();
+        read.unmap();
+        out.truncate(len);
+        Ok(out)
+    }
+}
+
+fn unavailable(name: Device, why: &str) -> Error {
+    Error::new(ErrorKind::DeviceUnavailable, format!("{name}: {why}"))
+}
+
+impl Backend for WgpuBackend {
+    fn device(&self) -> Device {
+        Device::Wgpu(Some(self.index))
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "wgpu:{} ({}, {:?}, {:?})",
+            self.index, self.info.name, self.info.backend, self.info.device_type
+        )
+    }
+
+    fn upload(&self, plan: &LoadPlan<'_>) -> Result<Vec<Tensor>> {
+        let this = WgpuBackend::open(Some(self.index), None)?;
+        upload::upload(&this, plan).map_err(|e| plan.err(e))
+    }
+}

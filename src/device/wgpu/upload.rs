@@ -1,0 +1,387 @@
+//! How a load's bytes reach wgpu buffers.
+//!
+//! - **In place** (adapters that share host memory: integrated and software GPUs): the
+//!   tensors' buffers are created mapped and the host I/O engine writes the file's bytes
+//!   straight into them, on every core. No staging copy at all.
+//! - **Staging** (discrete GPUs): a ring of staging buffers written while mapped (by every
+//!   core) and copied into the tensors' buffers by one batched command buffer each, so that
+//!   the host's writes into one staging buffer overlap the transfers of the others.
+//!
+//! Tensors to convert land in raw input buffers first; the kernels then write the outputs.
+
+use std::ops::Range;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use super::{Kernel, WgpuBackend, WgpuStorage, backend_err, pad4};
+use crate::device::{Device, LoadPlan, Upload};
+use crate::error::{Error, ErrorKind, Result};
+use crate::io::{self, Destination, PIECE, Piece, Source};
+use crate::parallel::{self, Threads};
+use crate::tensor::{Storage, Tensor};
+
+/// Staging buffers in the ring.
+const RING: usize = 3;
+/// Size of one staging buffer (less where the device allows less).
+const STAGING: u64 = 64 << 20;
+
+/// The outcome of a `map_async`, set by its callback once the device has run the work
+/// queued before it.
+pub(super) struct MapState(Arc<OnceLock<std::result::Result<(), wgpu::BufferAsyncError>>>);
+
+/// Asks to map all of `buffer`; [`wait_mapped`] waits for it.
+pub(super) fn map_async(buffer: &wgpu::Buffer, mode: wgpu::MapMode) -> MapState {
+    let state = Arc::new(OnceLock::new());
+    let done = state.clone();
+    buffer.slice(..).map_async(mode, move |r| {
+        let _ = done.set(r);
+    });
+    MapState(state)
+}
+
+/// Waits until `state`'s mapping is done: first for `after` (the last submission that used
+/// the buffer, so that later submissions need not finish), then until the callback ran.
+pub(super) fn wait_mapped(
+    backend: &WgpuBackend,
+    state: &MapState,
+    after: Option<wgpu::SubmissionIndex>,
+) -> Result<()> {
+    if let Some(index) = after {
+        backend.wait(Some(index))?;
+    }
+    loop {
+        match state.0.get() {
+            Some(Ok(())) => return Ok(()),
+            Some(Err(e)) => return Err(backend_err(format!("mapping a buffer failed: {e}"))),
+            None => {
+                backend.check_lost()?;
+                backend.wait(None)?;
+            }
+        }
+    }
+}
+
+/// A buffer to create for a load.
+struct BufferSpec<'n> {
+    label: &'n str,
+    /// The bytes it holds (padded to 4 when created).
+    size: usize,
+    /// Whether the file's bytes are written into it (so, in place, it is created mapped).
+    written: bool,
+}
+
+/// `len` bytes at `offset` of a mapped buffer, zero-padded to 4 bytes.
+struct MappedRange<'b> {
+    buffer: &'b wgpu::Buffer,
+    offset: u64,
+    len: usize,
+}
+
+impl Destination for MappedRange<'_> {
+    fn write(self, src: Source<'_>) -> Result<()> {
+        let padded = pad4(self.len as u64);
+        let mut view = self
+            .buffer
+            .get_mapped_range_mut(self.offset..self.offset + padded)
+            .map_err(|e| backend_err(format!("mapping a buffer: {e}")))?;
+        let bytes = src.bytes()?;
+        let whole = self.len / 4 * 4;
+        view.slice(..whole).copy_from_slice(&bytes[..whole]);
+        if whole < padded as usize {
+            let mut tail = [0u8; 4];
+            tail[..self.len - whole].copy_from_slice(&bytes[whole..]);
+            view.slice(whole..).copy_from_slice(&tail);
+        }
+        Ok(())
+    }
+}
+
+/// A write of file bytes `src` (of `tensor`) into a mapped buffer at `offset` (8-aligned).
+struct Write<'n, 'b> {
+    tensor: &'n str,
+    buffer: &'b wgpu::Buffer,
+    offset: u64,
+    src: Range<usize>,
+}
+
+/// Writes file bytes into mapped buffers through the host I/O engine, in pieces of
+/// [`PIECE`] bytes (8-aligned, wgpu's MAP_ALIGNMENT) spread over every core.
+fn fill(
+    plan: &LoadPlan<'_>,
+    writes: &[Write<'_, '_>],
+    advance: &(dyn Fn(u64) + Sync),
+) -> Result<()> {
+    let pieces = writes
+        .iter()
+        .flat_map(|w| {
+            io::chunks(w.src.clone(), PIECE).map(move |src| Piece {
+                tensor: w.tensor,
+                dst: MappedRange {
+                    buffer: w.buffer,
+                    offset: w.offset + (src.start - w.src.start) as u64,
+                    len: src.len(),
+                },
+                src,
+            })
+        })
+        .collect();
+    io::read_pieces(plan.file(), pieces, Threads::PerCore, advance)
+}
+
+/// One piece of a tensor on its way through the ring: file bytes `src` into `dst` at
+/// `dst_offset`.
+struct Transfer<'n, 'b> {
+    tensor: &'n str,
+    src: Range<usize>,
+    dst: &'b wgpu::Buffer,
+    dst_offset: u64,
+}
+
+/// One buffer of the ring, and its pending re-mapping with the submission it waits for.
+struct Staging {
+    buffer: wgpu::Buffer,
+    remap: Option<(MapState, wgpu::SubmissionIndex)>,
+}
+
+/// Whether this load writes in place, or why the strategy asked for cannot be used.
+fn in_place(backend: &WgpuBackend, upload: Upload) -> std::result::Result<bool, &'static str> {
+    match upload {
+        Upload::Auto => Ok(backend.in_place_supported),
+        Upload::Staging => Ok(false),
+        Upload::InPlace if backend.in_place_supported => Ok(true),
+        Upload::InPlace => Err("the adapter does not share host memory"),
+        Upload::Register => Err("registering host memory is a CUDA strategy"),
+    }
+}
+
+pub(super) fn upload(backend: &Arc<WgpuBackend>, plan: &LoadPlan<'_>) -> Result<Vec<Tensor>> {
+    let direct = in_place(backend, plan.upload())
+        .map_err(|why| plan.unsupported_upload(Device::Wgpu(Some(backend.index)), why))?;
+    let items = plan.items();
+    let max = backend.limits.max_buffer_size;
+    let usage =
+        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+    for item in items {
+        let biggest = item.src.len().max(item.out_len) as u64;
+        if pad4(biggest) > max {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("{biggest} bytes exceed the device's max_buffer_size of {max}"),
+            )
+            .with_tensor(item.name));
+        }
+    }
+    let kernels: Vec<Option<&Kernel>> = items
+        .iter()
+        .map(|i| match i.conversion {
+            Some(c) => backend.kernel_for(c).map(Some).ok_or_else(|| {
+                Error::new(ErrorKind::Unsupported, format!("no kernel for {c}")).with_tensor(i.name)
+            }),
+            None => Ok(None),
+        })
+        .collect::<Result<_>>()?;
+    backend.scoped("uploading", || {
+        // Destination buffers, and raw input buffers for the tensors to convert. Where the
+        // adapter shares host memory, the buffers the file's bytes go to are created mapped.
+        let make = |spec: &BufferSpec<'_>| {
+            let mapped = direct && spec.written;
+            backend.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(spec.label),
+                size: pad4(spec.size as u64),
+                usage: if mapped {
+                    usage | wgpu::BufferUsages::MAP_WRITE
+                } else {
+                    usage
+                },
+                mapped_at_creation: mapped,
+            })
+        };
+        // Creating a buffer mapped zero-fills it on the creating thread: create them on
+        // every core, the largest first, so that the fills (and page faults) run in parallel.
+        let create_all = |specs: Vec<BufferSpec<'_>>| -> Result<Vec<wgpu::Buffer>> {
+            if !direct {
+                return Ok(specs.iter().map(make).collect());
+            }
+            let slots: Vec<Mutex<Option<wgpu::Buffer>>> =
+                specs.iter().map(|_| Mutex::new(None)).collect();
+            let mut order: Vec<usize> = (0..specs.len()).collect();
+            order.sort_by_key(|&k| std::cmp::Reverse(specs[k].size));
+            parallel::for_each(order, Threads::PerCore, |k, _| {
+                let buffer = make(&specs[k]);
+                *slots[k].lock().unwrap_or_else(|p| p.into_inner()) = Some(buffer);
+                Ok(())
+            })?;
+            slots
+                .into_iter()
+                .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| backend_err("a buffer was not created"))
+        };
+        let outs = create_all(
+            items
+                .iter()
+                .map(|i| BufferSpec {
+                    label: i.name,
+                    size: i.out_len,
+                    written: i.conversion.is_none() && !i.src.is_empty(),
+                })
+                .collect(),
+        )?;
+        let converted: Vec<usize> = (0..items.len())
+            .filter(|&k| items[k].conversion.is_some())
+            .collect();
+        let mut raw_buffers = create_all(
+            converted
+                .iter()
+                .map(|&k| BufferSpec {
+                    label: "tensorplace raw input",
+                    size: items[k].src.len(),
+                    written: !items[k].src.is_empty(),
+                })
+                .collect(),
+        )?
+        .into_iter();
+        let mut raws: Vec<Option<wgpu::Buffer>> = (0..items.len()).map(|_| None).collect();
+        for &k in &converted {
+            raws[k] = raw_buffers.next();
+        }
+        let targets = items
+            .iter()
+            .enumerate()
+            .filter(|(_, i)| !i.src.is_empty())
+            .map(|(k, i)| (i.name, raws[k].as_ref().unwrap_or(&outs[k]), i.src.clone()));
+        if direct {
+            let writes: Vec<Write<'_, '_>> = targets
+                .map(|(tensor, buffer, src)| Write {
+                    tensor,
+                    buffer,
+                    offset: 0,
+                    src,
+                })
+                .collect();
+            fill(plan, &writes, &|n| plan.advance(n))?;
+            for w in &writes {
+                w.buffer.unmap();
+            }
+        } else {
+            let staging_size = STAGING.min(max) / 256 * 256;
+            let transfers: Vec<Transfer<'_, '_>> = targets
+                .flat_map(|(tensor, dst, src)| {
+                    let start = src.start;
+                    io::chunks(src, staging_size as usize).map(move |piece| Transfer {
+                        tensor,
+                        dst_offset: (piece.start - start) as u64,
+                        src: piece,
+                        dst,
+                    })
+                })
+                .collect();
+            stream(backend, plan, &transfers, staging_size)?;
+        }
+        let mut enc = backend.device.create_command_encoder(&Default::default());
+        let mut any = false;
+        for (k, item) in items.iter().enumerate() {
+            if let (Some(kernel), Some(raw)) = (kernels[k], &raws[k]) {
+                let elements = (item.src.len() / (item.info.dtype.bits() / 8)) as u64;
+                backend.dispatch(&mut enc, kernel, raw, &outs[k], elements)?;
+                any = true;
+            }
+        }
+        let idx = any.then(|| backend.queue.submit([enc.finish()]));
+        backend.wait(idx)?;
+        Ok(items
+            .iter()
+            .zip(outs)
+            .map(|(item, buffer)| {
+                let storage = WgpuStorage {
+                    backend: backend.clone(),
+                    buffer,
+                    len: item.out_len,
+                };
+                Tensor::from_parts(
+                    item.out_dtype,
+                    item.info.shape.clone(),
+                    Storage::Wgpu(storage),
+                )
+            })
+            .collect())
+    })
+}
+
+/// Streams `transfers` through the staging ring: fill one buffer while mapped (on every
+/// core), unmap, copy into the destinations, submit, map it again for reuse.
+fn stream(
+    backend: &WgpuBackend,
+    plan: &LoadPlan<'_>,
+    transfers: &[Transfer<'_, '_>],
+    size: u64,
+) -> Result<()> {
+    let mut ring: Vec<Staging> = Vec::new();
+    let mut next = 0usize;
+    let mut start = 0usize;
+    let mut last = None;
+    while start < transfers.len() {
+        // Gather the transfers that fit one staging buffer, each at a 256-byte aligned offset.
+        let mut end = start;
+        let mut used = 0u64;
+        let mut offsets = Vec::new();
+        while end < transfers.len() {
+            let len = pad4(transfers[end].src.len() as u64);
+            if used + len > size && end > start {
+                break;
+            }
+            offsets.push(used);
+            used = (used + len).next_multiple_of(256);
+            end += 1;
+        }
+        let batch = &transfers[start..end];
+        if ring.len() < RING {
+            ring.push(Staging {
+                buffer: backend.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("tensorplace staging"),
+                    size,
+                    usage: wgpu::BufferUsages::MAP_WRITE | wgpu::BufferUsages::COPY_SRC,
+                    mapped_at_creation: true,
+                }),
+                remap: None,
+            });
+        }
+        let slot = next % ring.len().max(1);
+        next += 1;
+        let staging = &mut ring[slot];
+        if let Some((state, after)) = staging.remap.take() {
+            wait_mapped(backend, &state, Some(after))?;
+        }
+        let writes: Vec<Write<'_, '_>> = batch
+            .iter()
+            .zip(&offsets)
+            .map(|(t, &offset)| Write {
+                tensor: t.tensor,
+                buffer: &staging.buffer,
+                offset,
+                src: t.src.clone(),
+            })
+            .collect();
+        fill(plan, &writes, &|_| {})?;
+        staging.buffer.unmap();
+        let mut enc = backend.device.create_command_encoder(&Default::default());
+        for (t, &off) in batch.iter().zip(&offsets) {
+            enc.copy_buffer_to_buffer(
+                &staging.buffer,
+                off,
+                t.dst,
+                t.dst_offset,
+                pad4(t.src.len() as u64),
+            );
+        }
+        let index = backend.queue.submit([enc.finish()]);
+        staging.remap = Some((
+            map_async(&staging.buffer, wgpu::MapMode::Write),
+            index.clone(),
+        ));
+        last = Some(index);
+        plan.advance(batch.iter().map(|t| t.src.len() as u64).sum());
+        start = end;
+    }
+    backend.wait(last)?;
+    Ok(())
+}

@@ -1,0 +1,137 @@
+//! Owned host memory for tensors: large buffers are anonymous mappings advised for
+//! transparent huge pages (a fresh buffer is filled once, and its page faults, not the copy,
+//! bound the fill: 2 MiB pages take 512 times fewer), small ones come from the heap.
+
+use memmap2::{Advice, MmapMut};
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// Buffers at least this large are anonymous mappings with huge pages advised.
+const HUGE: usize = 2 << 20;
+
+/// A cache line: the heap's unit, so that a heap buffer starts on a 64-byte boundary.
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(64))]
+pub(crate) struct Line([u8; 64]);
+
+// SAFETY: `Line` is 64 bytes with alignment 64: no padding, and every bit pattern (all zeros
+// included) is a valid `[u8; 64]`.
+unsafe impl bytemuck::Zeroable for Line {}
+// SAFETY: as above; it is `Copy`, `repr(C)` and holds only bytes.
+unsafe impl bytemuck::Pod for Line {}
+
+/// Zeroed host memory of a fixed length, aligned to 64 bytes at least (a page for large ones).
+#[derive(Debug)]
+pub(crate) enum HostBuffer {
+    /// From the heap, in cache lines.
+    Heap { lines: Vec<Line>, len: usize },
+    /// An anonymous private mapping.
+    Mapped(MmapMut),
+}
+
+impl HostBuffer {
+    /// A zeroed buffer of `len` bytes, or an [`ErrorKind::OutOfMemory`] error.
+    pub(crate) fn zeroed(len: usize) -> Result<HostBuffer> {
+        let oom = |why: String| {
+            Error::new(
+                ErrorKind::OutOfMemory,
+                format!("cannot allocate {len} bytes of host memory{why}"),
+            )
+        };
+        if len >= HUGE {
+            let map = MmapMut::map_anon(len).map_err(|e| oom(format!(": {e}")).with_source(e))?;
+            // Where the kernel does not allow huge pages (THP off, or not Linux), the
+            // buffer works with small pages: the advice is only advice.
+            let _ = map.advise(Advice::HugePage);
+            return Ok(HostBuffer::Mapped(map));
+        }
+        let lines = bytemuck::allocation::try_zeroed_vec(len.div_ceil(64))
+            .map_err(|()| oom(String::new()))?;
+        Ok(HostBuffer::Heap { lines, len })
+    }
+
+    /// A buffer holding a copy of `bytes`.
+    pub(crate) fn copy_of(bytes: &[u8]) -> Result<HostBuffer> {
+        let mut b = HostBuffer::zeroed(bytes.len())?;
+        b.as_mut_bytes().copy_from_slice(bytes);
+        Ok(b)
+    }
+
+    /// The bytes.
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        match self {
+            HostBuffer::Heap { lines, len } => &bytemuck::cast_slice(lines)[..*len],
+            HostBuffer::Mapped(map) => map,
+        }
+    }
+
+    /// The bytes, writable.
+    pub(crate) fn as_mut_bytes(&mut self) -> &mut [u8] {
+        match self {
+            HostBuffer::Heap { lines, len } => &mut bytemuck::cast_slice_mut(lines)[..*len],
+            HostBuffer::Mapped(map) => map,
+        }
+    }
+
+    /// The number of bytes.
+    pub(crate) fn len(&self) -> usize {
+        self.as_bytes().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_and_large_buffers_are_zeroed_aligned_and_writable() {
+        for len in [0, 1, 13, HUGE - 1, HUGE, HUGE * 3 + 5] {
+            let mut b = HostBuffer::zeroed(len).unwrap();
+            assert_eq!(b.len(), len);
+            assert!(b.as_bytes().iter().all(|&x| x == 0));
+            assert_eq!(b.as_bytes().as_ptr() as usize % 64, 0);
+            assert_eq!(matches!(b, HostBuffer::Mapped(_)), len >= HUGE);
+            if len > 0 {
+                b.as_mut_bytes()[len - 1] = 7;
+                assert_eq!(b.as_bytes()[len - 1], 7);
+            }
+        }
+        assert_eq!(
+            HostBuffer::copy_of(&[1, 2, 3]).unwrap().as_bytes(),
+            [1, 2, 3]
+        );
+    }
+
+    #[test]
+    fn huge_pages_are_used_where_the_kernel_allows_them() {
+        // Transparent huge pages: "always" or "madvise" mode lets the advice take effect.
+        let mode = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled");
+        let Ok(mode) = mode else {
+            println!("SKIPPED huge page check: no transparent huge pages here");
+            return;
+        };
+        let mut b = HostBuffer::zeroed(64 << 20).unwrap();
+        for at in (0..b.len()).step_by(4096) {
+            b.as_mut_bytes()[at] = 1;
+        }
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+        let huge: usize = smaps
+            .lines()
+            .filter_map(|l| l.strip_prefix("AnonHugePages:"))
+            .filter_map(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+            .sum();
+        println!(
+            "transparent huge pages: {}; AnonHugePages {huge} kB",
+            mode.trim()
+        );
+        if mode.contains("[never]") {
+            assert!(b.as_bytes().iter().step_by(4096).all(|&x| x == 1));
+        } else {
+            assert!(
+                huge > 0,
+                "no huge pages were used although THP is {}",
+                mode.trim()
+            );
+        }
+    }
+}
