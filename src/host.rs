@@ -182,8 +182,8 @@ impl<'a> HostFile<'a> {
     }
 
     /// The fraction of the data section's pages that are in the page cache (for a mapped
-    /// file; 1 for bytes in memory, 0 for a file read with pread), from `mincore` over up to
-    /// 1,024 pages spread evenly.
+    /// file; 1 for bytes in memory, 0 for a file read with pread), from `mincore` over every
+    /// page up to 4 GiB of them, and over 1,024 pages spread evenly beyond.
     pub fn resident_fraction(&self) -> f64 {
         let map = match &self.source {
             Source::Mapped(m, _) => m,
@@ -197,18 +197,33 @@ impl<'a> HostFile<'a> {
             return 1.0;
         }
         let pages = (end - start).div_ceil(page);
-        let samples = pages.min(1024);
+        // Up to 4 GiB of 4 KiB pages in one call (a byte per page); beyond, 1,024 pages
+        // spread evenly, one call each.
+        const WHOLE: usize = 1 << 20;
+        let (step, samples) = if pages <= WHOLE {
+            (1, pages)
+        } else {
+            (pages / 1024, 1024)
+        };
         let mut resident = 0usize;
-        for k in 0..samples {
-            let p = start + (k * pages / samples) * page;
-            let mut v = 0u8;
-            // SAFETY: `p` is page-aligned and one page from it lies inside the mapping (the
-            // mapping covers whole pages); mincore writes one byte per page into `v`.
-            let rc = unsafe { libc::mincore(map.as_ptr().add(p) as *mut libc::c_void, 1, &mut v) };
+        let mut v = vec![0u8; if step == 1 { pages } else { 1 }];
+        for k in 0..samples.div_ceil(v.len()) {
+            let p = start + k * step * page;
+            let len = if step == 1 { end - start } else { 1 };
+            // SAFETY: `p` is page-aligned and [p, p + len) lies inside the mapping, which
+            // covers whole pages; mincore writes one byte per page of that range into `v`,
+            // which holds that many.
+            let rc = unsafe {
+                libc::mincore(
+                    map.as_ptr().add(p) as *mut libc::c_void,
+                    len,
+                    v.as_mut_ptr(),
+                )
+            };
             if rc != 0 {
                 return 1.0;
             }
-            resident += usize::from(v & 1);
+            resident += v.iter().filter(|&&b| b & 1 == 1).count();
         }
         resident as f64 / samples as f64
     }

@@ -123,6 +123,9 @@ pub(crate) fn read_pieces<D: Destination>(
     threads: Threads,
     advance: &(dyn Fn(u64) + Sync),
 ) -> Result<()> {
+    if pieces.is_empty() {
+        return Ok(());
+    }
     let pread = file.bytes().is_none() || (file.mapping().is_some() && file.is_cold());
     parallel::for_each(pieces, threads, |piece, scratch| {
         let n = piece.src.len() as u64;

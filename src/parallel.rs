@@ -32,6 +32,9 @@ pub(crate) fn for_each<J: Send>(
     threads: Threads,
     work: impl Fn(J, &mut Vec<u8>) -> Result<()> + Sync,
 ) -> Result<()> {
+    if jobs.is_empty() {
+        return Ok(());
+    }
     let threads = threads.count(jobs.len());
     let mut buckets: Vec<Vec<J>> = (0..threads).map(|_| Vec::new()).collect();
     for (k, job) in jobs.into_iter().enumerate() {

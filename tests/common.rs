@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use tensorplace::{Device, Dtype, Tensor, Tensors};
 
 /// The project's root: where it was built, or, for test binaries carried to another
-/// machine (`../shared/gpu/pack.sh`), the current folder.
+/// machine by a packing script, the current folder (the project's root there).
 pub fn root() -> PathBuf {
     let built = Path::new(env!("CARGO_MANIFEST_DIR"));
     if built.join("tests/fixtures").is_dir() {

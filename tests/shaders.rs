@@ -73,14 +73,9 @@ fn inputs(c: Conversion) -> Vec<u8> {
                     words.push(0x8000_0000 | (e << 23) | m);
                 }
             }
-            let mut s = 0x1234_5678_9ABC_DEF1u64;
-            for _ in 0..200_001 {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                words.push(s as u32);
-            }
-            words.iter().flat_map(|w| w.to_le_bytes()).collect()
+            let mut bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+            bytes.extend(crate::common::bytes(4 * 200_001, 0x1234_5678_9ABC_DEF1));
+            bytes
         }
     }
 }
