@@ -15,7 +15,7 @@ use std::ops::Range;
 
 use indexmap::IndexMap;
 use indexmap::map::Entry;
-use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+use serde::de::{self, DeserializeSeed, MapAccess, Visitor};
 
 use crate::dtype::Dtype;
 use crate::error::{Error, ErrorKind, Result};
@@ -428,7 +428,15 @@ impl<'de> Visitor<'de> for EntrySeed<'_, '_> {
                 Field::Shape => ("shape", shape.is_some()),
                 Field::DataOffsets => ("data_offsets", offsets.is_some()),
                 Field::Other => {
-                    map.next_value::<IgnoredAny>()?;
+                    // Parsed as a value, not skipped: serde_json's recursion limit (128)
+                    // applies to it, as it does in the reference, which buffers every field.
+                    map.next_value::<serde_json::Value>().map_err(|e| {
+                        note::<A::Error>(
+                            slot,
+                            Error::new(ErrorKind::InvalidJson, format!("an unknown field: {e}"))
+                                .with_tensor(name),
+                        )
+                    })?;
                     continue;
                 }
             };

@@ -71,6 +71,7 @@
 
 #![warn(missing_docs)]
 
+mod atomic;
 mod device;
 mod dtype;
 mod error;
@@ -106,6 +107,7 @@ pub use tensor::{CpuStorage, Element, Storage, Tensor, Tensors};
 /// reach inside the crate. It may change in any release.
 #[doc(hidden)]
 pub mod internals {
+    pub use crate::atomic::remove_temporaries;
     #[cfg(feature = "cuda")]
     pub use crate::device::cuda::{CONVERT_PTX, CudaBackend};
     pub use crate::device::list as list_devices;

@@ -36,6 +36,11 @@ pub(crate) fn for_each<J: Send>(
         return Ok(());
     }
     let threads = threads.count(jobs.len());
+    if threads == 1 {
+        // Not worth a thread (small loads): run here.
+        let mut scratch = Vec::new();
+        return jobs.into_iter().try_for_each(|job| work(job, &mut scratch));
+    }
     let mut buckets: Vec<Vec<J>> = (0..threads).map(|_| Vec::new()).collect();
     for (k, job) in jobs.into_iter().enumerate() {
         buckets[k % threads].push(job);

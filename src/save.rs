@@ -1,12 +1,11 @@
 //! Writing safetensors: the same bytes as the reference writer (`safetensors::serialize`),
 //! and file writes that never damage the file that was there before.
 
-use std::fs;
-use std::io::{BufWriter, Write};
 use std::path::Path;
 
 use serde::ser::{SerializeMap, Serializer};
 
+use crate::atomic;
 use crate::error::{Error, ErrorKind, Result};
 use crate::header::{METADATA_KEY, Metadata, N_LEN};
 use crate::tensor::{Tensor, Tensors};
@@ -54,6 +53,13 @@ fn layout<'a>(tensors: &'a Tensors, metadata: Option<&'a Metadata>) -> Result<La
     let mut offset = 0usize;
     let mut entries = Vec::with_capacity(order.len());
     for &(name, t) in &order {
+        if name == METADATA_KEY {
+            return Err(Error::new(
+                ErrorKind::InvalidTensor,
+                "the name is reserved for the file's metadata",
+            )
+            .with_tensor(name));
+        }
         let need = t
             .shape()
             .iter()
@@ -118,10 +124,13 @@ pub fn save(tensors: &Tensors, metadata: Option<&Metadata>) -> Result<Vec<u8>> {
 /// Writes `tensors` to `path`, atomically, with `metadata` where given, else the tensors'
 /// own (as [`save`](fn@save)).
 ///
-/// The bytes go to a temporary file beside `path`, which is flushed to disk (`fsync`) and
-/// then renamed over `path`. A crash or an error leaves the previous file whole, and
-/// saving over a file that is loaded (memory-mapped) is safe: the mapping keeps the old
-/// file's data. An existing file's permissions are kept; a new file gets `0644`.
+/// The bytes go to a temporary file beside `path` (`.NAME.tmp-PID-RANDOM`), which is
+/// flushed to disk (`fsync`) and then renamed over `path`. A crash, a kill or an error leaves
+/// the previous file whole (a temporary left by a killed process is removed by the next
+/// save of the same path), two processes saving the same path at once leave one of the two
+/// files whole, and saving over a file that is loaded (memory-mapped) is safe: the mapping
+/// keeps the old file's data. An existing file's permissions are kept; a new file gets
+/// `0644`.
 pub fn save_file(
     tensors: &Tensors,
     path: impl AsRef<Path>,
@@ -132,54 +141,16 @@ pub fn save_file(
 }
 
 fn save_file_inner(tensors: &Tensors, path: &Path, metadata: Option<&Metadata>) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
     let Layout { head, order } = layout(tensors, metadata)?;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::new(ErrorKind::Io, "the path names no file"))?;
-    let permissions = match fs::metadata(path) {
-        Ok(m) if m.is_file() => m.permissions(),
-        Ok(_) => {
-            return Err(Error::new(
-                ErrorKind::Io,
-                "the path exists and is not a file",
-            ));
-        }
-        Err(_) => fs::Permissions::from_mode(0o644),
-    };
-    let mut prefix = std::ffi::OsString::from(".");
-    prefix.push(name);
-    prefix.push(".");
-    let tmp = tempfile::Builder::new()
-        .prefix(&prefix)
-        .suffix(".tmp")
-        .permissions(permissions)
-        .tempfile_in(dir)
-        .map_err(|e| Error::io("creating a temporary file beside it", None, e))?;
-    let io = |e| Error::io("writing", None, e);
-    {
-        let mut w = BufWriter::with_capacity(1 << 20, tmp.as_file());
+    atomic::write_atomically(path, |w| {
+        let io = |e| Error::io("writing", None, e);
         w.write_all(&head).map_err(io)?;
         for (name, t) in order {
             let bytes = t.host_bytes().map_err(|e| e.with_tensor(name))?;
             w.write_all(&bytes).map_err(io)?;
         }
-        w.flush().map_err(io)?;
-    }
-    tmp.as_file()
-        .sync_all()
-        .map_err(|e| Error::io("flushing to disk", None, e))?;
-    tmp.persist(path)
-        .map_err(|e| Error::io("renaming the temporary file over it", None, e.error))?;
-    // Make the rename itself durable; a failure here leaves a complete file either way.
-    if let Ok(d) = fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use crate::common;
 
 /// The binary: the one `TENSORPLACE_BIN` names (set by a script that carries the tests to
 /// another machine), else the one cargo built.
-fn exe() -> std::path::PathBuf {
+pub fn exe() -> std::path::PathBuf {
     match std::env::var_os("TENSORPLACE_BIN") {
         Some(p) => p.into(),
         None => env!("CARGO_BIN_EXE_tensorplace").into(),

@@ -631,3 +631,62 @@ fn safe_loads_do_not_see_later_changes_to_the_file() {
         assert!(e.kind().is_format(), "{mode:?}: {e}");
     }
 }
+
+/// Nesting as the reference limits it: serde_json's recursion limit (128 levels) applies to
+/// unknown fields and to `__metadata__`, so we accept exactly the depths the reference
+/// accepts, and a header nested millions deep is an `InvalidJson` error, not a crash.
+#[test]
+fn nesting_depth_matches_the_reference() {
+    let nested = |depth: usize| format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+    for depth in (1..=8).chain(120..=135) {
+        let in_entry = format!(
+            r#"{{"a":{{"dtype":"U8","shape":[1],"data_offsets":[0,1],"x":{}}}}}"#,
+            nested(depth)
+        );
+        let in_metadata = format!(
+            r#"{{"__metadata__":{{"k":{}}},"a":{{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}}}"#,
+            nested(depth)
+        );
+        for json in [in_entry, in_metadata] {
+            let bytes = file(&json, 1);
+            let reference = safetensors::SafeTensors::deserialize(&bytes).is_ok();
+            let ours = Header::parse(&bytes);
+            assert_eq!(ours.is_ok(), reference, "depth {depth}: {ours:?}");
+        }
+    }
+    let entry = |depth| {
+        file(
+            &format!(
+                r#"{{"a":{{"dtype":"U8","shape":[1],"data_offsets":[0,1],"x":{}}}}}"#,
+                nested(depth)
+            ),
+            1,
+        )
+    };
+    // The limit lies inside the range compared above.
+    assert!(Header::parse(&entry(120)).is_ok());
+    assert!(Header::parse(&entry(135)).is_err());
+    let deep = entry(5_000_000);
+    let e = Header::parse(&deep).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidJson, "{e}");
+    assert_eq!(e.tensor(), Some("a"));
+    assert!(safetensors::SafeTensors::deserialize(&deep).is_err());
+}
+
+/// Found by the `save_load` fuzz target's first runs: a tensor named `__metadata__` would
+/// be written as the header's metadata entry, giving a file that does not load. It is an
+/// error naming the tensor.
+#[test]
+fn a_tensor_named_like_the_metadata_is_refused() {
+    let mut t = Tensors::new();
+    t.insert("__metadata__", Tensor::from_slice(vec![1], &[1u8]).unwrap());
+    let e = tensorplace::save(&t, None).unwrap_err();
+    assert_eq!(
+        (e.kind(), e.tensor()),
+        (ErrorKind::InvalidTensor, Some("__metadata__"))
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    assert!(tensorplace::save_file(&t, &path, None).is_err());
+    assert!(!path.exists());
+}

@@ -5,4 +5,6 @@ mod backends;
 mod cli;
 mod common;
 mod format;
+#[cfg(feature = "cli")]
+mod reliability;
 mod shaders;

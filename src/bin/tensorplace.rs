@@ -399,6 +399,45 @@ fn verify(path: &Path, mode: ReadMode, tensors: &tensorplace::Tensors) -> Result
 }
 
 fn convert(args: &ConvertArgs) -> Result<()> {
+    remove_partial_output_on_interrupt(&args.output)?;
     let tensors = args.target.loader()?.load_file(&args.input)?;
     tensorplace::save_file(&tensors, &args.output, None)
+}
+
+/// On Ctrl-C (SIGINT) or SIGTERM, removes the temporary this process is writing beside
+/// `output` (the output itself is only ever replaced whole, by a rename) and exits with
+/// status 130. Call it before any other thread starts: the signals are blocked in this
+/// thread, every thread started later inherits that, and one thread waits for them.
+fn remove_partial_output_on_interrupt(output: &Path) -> Result<()> {
+    // SAFETY: `sigset_t` is plain data that sigemptyset initializes before any other use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t; these calls only write to it and to this thread's
+    // signal mask.
+    let rc = unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
+    };
+    if rc != 0 {
+        return Err(Error::io(
+            "blocking SIGINT",
+            None,
+            std::io::Error::from_raw_os_error(rc),
+        ));
+    }
+    let output = output.to_path_buf();
+    std::thread::spawn(move || {
+        let mut signal = 0;
+        // SAFETY: `set` holds the blocked signals; sigwait writes the one received.
+        if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
+            tensorplace::internals::remove_temporaries(&output, std::process::id());
+            eprintln!(
+                "tensorplace: interrupted; {} left as it was",
+                output.display()
+            );
+            std::process::exit(130);
+        }
+    });
+    Ok(())
 }

@@ -1,0 +1,168 @@
+//! Atomic file writes: the bytes go to a temporary sibling, which is flushed to disk and
+//! renamed over the target, so that the target is always either the old file or the new one.
+//!
+//! A temporary is named `.NAME.tmp-PID-RANDOM` (NAME the target's file name, PID the writing
+//! process): recognisable, and private to its writer. A process killed while writing leaves
+//! its temporary behind; the next write of the same target removes the temporaries of
+//! processes that no longer run (never those of a live process, which may be writing now).
+
+use std::ffi::OsString;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// The folder and file name of `path`.
+fn split(path: &Path) -> Result<(&Path, &std::ffi::OsStr)> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::new(ErrorKind::Io, "the path names no file"))?;
+    Ok((dir, name))
+}
+
+/// The start of every temporary name of `name`.
+fn prefix(name: &std::ffi::OsStr) -> OsString {
+    let mut p = OsString::from(".");
+    p.push(name);
+    p.push(".tmp-");
+    p
+}
+
+/// The temporaries of `path` in its folder, with the process id in each name.
+pub(crate) fn temporaries(path: &Path) -> Result<Vec<(PathBuf, u32)>> {
+    let (dir, name) = split(path)?;
+    let prefix = prefix(name);
+    let prefix = prefix.to_string_lossy();
+    let entries = fs::read_dir(dir).map_err(|e| Error::io("listing the folder", Some(dir), e))?;
+    Ok(entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let file = e.file_name();
+            let pid = file
+                .to_str()?
+                .strip_prefix(&*prefix)?
+                .split_once('-')?
+                .0
+                .parse()
+                .ok()?;
+            Some((e.path(), pid))
+        })
+        .collect())
+}
+
+/// Whether process `pid` exists.
+fn alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: kill with signal 0 sends nothing; it only checks that the process exists.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// Removes the temporaries of `path` that process `pid` left (for a process that is about
+/// to exit on a signal, say). Returns how many were removed.
+pub fn remove_temporaries(path: &Path, pid: u32) -> usize {
+    temporaries(path)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(_, p)| *p == pid)
+        .filter(|(t, _)| fs::remove_file(t).is_ok())
+        .count()
+}
+
+/// Writes `path` atomically: `write` fills a temporary sibling (buffered), which is then
+/// flushed to disk and renamed over `path`. An existing file's permissions are kept; a new
+/// file gets `0644`. On any error the temporary is removed and `path` is untouched.
+pub(crate) fn write_atomically(
+    path: &Path,
+    write: impl FnOnce(&mut dyn Write) -> Result<()>,
+) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let (dir, name) = split(path)?;
+    let permissions = match fs::metadata(path) {
+        Ok(m) if m.is_file() => m.permissions(),
+        Ok(_) => {
+            return Err(Error::new(
+                ErrorKind::Io,
+                "the path exists and is not a file",
+            ));
+        }
+        Err(_) => fs::Permissions::from_mode(0o644),
+    };
+    for (stale, pid) in temporaries(path).unwrap_or_default() {
+        if !alive(pid) {
+            let _ = fs::remove_file(stale);
+        }
+    }
+    let mut prefix = prefix(name);
+    prefix.push(format!("{}-", std::process::id()));
+    let tmp = tempfile::Builder::new()
+        .prefix(&prefix)
+        .permissions(permissions)
+        .tempfile_in(dir)
+        .map_err(|e| Error::io("creating a temporary file beside it", None, e))?;
+    {
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, tmp.as_file());
+        write(&mut w)?;
+        w.flush().map_err(|e| Error::io("writing", None, e))?;
+    }
+    tmp.as_file()
+        .sync_all()
+        .map_err(|e| Error::io("flushing to disk", None, e))?;
+    tmp.persist(path)
+        .map_err(|e| Error::io("renaming the temporary file over it", None, e.error))?;
+    // Make the rename itself durable; a failure here leaves a complete file either way.
+    if let Ok(d) = fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temporaries_of_dead_processes_are_removed_and_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        // A process id that does not run: past the kernel's largest.
+        let dead = 4_194_304 + 17;
+        let live = std::process::id();
+        let stale = dir.path().join(format!(".m.safetensors.tmp-{dead}-abc"));
+        let busy = dir.path().join(format!(".m.safetensors.tmp-{live}-xyz"));
+        let other = dir.path().join(".n.safetensors.tmp-1-abc");
+        for p in [&stale, &busy, &other] {
+            fs::write(p, b"partial").unwrap();
+        }
+        let mut found: Vec<u32> = temporaries(&path)
+            .unwrap()
+            .into_iter()
+            .map(|t| t.1)
+            .collect();
+        found.sort_unstable();
+        assert_eq!(found, [live, dead]);
+        write_atomically(&path, |w: &mut dyn Write| {
+            w.write_all(b"new")
+                .map_err(|e| Error::io("writing", None, e))
+        })
+        .unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"new");
+        assert!(!stale.exists(), "a dead process's temporary is removed");
+        assert!(busy.exists() && other.exists(), "others are kept");
+        assert_eq!(remove_temporaries(&path, live), 1);
+        assert!(!busy.exists());
+        // A failed write leaves the old file and no temporary.
+        let e = write_atomically(&path, |_| Err(Error::new(ErrorKind::InvalidTensor, "no")))
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidTensor);
+        assert_eq!(fs::read(&path).unwrap(), b"new");
+        assert!(temporaries(&path).unwrap().is_empty());
+    }
+}
