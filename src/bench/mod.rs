@@ -29,6 +29,16 @@ use crate::host::{HostFile, ReadMode};
 use measure::median;
 pub use measure::{BenchPath, Group, Role, Row, drop_cache, measure, table};
 use synthetic::MIX;
+
+/// Prints to stdout; a failure (a closed pipe) is an error that keeps its cause, so that the
+/// caller can end quietly.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)
+            .map_err(|e| Error::io("writing to stdout", None, e))
+    }};
+}
 pub use synthetic::{Synthetic, synthetic_tensors, write_synthetic};
 
 /// Command-line arguments of the harness.
@@ -200,7 +210,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     let file = HostFile::open(&path, ReadMode::Mmap)?;
     let bytes = file.header().data_len() as u64;
-    println!(
+    say!(
         "file: {} ({} tensors, {} data bytes); {} runs after a warm-up, page cache {}",
         path.display(),
         file.header().tensors().len(),
@@ -211,10 +221,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         } else {
             "warm"
         }
-    );
+    )?;
     drop(file);
     if args.cold && !drop_cache(&path) {
-        println!("note: posix_fadvise(DONTNEED) was refused: the runs are not cold");
+        say!("note: posix_fadvise(DONTNEED) was refused: the runs are not cold")?;
     }
     let cold = args.cold.then_some(path.as_path());
     let out = dir.path().join("saved.safetensors");
@@ -222,7 +232,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let mut skipped = Vec::new();
     for (d, skip) in devices(args)? {
         if let Some(reason) = skip {
-            println!("skipped {d}: {reason}");
+            say!("skipped {d}: {reason}")?;
             skipped.push(serde_json::json!({"device": d.to_string(), "reason": reason}));
             continue;
         }
@@ -235,17 +245,17 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             Ok(groups) => {
                 for mut g in groups {
                     let r = measure(&mut g, bytes, args.runs, cold);
-                    print!("{}", table(&r));
+                    say!("{}", table(&r).trim_end())?;
                     rows.extend(r);
                 }
             }
             Err(e) => {
-                println!("skipped {d}: {e}");
+                say!("skipped {d}: {e}")?;
                 skipped.push(serde_json::json!({"device": d.to_string(), "reason": e.to_string()}));
             }
         }
     }
-    println!("\n{}", table(&rows));
+    say!("\n{}", table(&rows))?;
     if let Some(json) = &args.json {
         let report = serde_json::json!({
             "date": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
@@ -257,23 +267,20 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let text = serde_json::to_string_pretty(&report)
             .map_err(|e| Error::new(ErrorKind::Io, e.to_string()))?;
         std::fs::write(json, text).map_err(|e| Error::io("writing", Some(json), e))?;
-        println!("wrote {}", json.display());
+        say!("wrote {}", json.display())?;
     }
     Ok(())
 }
 
 /// Load time against size and against tensor count, for our load on each device.
 fn sweep(args: &BenchArgs, dir: &Path) -> Result<()> {
-    let devs: Vec<Device> = devices(args)?
-        .into_iter()
-        .filter_map(|(d, skip)| match skip {
-            Some(reason) => {
-                println!("skipped {d}: {reason}");
-                None
-            }
-            None => Some(d),
-        })
-        .collect();
+    let mut devs = Vec::new();
+    for (d, skip) in devices(args)? {
+        match skip {
+            Some(reason) => say!("skipped {d}: {reason}")?,
+            None => devs.push(d),
+        }
+    }
     let dtypes = args.dtype.map_or(MIX.to_vec(), |d| vec![d]);
     let time_load = |p: &Path, d: Device| -> Result<f64> {
         let mut v = Vec::new();
@@ -287,10 +294,15 @@ fn sweep(args: &BenchArgs, dir: &Path) -> Result<()> {
         }
         Ok(median(&mut v))
     };
-    println!(
+    say!(
         "{:<8} {:>12} {:>9} {:>12} {:>9} {:>14}",
-        "device", "bytes", "tensors", "ms median", "GB/s", "us per tensor"
-    );
+        "device",
+        "bytes",
+        "tensors",
+        "ms median",
+        "GB/s",
+        "us per tensor"
+    )?;
     let mut size = 16u64 << 20;
     let p = dir.join("sweep.safetensors");
     let mut cases = Vec::new();
@@ -313,7 +325,7 @@ fn sweep(args: &BenchArgs, dir: &Path) -> Result<()> {
         let bytes = HostFile::open(&p, ReadMode::Mmap)?.header().data_len();
         for &d in &devs {
             let s = time_load(&p, d)?;
-            println!(
+            say!(
                 "{:<8} {:>12} {:>9} {:>12.3} {:>9.3} {:>14.3}",
                 d.to_string(),
                 bytes,
@@ -321,7 +333,7 @@ fn sweep(args: &BenchArgs, dir: &Path) -> Result<()> {
                 s * 1e3,
                 bytes as f64 / s / 1e9,
                 s * 1e6 / n as f64
-            );
+            )?;
         }
     }
     Ok(())
