@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use memmap2::Mmap;
 
@@ -25,6 +25,23 @@ pub enum ReadMode {
     /// file cannot reach the process as a signal: a file truncated during the load is an
     /// [`ErrorKind::Io`] error, and bytes rewritten during it may be old or new.
     Pread,
+    /// Read with `O_DIRECT`, past the page cache: for files that are not in it, on a local
+    /// disk. Large aligned requests, many in flight, read at the disk's speed and leave the
+    /// page cache to others. Where the file system refuses `O_DIRECT`, positioned reads
+    /// instead (the load's [`LoadReport`](crate::LoadReport) says so). Nothing is mapped,
+    /// and a change to the file is an error or old and new bytes, never a signal.
+    Direct,
+}
+
+/// How a load takes a file's bytes: decided once per opened file, when first asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fetch {
+    /// Copies from memory: the page cache through the mapping, or caller bytes.
+    Memory,
+    /// Positioned reads (`pread`).
+    Pread,
+    /// Direct reads (`O_DIRECT`).
+    Direct,
 }
 
 enum Source<'a> {
@@ -40,6 +57,10 @@ pub struct HostFile<'a> {
     len: u64,
     header: Header,
     source: Source<'a>,
+    mode: ReadMode,
+    /// The file opened again with O_DIRECT, on first use, or why that was refused.
+    direct: OnceLock<std::result::Result<File, String>>,
+    fetch: OnceLock<Fetch>,
 }
 
 impl std::fmt::Debug for HostFile<'_> {
@@ -51,6 +72,7 @@ impl std::fmt::Debug for HostFile<'_> {
         };
         f.debug_struct("HostFile")
             .field("path", &self.path)
+            .field("mode", &self.mode)
             .field("len", &self.len)
             .field("source", &source)
             .field("tensors", &self.header.tensors().len())
@@ -90,14 +112,15 @@ impl HostFile<'static> {
                 let map = unsafe { Mmap::map(&file) }
                     .map_err(|e| Error::io("memory-mapping", None, e))?;
                 let header = Header::parse(&map)?;
-                Ok(HostFile {
+                Ok(HostFile::new(
                     path,
                     len,
                     header,
-                    source: Source::Mapped(Arc::new(map), file),
-                })
+                    Source::Mapped(Arc::new(map), file),
+                    mode,
+                ))
             }
-            ReadMode::Pread => {
+            ReadMode::Pread | ReadMode::Direct => {
                 let mut prefix = [0u8; N_LEN];
                 read_exact_at(&file, &mut prefix, 0)?;
                 let n = Header::read_len(&prefix, len)?;
@@ -105,12 +128,7 @@ impl HostFile<'static> {
                 let mut json = vec![0u8; n];
                 read_exact_at(&file, &mut json, N_LEN as u64)?;
                 let header = Header::parse_json(&json, len)?;
-                Ok(HostFile {
-                    path,
-                    len,
-                    header,
-                    source: Source::File(file),
-                })
+                Ok(HostFile::new(path, len, header, Source::File(file), mode))
             }
         }
     }
@@ -120,12 +138,81 @@ impl<'a> HostFile<'a> {
     /// Validates the header of a whole file held in `bytes`.
     pub fn from_bytes(bytes: &'a [u8]) -> Result<Self> {
         let header = Header::parse(bytes)?;
-        Ok(HostFile {
-            path: None,
-            len: bytes.len() as u64,
+        let len = bytes.len() as u64;
+        Ok(HostFile::new(
+            None,
+            len,
             header,
-            source: Source::Borrowed(bytes),
+            Source::Borrowed(bytes),
+            ReadMode::Mmap,
+        ))
+    }
+
+    fn new(
+        path: Option<PathBuf>,
+        len: u64,
+        header: Header,
+        source: Source<'a>,
+        mode: ReadMode,
+    ) -> Self {
+        HostFile {
+            path,
+            len,
+            header,
+            source,
+            mode,
+            direct: OnceLock::new(),
+            fetch: OnceLock::new(),
+        }
+    }
+
+    /// How a load takes this file's bytes, decided on first call: from memory (caller
+    /// bytes, or a mapped file mostly in the page cache); with direct reads (asked for, or
+    /// a cold mapped file) where the file system allows them; else with positioned reads.
+    pub(crate) fn fetch(&self) -> Fetch {
+        *self.fetch.get_or_init(|| match (&self.source, self.mode) {
+            (Source::Borrowed(_), _) => Fetch::Memory,
+            (Source::Mapped(..), _) if !self.is_cold() => Fetch::Memory,
+            (Source::File(_), ReadMode::Pread) => Fetch::Pread,
+            _ if self.direct_file().is_ok() => Fetch::Direct,
+            _ => Fetch::Pread,
         })
+    }
+
+    /// How the file's bytes were taken, if a load read any through the engine.
+    pub(crate) fn fetch_used(&self) -> Option<Fetch> {
+        self.fetch.get().copied()
+    }
+
+    /// Why direct reads were asked for or wanted (a cold file) and not used, if they were.
+    pub(crate) fn direct_refused(&self) -> Option<&str> {
+        match self.direct.get() {
+            Some(Err(why)) => Some(why),
+            _ => None,
+        }
+    }
+
+    fn direct_file(&self) -> std::result::Result<&File, &str> {
+        self.direct
+            .get_or_init(|| match &self.path {
+                Some(p) => crate::direct::open(p).map_err(|e| {
+                    format!("the file system refuses O_DIRECT ({e}): positioned reads instead")
+                }),
+                None => Err("caller bytes cannot be read directly".to_owned()),
+            })
+            .as_ref()
+            .map_err(String::as_str)
+    }
+
+    /// Reads `buf.len()` bytes at `offset` with direct reads, where the file was opened for
+    /// them, else with a positioned read.
+    pub(crate) fn read_direct(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
+        match self.direct_file() {
+            Ok(file) => {
+                crate::direct::read(file, offset, buf).map_err(|e| e.with_opt_file(self.path()))
+            }
+            Err(_) => self.pread_at(offset, buf),
+        }
     }
 
     /// The path, for a file opened from disk.
@@ -228,8 +315,8 @@ impl<'a> HostFile<'a> {
         resident as f64 / samples as f64
     }
 
-    /// Whether most of the data is not in the page cache: then positioned reads on several
-    /// threads (see [`read_at_direct`](Self::read_at_direct)) beat faulting the mapping in.
+    /// Whether most of the data is not in the page cache: then reads on many threads (see
+    /// [`fetch`](Self::fetch)) beat faulting the mapping in.
     pub fn is_cold(&self) -> bool {
         self.resident_fraction() < 0.5
     }
@@ -237,7 +324,7 @@ impl<'a> HostFile<'a> {
     /// Like [`read_at`](Self::read_at), but with a positioned read (`pread`) wherever a file
     /// descriptor is open, even for a mapped file: for cold pages, several of these in
     /// parallel read at the disk's speed, where page faults read one readahead at a time.
-    pub fn read_at_direct(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
+    pub fn pread_at(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
         match &self.source {
             Source::Mapped(_, file) | Source::File(file) => {
                 read_exact_at(file, buf, offset as u64).map_err(|e| e.with_opt_file(self.path()))
@@ -303,8 +390,12 @@ mod tests {
                 .unwrap();
             assert_eq!(buf, [7, 8, 9]);
             assert_eq!(mem.tensor_bytes(info).unwrap(), &buf);
+            let mut pread = [0u8; 3];
+            f.pread_at(f.header().file_range(info).start, &mut pread)
+                .unwrap();
+            assert_eq!(pread, buf);
             let mut direct = [0u8; 3];
-            f.read_at_direct(f.header().file_range(info).start, &mut direct)
+            f.read_direct(f.header().file_range(info).start, &mut direct)
                 .unwrap();
             assert_eq!(direct, buf);
             let r = f.resident_fraction();

@@ -12,7 +12,7 @@ use std::ops::Range;
 
 use crate::dtype::Conversion;
 use crate::error::{Error, ErrorKind, Result};
-use crate::host::HostFile;
+use crate::host::{Fetch, HostFile};
 use crate::parallel::{self, Threads};
 
 /// Input bytes per unit of work: big enough to amortize a thread's start, small enough that
@@ -66,11 +66,11 @@ impl Destination for Converted<'_> {
     }
 }
 
-/// The bytes of one piece, on their way: in memory already, or to be read with `pread`.
+/// The bytes of one piece, on their way: in memory already, or to be read.
 pub(crate) struct Source<'a> {
     file: &'a HostFile<'a>,
     range: Range<usize>,
-    pread: bool,
+    fetch: Fetch,
     scratch: &'a mut Vec<u8>,
 }
 
@@ -87,16 +87,12 @@ impl<'a> Source<'a> {
                 ),
             ));
         }
-        if self.pread {
-            self.file.read_at_direct(self.range.start, dst)
-        } else {
-            self.file.read_at(self.range.start, dst)
-        }
+        read(self.file, self.fetch, self.range.start, dst)
     }
 
     /// The bytes: borrowed from memory, or read into the thread's scratch buffer.
     pub(crate) fn bytes(self) -> Result<&'a [u8]> {
-        let memory = self.file.bytes().filter(|_| !self.pread);
+        let memory = self.file.bytes().filter(|_| self.fetch == Fetch::Memory);
         if let Some(bytes) = memory {
             return bytes.get(self.range.clone()).ok_or_else(|| {
                 Error::new(
@@ -106,33 +102,54 @@ impl<'a> Source<'a> {
                 .with_opt_file(self.file.path())
             });
         }
-        self.scratch.resize(self.range.len(), 0);
-        self.file.read_at_direct(self.range.start, self.scratch)?;
-        Ok(&self.scratch[..])
+        let Source {
+            file,
+            range,
+            fetch,
+            scratch,
+        } = self;
+        scratch.resize(range.len(), 0);
+        read(file, fetch, range.start, scratch)?;
+        Ok(&scratch[..])
     }
 }
 
-/// Reads every piece into its destination on the threads `threads` allows, calling
-/// `advance` with each piece's length once it is done. Errors name the file and the tensor.
+/// Reads `dst.len()` bytes at `at` of `file` the way `fetch` says.
+fn read(file: &HostFile<'_>, fetch: Fetch, at: usize, dst: &mut [u8]) -> Result<()> {
+    match fetch {
+        Fetch::Memory => file.read_at(at, dst),
+        Fetch::Pread => file.pread_at(at, dst),
+        Fetch::Direct => file.read_direct(at, dst),
+    }
+}
+
+/// Reads every piece into its destination, calling `advance` with each piece's length once
+/// it is done. Errors name the file and the tensor.
 ///
-/// Whether to read with `pread` is decided once per call: always for a file opened for
-/// positioned reads; for a mapped file, when most of it is not in the page cache.
+/// How is the file's [`fetch`](HostFile::fetch): copies from memory run on one thread per
+/// core, reads from a disk on the reader pool's many threads.
 pub(crate) fn read_pieces<D: Destination>(
     file: &HostFile<'_>,
     pieces: Vec<Piece<'_, D>>,
-    threads: Threads,
     advance: &(dyn Fn(u64) + Sync),
 ) -> Result<()> {
     if pieces.is_empty() {
         return Ok(());
     }
-    let pread = file.bytes().is_none() || (file.mapping().is_some() && file.is_cold());
+    let fetch = file.fetch();
+    let bytes: usize = pieces.iter().map(|p| p.src.len()).sum();
+    let threads = match fetch {
+        // Less than a piece's worth of copying: a hand-off to other threads costs more.
+        Fetch::Memory if bytes <= PIECE => Threads::Caller,
+        Fetch::Memory => Threads::PerCore,
+        Fetch::Pread | Fetch::Direct => Threads::Io,
+    };
     parallel::for_each(pieces, threads, |piece, scratch| {
         let n = piece.src.len() as u64;
         let source = Source {
             file,
             range: piece.src,
-            pread,
+            fetch,
             scratch,
         };
         piece
@@ -174,6 +191,7 @@ mod tests {
             HostFile::from_bytes(&bytes).unwrap(),
             HostFile::open(&path, ReadMode::Mmap).unwrap(),
             HostFile::open(&path, ReadMode::Pread).unwrap(),
+            HostFile::open(&path, ReadMode::Direct).unwrap(),
         ];
         for file in &files {
             let mut plain = [0u8; 12];
@@ -195,7 +213,7 @@ mod tests {
                     dst: second,
                 },
             ];
-            read_pieces(file, pieces, Threads::PerCore, &advance).unwrap();
+            read_pieces(file, pieces, &advance).unwrap();
             assert_eq!(plain[..], data[..]);
             let convert = vec![Piece {
                 tensor: "a",
@@ -205,7 +223,7 @@ mod tests {
                     dst: &mut halves,
                 },
             }];
-            read_pieces(file, convert, Threads::PerCore, &advance).unwrap();
+            read_pieces(file, convert, &advance).unwrap();
             let want: Vec<u8> = values
                 .iter()
                 .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
@@ -219,7 +237,7 @@ mod tests {
                 src: bytes.len() - 2..bytes.len() + 2,
                 dst: &mut past[..],
             }];
-            let e = read_pieces(file, bad, Threads::PerCore, &advance).unwrap_err();
+            let e = read_pieces(file, bad, &advance).unwrap_err();
             assert_eq!((e.kind(), e.tensor()), (ErrorKind::Io, Some("a")));
         }
     }

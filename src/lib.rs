@@ -73,6 +73,7 @@
 
 mod atomic;
 mod device;
+mod direct;
 mod dtype;
 mod error;
 mod header;
@@ -99,7 +100,7 @@ pub use dtype::Dtype;
 pub use error::{Error, ErrorKind, Result};
 pub use header::Metadata;
 pub use host::ReadMode;
-pub use loader::{Loader, Progress};
+pub use loader::{LoadReport, Loader, Progress, ReadPath};
 pub use save::{save, save_file};
 pub use tensor::{CpuStorage, Element, Storage, Tensor, Tensors};
 

@@ -1,4 +1,5 @@
-//! [`Loader`]: a load with options, and the [`Progress`] it reports.
+//! [`Loader`]: a load with options, the [`Progress`] it reports while it runs, and the
+//! [`LoadReport`] its tensors carry afterwards.
 //!
 //! Every option a load takes is here, on the builder: the library reads no environment
 //! variable and keeps no process-wide switch, so two loads in one process with different
@@ -10,7 +11,7 @@ use std::path::Path;
 use crate::device::{self, Device, IntoDevice, LoadPlan, Upload, View};
 use crate::dtype::Dtype;
 use crate::error::Result;
-use crate::host::{HostFile, ReadMode};
+use crate::host::{Fetch, HostFile, ReadMode};
 use crate::tensor::Tensors;
 
 /// Progress of a load: input bytes done out of the total.
@@ -20,6 +21,47 @@ pub struct Progress {
     pub done: u64,
     /// Bytes to place in all.
     pub total: u64,
+}
+
+/// How a load went: where the tensors are, how the file's bytes were taken, how they went
+/// up to a GPU, and every fallback taken on the way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LoadReport {
+    /// The device the tensors are on (`auto` resolved).
+    pub device: Device,
+    /// How the file's bytes were taken.
+    pub read: ReadPath,
+    /// How the bytes went up to a GPU: `Register`, `Staging` or `InPlace` (`None` on the CPU).
+    pub upload: Option<Upload>,
+    /// Fallbacks taken, in words: direct reads refused by the file system, a registration
+    /// refused by the driver, and so on.
+    pub notes: Vec<String>,
+}
+
+/// How a load took the file's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ReadPath {
+    /// Nothing was copied: CPU tensors view the mapping.
+    Views,
+    /// Copies from memory: the page cache through the mapping, or the caller's bytes.
+    Memory,
+    /// Positioned reads (`pread`) on many threads.
+    Pread,
+    /// Direct reads (`O_DIRECT`) on many threads, past the page cache.
+    Direct,
+}
+
+impl std::fmt::Display for ReadPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ReadPath::Views => "zero-copy views of the mapping, nothing copied",
+            ReadPath::Memory => "copies from memory (the page cache or the caller's bytes)",
+            ReadPath::Pread => "positioned reads (pread)",
+            ReadPath::Direct => "direct reads (O_DIRECT)",
+        })
+    }
 }
 
 type Filter<'a> = Box<dyn Fn(&str) -> bool + 'a>;
@@ -173,6 +215,23 @@ impl<'a> Loader<'a> {
             .with_progress(&report);
         let placed = backend.upload(&plan)?;
         plan.finish();
+        let read = match file.fetch_used() {
+            Some(Fetch::Memory) => ReadPath::Memory,
+            Some(Fetch::Pread) => ReadPath::Pread,
+            Some(Fetch::Direct) => ReadPath::Direct,
+            // The engine read nothing: views on the CPU, else DMA from the mapping.
+            None if backend.device() == Device::Cpu
+                && file.mapping().is_some()
+                && view == View::Mapped =>
+            {
+                ReadPath::Views
+            }
+            None => ReadPath::Memory,
+        };
+        let (upload, mut notes) = plan.take_report();
+        if let Some(why) = file.direct_refused() {
+            notes.insert(0, why.to_owned());
+        }
         let mut tensors: Tensors = plan
             .items()
             .iter()
@@ -180,6 +239,12 @@ impl<'a> Loader<'a> {
             .zip(placed)
             .collect();
         tensors.set_metadata(file.header().metadata().cloned());
+        tensors.set_report(LoadReport {
+            device: backend.device(),
+            read,
+            upload,
+            notes,
+        });
         Ok(tensors)
     }
 }

@@ -39,15 +39,27 @@ impl HostBuffer {
             )
         };
         if len >= HUGE {
-            let map = MmapMut::map_anon(len).map_err(|e| oom(format!(": {e}")).with_source(e))?;
-            // Where the kernel does not allow huge pages (THP off, or not Linux), the
-            // buffer works with small pages: the advice is only advice.
-            let _ = map.advise(Advice::HugePage);
-            return Ok(HostBuffer::Mapped(map));
+            return HostBuffer::page_aligned(len);
         }
         let lines = bytemuck::allocation::try_zeroed_vec(len.div_ceil(64))
             .map_err(|()| oom(String::new()))?;
         Ok(HostBuffer::Heap { lines, len })
+    }
+
+    /// A zeroed anonymous mapping of `len` bytes (at least one page), page-aligned whatever
+    /// its size (as direct reads need), with huge pages advised.
+    pub(crate) fn page_aligned(len: usize) -> Result<HostBuffer> {
+        let map = MmapMut::map_anon(len.max(1)).map_err(|e| {
+            Error::new(
+                ErrorKind::OutOfMemory,
+                format!("cannot map {len} bytes of host memory: {e}"),
+            )
+            .with_source(e)
+        })?;
+        // Where the kernel does not allow huge pages (THP off, or not Linux), the buffer
+        // works with small pages: the advice is only advice.
+        let _ = map.advise(Advice::HugePage);
+        Ok(HostBuffer::Mapped(map))
     }
 
     /// A buffer holding a copy of `bytes`.

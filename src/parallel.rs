@@ -1,32 +1,51 @@
-//! Work spread over the host's cores with scoped threads (the copy loops of every backend).
+//! The reader pools: work spread over the host's cores (copies, conversions, buffer
+//! creation) or over many threads (blocking reads from a disk), on threads that live for
+//! the whole process, so that no load and no batch of a load spawns any.
+
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
 
 use crate::error::{Error, ErrorKind, Result};
 
-/// How many threads a piece of work may use.
+/// Threads kept for blocking reads: enough requests in flight to keep a fast disk busy.
+const IO_THREADS: usize = 16;
+
+/// Which pool a piece of work runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Threads {
-    /// One per core.
+    /// The calling thread alone: work too small to be worth handing off.
+    Caller,
+    /// One thread per core: memory-bound work (copies from the page cache, conversions).
     PerCore,
-    /// One per core, but no more than this many.
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    AtMost(usize),
+    /// Many threads: work that waits on a disk (positioned or direct reads).
+    Io,
 }
 
 impl Threads {
-    /// The number of threads for `jobs` jobs: never more than the jobs, never fewer than one.
-    fn count(self, jobs: usize) -> usize {
+    fn pool(self) -> Option<&'static rayon::ThreadPool> {
+        static CORES: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
+        static IO: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let cap = match self {
-            Threads::PerCore => cores,
-            Threads::AtMost(n) => cores.min(n),
+        let (cell, threads, name) = match self {
+            Threads::Caller => return None,
+            Threads::PerCore => (&CORES, cores, "tensorplace-copy"),
+            Threads::Io => (&IO, cores.max(IO_THREADS), "tensorplace-read"),
         };
-        cap.min(jobs).max(1)
+        cell.get_or_init(|| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .thread_name(move |i| format!("{name}-{i}"))
+                .build()
+                .ok()
+        })
+        .as_ref()
     }
 }
 
-/// Runs `work` on every job, on the threads `threads` allows, dealing the jobs out in turn
-/// so that neighbouring pieces of a file go to different threads. Each thread has its own
-/// scratch buffer. Every thread is joined; the first error is returned.
+/// Runs `work` on every job on the pool `threads` names (or here, if that pool could not
+/// be started), each worker with its own scratch buffer. Returns the first error; a panic
+/// in `work` becomes an error.
 pub(crate) fn for_each<J: Send>(
     jobs: Vec<J>,
     threads: Threads,
@@ -35,39 +54,24 @@ pub(crate) fn for_each<J: Send>(
     if jobs.is_empty() {
         return Ok(());
     }
-    let threads = threads.count(jobs.len());
-    if threads == 1 {
-        // Not worth a thread (small loads): run here.
-        let mut scratch = Vec::new();
-        return jobs.into_iter().try_for_each(|job| work(job, &mut scratch));
-    }
-    let mut buckets: Vec<Vec<J>> = (0..threads).map(|_| Vec::new()).collect();
-    for (k, job) in jobs.into_iter().enumerate() {
-        buckets[k % threads].push(job);
-    }
-    let work = &work;
-    let results: Vec<Result<()>> = std::thread::scope(|s| {
-        let handles: Vec<_> = buckets
-            .into_iter()
-            .map(|bucket| {
-                s.spawn(move || {
-                    let mut scratch = Vec::new();
-                    bucket
-                        .into_iter()
-                        .try_for_each(|job| work(job, &mut scratch))
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(Error::new(ErrorKind::Backend, "a worker thread panicked"))
-                })
-            })
-            .collect()
-    });
-    results.into_iter().collect()
+    let run = || {
+        if jobs.len() == 1 || threads == Threads::Caller {
+            // Not worth a hand-off (small loads): run here.
+            let mut scratch = Vec::new();
+            return jobs.into_iter().try_for_each(|job| work(job, &mut scratch));
+        }
+        let run_all = || {
+            jobs.into_par_iter()
+                .with_max_len(1)
+                .try_for_each_init(Vec::new, |scratch, job| work(job, scratch))
+        };
+        match threads.pool() {
+            Some(pool) => pool.install(run_all),
+            None => run_all(),
+        }
+    };
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+        .unwrap_or_else(|_| Err(Error::new(ErrorKind::Backend, "a worker thread panicked")))
 }
 
 #[cfg(test)]
@@ -76,25 +80,45 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     #[test]
-    fn runs_every_job_and_returns_the_first_error() {
-        let sum = AtomicUsize::new(0);
-        for_each((1..=100).collect(), Threads::AtMost(8), |j: usize, _| {
-            sum.fetch_add(j, Ordering::Relaxed);
+    fn runs_every_job_and_returns_an_error() {
+        for threads in [Threads::Caller, Threads::PerCore, Threads::Io] {
+            let sum = AtomicUsize::new(0);
+            for_each((1..=100).collect(), threads, |j: usize, _| {
+                sum.fetch_add(j, Ordering::Relaxed);
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(sum.into_inner(), 5050);
+            let e = for_each(vec![1, 2, 3], threads, |j: i32, _| {
+                if j == 2 {
+                    Err(Error::new(ErrorKind::Io, "two"))
+                } else {
+                    Ok(())
+                }
+            })
+            .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Io);
+            assert!(for_each(Vec::<u8>::new(), threads, |_, _| Ok(())).is_ok());
+            let e = for_each(vec![1, 2], threads, |_: i32, _| -> Result<()> {
+                panic!("a bug")
+            })
+            .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Backend);
+        }
+    }
+
+    #[test]
+    fn the_io_pool_has_requests_in_flight_beyond_the_cores() {
+        let running = AtomicUsize::new(0);
+        let most = AtomicUsize::new(0);
+        for_each((0..64).collect(), Threads::Io, |_: usize, _| {
+            let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+            most.fetch_max(now, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            running.fetch_sub(1, Ordering::SeqCst);
             Ok(())
         })
         .unwrap();
-        assert_eq!(sum.into_inner(), 5050);
-        let e = for_each(vec![1, 2, 3], Threads::AtMost(2), |j: i32, _| {
-            if j == 2 {
-                Err(Error::new(ErrorKind::Io, "two"))
-            } else {
-                Ok(())
-            }
-        })
-        .unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::Io);
-        assert!(for_each(Vec::<u8>::new(), Threads::PerCore, |_, _| Ok(())).is_ok());
-        assert_eq!(Threads::AtMost(0).count(5), 1);
-        assert_eq!(Threads::PerCore.count(1), 1);
+        assert!(most.into_inner() >= IO_THREADS.min(64) / 2);
     }
 }

@@ -12,6 +12,7 @@ use crate::device::Device;
 use crate::dtype::Dtype;
 use crate::error::{Error, ErrorKind, Result};
 use crate::header::Metadata;
+use crate::loader::LoadReport;
 use crate::memory::HostBuffer;
 
 /// Where a tensor's bytes live.
@@ -301,6 +302,7 @@ impl Tensor {
 pub struct Tensors {
     tensors: IndexMap<String, Tensor>,
     metadata: Option<Metadata>,
+    report: Option<LoadReport>,
 }
 
 impl Tensors {
@@ -317,6 +319,15 @@ impl Tensors {
     /// Replaces the metadata.
     pub fn set_metadata(&mut self, metadata: Option<Metadata>) {
         self.metadata = metadata;
+    }
+
+    /// How the load that made these tensors went (`None` for tensors not loaded).
+    pub fn report(&self) -> Option<&LoadReport> {
+        self.report.as_ref()
+    }
+
+    pub(crate) fn set_report(&mut self, report: LoadReport) {
+        self.report = Some(report);
     }
 
     /// Adds a tensor, returning the one it replaces.
@@ -381,6 +392,7 @@ impl Tensors {
         Ok(Tensors {
             tensors,
             metadata: self.metadata.clone(),
+            report: None,
         })
     }
 }
@@ -390,6 +402,7 @@ impl FromIterator<(String, Tensor)> for Tensors {
         Tensors {
             tensors: iter.into_iter().collect(),
             metadata: None,
+            report: None,
         }
     }
 }

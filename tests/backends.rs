@@ -409,3 +409,114 @@ fn wgpu_buffer_limit_is_a_clear_error() {
     );
     assert_eq!(e.file(), Some(path.as_path()));
 }
+
+/// Drops `path` from the page cache (where the kernel agrees).
+fn drop_cache(path: &std::path::Path) {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).unwrap();
+    f.sync_all().unwrap();
+    // SAFETY: a valid descriptor; the call only advises the kernel.
+    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+}
+
+/// Direct reads give the file's bytes for tensors at every alignment (offsets and lengths
+/// not multiples of 512 or 4096, tensors across the engine's 4 MiB pieces), on a file
+/// dropped from the page cache, on every device; a cold mapped file is read directly too.
+#[test]
+fn direct_reads_give_the_same_bytes_at_every_alignment() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut want = Tensors::new();
+    let mut seed = 100;
+    for len in [
+        1usize, 3, 511, 513, 4095, 4097, 8191, 12_345, 65_537, 1_000_003,
+    ] {
+        seed += 1;
+        want.insert(
+            format!("u8_{len}"),
+            Tensor::from_bytes(Dtype::U8, vec![len], &common::bytes(len, seed)).unwrap(),
+        );
+    }
+    want.insert(
+        "bf16_big",
+        Tensor::from_bytes(Dtype::BF16, vec![4_500_001], &common::bytes(9_000_002, 7)).unwrap(),
+    );
+    let path = write(&dir, &want);
+    for device in common::devices("direct_reads_give_the_same_bytes_at_every_alignment") {
+        drop_cache(&path);
+        let loaded = Loader::new(device)
+            .read_mode(ReadMode::Direct)
+            .load_file(&path)
+            .unwrap();
+        assert_same(device, &loaded, &want);
+        let report = loaded.report().unwrap();
+        println!("{device}: ReadMode::Direct: {:?}", report);
+        assert!(
+            matches!(report.read, tensorplace::ReadPath::Direct)
+                || report.notes.iter().any(|n| n.contains("O_DIRECT")),
+            "{report:?}"
+        );
+        // Converted on the way, from direct reads.
+        drop_cache(&path);
+        let cast = Loader::new(device)
+            .read_mode(ReadMode::Direct)
+            .dtype(Dtype::F32)
+            .filter(|n| n == "bf16_big")
+            .load_file(&path)
+            .unwrap();
+        let reference = Loader::new("cpu")
+            .dtype(Dtype::F32)
+            .filter(|n| n == "bf16_big")
+            .load_file(&path)
+            .unwrap();
+        assert_same(device, &cast, &reference);
+        // The default (mapped) read of a cold file.
+        drop_cache(&path);
+        let resident = HostFile::open(&path, ReadMode::Mmap)
+            .unwrap()
+            .resident_fraction();
+        let mapped = tensorplace::load_file(&path, device).unwrap();
+        assert_same(device, &mapped, &want);
+        println!(
+            "{device}: cold mapped file ({resident:.2} resident): {:?}",
+            mapped.report().unwrap().read
+        );
+        if resident < 0.5 && device == Device::Cpu {
+            assert_ne!(mapped.report().unwrap().read, tensorplace::ReadPath::Memory);
+        }
+    }
+}
+
+/// A file system that refuses `O_DIRECT` (ramfs) falls back to positioned reads, and the
+/// load's report says so.
+#[test]
+fn direct_reads_fall_back_where_the_file_system_refuses_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("ramfs");
+    std::fs::create_dir(&mnt).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "ramfs", "ramfs"])
+        .arg(&mnt)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !mounted {
+        println!(
+            "SKIPPED direct_reads_fall_back_where_the_file_system_refuses_them: mounting a ramfs was refused here"
+        );
+        return;
+    }
+    let want = common::mixed_tensors(31);
+    let path = mnt.join("m.safetensors");
+    tensorplace::save_file(&want, &path, None).unwrap();
+    let loaded = Loader::new("cpu")
+        .read_mode(ReadMode::Direct)
+        .load_file(&path);
+    let _ = std::process::Command::new("umount").arg(&mnt).status();
+    let loaded = loaded.unwrap();
+    assert_same(Device::Cpu, &loaded, &want);
+    let report = loaded.report().unwrap();
+    assert_eq!(report.read, tensorplace::ReadPath::Pread, "{report:?}");
+    assert!(
+        report.notes.iter().any(|n| n.contains("O_DIRECT")),
+        "{report:?}"
+    );
+}

@@ -145,7 +145,7 @@ fn devices(args: &BenchArgs) -> Result<Vec<(Device, Option<String>)>> {
 /// disk's sequential read speed, the ceiling of every cold load.
 pub fn disk_read_path(path: &Path) -> BenchPath<'_> {
     BenchPath::new(
-        "sequential read of the file (disk ceiling)",
+        "sequential buffered read of the file",
         Role::Ceiling,
         move || {
             use std::io::Read;
@@ -165,10 +165,39 @@ pub fn disk_read_path(path: &Path) -> BenchPath<'_> {
     )
 }
 
-/// With `--cold`, puts the disk's sequential read first among the ceilings of `group`.
+/// A plain sequential read of the whole file with `O_DIRECT` (8 MiB aligned requests, one
+/// at a time): with `--cold`, what the disk gives a reader past the page cache, the ceiling
+/// the cold loads are measured against.
+pub fn direct_read_path(path: &Path) -> BenchPath<'_> {
+    BenchPath::new(
+        "sequential O_DIRECT read of the file (ceiling)",
+        Role::Ceiling,
+        move || {
+            use std::os::unix::fs::FileExt;
+            let f = crate::direct::open(path)
+                .map_err(|e| Error::io("opening with O_DIRECT", Some(path), e))?;
+            let mut buf = crate::memory::HostBuffer::page_aligned(8 << 20)?;
+            let mut at = 0u64;
+            loop {
+                let n = f
+                    .read_at(buf.as_mut_bytes(), at)
+                    .map_err(|e| Error::io("reading with O_DIRECT", Some(path), e))?;
+                std::hint::black_box(&buf.as_bytes()[..n]);
+                if n < buf.len() {
+                    return Ok(());
+                }
+                at += n as u64;
+            }
+        },
+    )
+}
+
+/// With `--cold`, puts the disk's sequential reads first in `group`: the `O_DIRECT` one (the
+/// ceiling the ratios use), then the buffered one.
 pub(crate) fn with_disk_ceiling<'a>(mut group: Group<'a>, path: &'a Path, cold: bool) -> Group<'a> {
     if cold {
         group.paths.insert(0, disk_read_path(path));
+        group.paths.insert(0, direct_read_path(path));
     }
     group
 }

@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 
 use tensorplace::bench::{self, BenchArgs};
 use tensorplace::internals::{Conversion, HostFile, TensorInfo, list_devices};
-use tensorplace::{Device, Dtype, Error, ErrorKind, Loader, ReadMode, Result, Upload};
+use tensorplace::{Device, Dtype, Error, ErrorKind, Loader, ReadMode, ReadPath, Result, Upload};
 
 #[derive(Parser)]
 #[command(
@@ -69,8 +69,11 @@ struct DeviceArgs {
     #[arg(long, env = "WGPU_ADAPTER_NAME")]
     adapter: Option<String>,
     /// Read with pread instead of mapping the file.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "direct")]
     pread: bool,
+    /// Read with O_DIRECT, past the page cache (for files not in it).
+    #[arg(long)]
+    direct: bool,
     /// Cast every floating tensor to this dtype on the device.
     #[arg(long)]
     dtype: Option<Dtype>,
@@ -86,10 +89,7 @@ impl DeviceArgs {
         if let Some(d) = self.dtype {
             loader = loader.dtype(d);
         }
-        if self.pread {
-            loader = loader.read_mode(ReadMode::Pread);
-        }
-        Ok(loader)
+        Ok(loader.read_mode(self.read_mode()))
     }
 
     /// `--upload`, else the variable of the device the load will use.
@@ -111,10 +111,10 @@ impl DeviceArgs {
     }
 
     fn read_mode(&self) -> ReadMode {
-        if self.pread {
-            ReadMode::Pread
-        } else {
-            ReadMode::Mmap
+        match (self.pread, self.direct) {
+            (true, _) => ReadMode::Pread,
+            (_, true) => ReadMode::Direct,
+            _ => ReadMode::Mmap,
         }
     }
 }
@@ -345,11 +345,8 @@ fn load(args: &LoadArgs) -> Result<()> {
     let secs = t.elapsed().as_secs_f64();
     bar.finish_and_clear();
     let bytes: usize = tensors.total_bytes();
-    let views = tensors
-        .iter()
-        .filter(|(_, t)| matches!(t.storage(), tensorplace::Storage::Cpu(s) if s.is_mapped()))
-        .count();
-    if views == tensors.len() && views > 0 {
+    let report = tensors.report();
+    if report.is_some_and(|r| r.read == ReadPath::Views) {
         out!(
             "mapped {} tensors onto {description} in {:.3} s (zero-copy views, nothing copied)",
             tensors.len(),
@@ -363,6 +360,13 @@ fn load(args: &LoadArgs) -> Result<()> {
             secs,
             bytes as f64 / secs / 1e9
         )?;
+    }
+    if let Some(r) = report {
+        let up = r.upload.map_or(String::new(), |u| format!("; up: {u}"));
+        out!("path: {}{up}", r.read)?;
+        for note in &r.notes {
+            out!("note: {note}")?;
+        }
     }
     if args.verify {
         let checked = verify(&path, args.target.read_mode(), &tensors)?;

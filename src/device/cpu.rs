@@ -12,7 +12,6 @@ use crate::device::{Backend, Device, LoadPlan, PlanItem, View};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::{self, Converted, PIECE, Piece};
 use crate::memory::HostBuffer;
-use crate::parallel::Threads;
 use crate::tensor::{CpuStorage, Storage, Tensor};
 
 /// Alignment of each tensor's start in an owned arena.
@@ -114,8 +113,8 @@ fn fill(plan: &LoadPlan<'_>, placements: &[Placement], arena: &mut [u8]) -> Resu
     }
     let advance = |n| plan.advance(n);
     let file = plan.file();
-    io::read_pieces(file, copies, Threads::PerCore, &advance)?;
-    io::read_pieces(file, conversions, Threads::PerCore, &advance)
+    io::read_pieces(file, copies, &advance)?;
+    io::read_pieces(file, conversions, &advance)
 }
 
 /// Cuts one item into pieces of at most [`PIECE`] input bytes, with their destinations.

@@ -5,8 +5,8 @@
 use std::fmt;
 use std::ops::Range;
 use std::str::FromStr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::dtype::{Conversion, Dtype};
 use crate::error::{Error, ErrorKind, Result};
@@ -201,6 +201,14 @@ pub(crate) struct LoadPlan<'f> {
     total: u64,
     done: AtomicU64,
     progress: Option<&'f (dyn Fn(u64, u64) + Sync)>,
+    report: Mutex<PlanReport>,
+}
+
+/// What a backend tells about a load as it goes: the upload path taken, and fallbacks.
+#[derive(Debug, Default)]
+struct PlanReport {
+    upload: Option<Upload>,
+    notes: Vec<String>,
 }
 
 impl fmt::Debug for LoadPlan<'_> {
@@ -268,6 +276,7 @@ impl<'f> LoadPlan<'f> {
             total,
             done: AtomicU64::new(0),
             progress: None,
+            report: Mutex::new(PlanReport::default()),
         })
     }
 
@@ -324,6 +333,28 @@ impl<'f> LoadPlan<'f> {
         if let (Some(p), true) = (self.progress, done < self.total || self.total == 0) {
             p(self.total, self.total);
         }
+    }
+
+    /// Records the way up the backend took (the last one recorded wins).
+    #[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
+    pub fn note_upload(&self, upload: Upload) {
+        self.report.lock().unwrap_or_else(|p| p.into_inner()).upload = Some(upload);
+    }
+
+    /// Records a fallback taken, in words.
+    #[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
+    pub fn note(&self, note: String) {
+        self.report
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .notes
+            .push(note);
+    }
+
+    /// The upload path and the notes recorded.
+    pub fn take_report(&self) -> (Option<Upload>, Vec<String>) {
+        let mut r = self.report.lock().unwrap_or_else(|p| p.into_inner());
+        (r.upload.take(), std::mem::take(&mut r.notes))
     }
 
     /// An [`ErrorKind::Unsupported`] error for an upload strategy this load cannot take.

@@ -470,9 +470,15 @@ fn upload(backend: &Arc<CudaBackend>, plan: &LoadPlan<'_>) -> Result<Vec<Tensor>
         })
         .collect();
     let rest = match path {
-        UploadPath::Register => register::register_and_copy(backend, plan, &transfers)?,
+        UploadPath::Register => {
+            plan.note_upload(Upload::Register);
+            register::register_and_copy(backend, plan, &transfers)?
+        }
         UploadPath::Staging => transfers,
     };
+    if !rest.is_empty() {
+        plan.note_upload(Upload::Staging);
+    }
     if !rest.is_empty() {
         staging::stage_and_copy(backend, plan, &rest)?;
     }

@@ -121,8 +121,11 @@ pub(crate) fn register_and_copy<'n>(
         let rc = unsafe {
             sys::cuMemHostRegister_v2(ptr, end - start, sys::CU_MEMHOSTREGISTER_READ_ONLY)
         };
-        if rc.result().is_err() {
+        if let Err(e) = rc.result() {
             // Out of lockable memory, say: stage the rest.
+            plan.note(format!(
+                "cuMemHostRegister refused chunk {k} ({e}): the rest went through staging"
+            ));
             return Ok(by_chunk[k..].iter().flatten().cloned().collect());
         }
         let stream = &backend.streams[k % STREAMS];

@@ -1,6 +1,6 @@
 //! The staging path: a ring of pinned host buffers, allocated once per device and reused,
-//! filled by the host I/O engine (positioned reads when the file is cold or not mapped,
-//! copies from the mapping when warm), each copied up on a stream while the next is filled.
+//! filled by the host I/O engine (direct or positioned reads when the file is cold or not
+//! mapped, copies from the mapping when warm), each copied up on a stream while the next is filled.
 
 use std::ffi::c_void;
 
@@ -11,13 +11,10 @@ use super::{ALIGN, CudaBackend, STREAMS, Transfer, driver_err};
 use crate::device::LoadPlan;
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::{self, PIECE, Piece};
-use crate::parallel::Threads;
 
 /// Pinned staging buffers in the ring, and the size of each.
 const RING: usize = 4;
 const STAGING: usize = 64 << 20;
-/// Threads filling one staging buffer.
-const READERS: usize = 8;
 
 /// The staging ring of a device.
 pub(crate) struct Ring {
@@ -96,7 +93,7 @@ pub(crate) fn stage_and_copy(
                 });
             }
         }
-        io::read_pieces(file, jobs, Threads::AtMost(READERS), &|_| {})?;
+        io::read_pieces(file, jobs, &|_| {})?;
         let mut bytes = 0u64;
         for (t, &off) in batch.transfers.iter().zip(&batch.offsets) {
             let src: *const c_void = buffer.device_source(off);

@@ -124,7 +124,7 @@ fn fill(
             })
         })
         .collect();
-    io::read_pieces(plan.file(), pieces, Threads::PerCore, advance)
+    io::read_pieces(plan.file(), pieces, advance)
 }
 
 /// One piece of a tensor on its way through the ring: file bytes `src` into `dst` at
@@ -156,6 +156,11 @@ fn in_place(backend: &WgpuBackend, upload: Upload) -> std::result::Result<bool, 
 pub(super) fn upload(backend: &Arc<WgpuBackend>, plan: &LoadPlan<'_>) -> Result<Vec<Tensor>> {
     let direct = in_place(backend, plan.upload())
         .map_err(|why| plan.unsupported_upload(Device::Wgpu(Some(backend.index)), why))?;
+    plan.note_upload(if direct {
+        Upload::InPlace
+    } else {
+        Upload::Staging
+    });
     let items = plan.items();
     let max = backend.limits.max_buffer_size;
     let usage =
