@@ -34,7 +34,9 @@ use crate::tensor::{Storage, Tensor};
 
 pub use kernels::CONVERT_PTX;
 use kernels::Kernels;
-pub(crate) use memory::{Arena, Pinned};
+pub(crate) use memory::Arena;
+#[cfg(feature = "cli")]
+pub(crate) use memory::Pinned;
 
 /// Alignment of each tensor's start in the arena.
 pub(crate) const ALIGN: usize = 256;

@@ -1,0 +1,122 @@
+"""One run comparing tensorplace's Python loaders with safetensors' own, on one file:
+
+- numpy:  tensorplace.numpy.load_file(f)           vs safetensors.numpy.load_file(f)
+- flax:   tensorplace.flax.load_file(f, device)    vs safetensors.flax.load_file(f) + jax.device_put
+- torch:  tensorplace.torch.load_file(f, "cuda:0") vs safetensors.torch.load_file(f, device="cuda:0")
+          (where torch and a GPU are present)
+
+    python python/benches/compare.py [--size-gib 1] [--runs 5] [--file PATH]
+
+Each row is the median of the runs after a warm-up, the paths of a group alternating, every
+result made ready (block_until_ready, cuda.synchronize) and freed before the next run.
+Throughput is the file's data bytes over seconds, in GB/s (10^9 bytes).
+"""
+
+import argparse
+import gc
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+
+
+def write_file(path, size):
+    rng = np.random.default_rng(0)
+    tensors, total, i = {}, 0, 0
+    dtypes = [np.float32, np.float16, np.int64, np.uint8]
+    while total < size:
+        n = int(size // 300 * (1 + (i * 7919) % 30) / 15.5) or 1
+        dtype = dtypes[i % len(dtypes)]
+        a = rng.integers(0, 255, size=n, dtype=np.uint8)
+        a = a[: n // np.dtype(dtype).itemsize * np.dtype(dtype).itemsize].view(dtype)
+        tensors[f"layer{i:04}.weight"] = a
+        total += a.nbytes
+        i += 1
+    import safetensors.numpy
+
+    safetensors.numpy.save_file(tensors, path)
+    return total
+
+
+def timed(fn, ready):
+    gc.collect()
+    t = time.perf_counter()
+    out = fn()
+    ready(out)
+    s = time.perf_counter() - t
+    del out
+    gc.collect()
+    return s
+
+
+def group(name, paths, runs, nbytes):
+    times = {label: [] for label, _, _ in paths}
+    for label, fn, ready in paths:  # warm-up
+        timed(fn, ready)
+    for r in range(runs):
+        order = paths if r % 2 == 0 else list(reversed(paths))
+        for label, fn, ready in order:
+            times[label].append(timed(fn, ready))
+    base = statistics.median(times[paths[-1][0]])
+    for label, _, _ in paths:
+        med = statistics.median(times[label])
+        print(f"{name:<6} {label:<58} {nbytes / med / 1e9:8.3f} GB/s  {base / med:6.2f}x")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-gib", type=float, default=1.0)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--file")
+    args = ap.parse_args()
+    tmp = tempfile.TemporaryDirectory()
+    path = args.file or os.path.join(tmp.name, "bench.safetensors")
+    nbytes = write_file(path, int(args.size_gib * (1 << 30))) if not args.file else os.path.getsize(path)
+    print(f"file: {path} ({nbytes} data bytes); median of {args.runs} runs; ratio: x the last row of each group")
+
+    import safetensors.numpy
+    import tensorplace.numpy
+
+    nothing = lambda out: None  # noqa: E731
+    group("numpy", [
+        ("tensorplace.numpy.load_file", lambda: tensorplace.numpy.load_file(path), nothing),
+        ("safetensors.numpy.load_file", lambda: safetensors.numpy.load_file(path), nothing),
+    ], args.runs, nbytes)
+
+    try:
+        import jax
+        import safetensors.flax
+        import tensorplace.flax
+    except ImportError as e:
+        print(f"flax: skipped ({e})")
+    else:
+        dev = jax.devices()[0]
+        ready = lambda out: [a.block_until_ready() for a in out.values()]  # noqa: E731
+        group("flax", [
+            (f"tensorplace.flax.load_file(f, {dev.platform}:{dev.id})", lambda: tensorplace.flax.load_file(path, dev), ready),
+            ("safetensors.flax.load_file(f) + jax.device_put",
+             lambda: jax.device_put(safetensors.flax.load_file(path), dev), ready),
+        ], args.runs, nbytes)
+
+    try:
+        import torch
+        import safetensors.torch
+        import tensorplace.torch
+    except ImportError as e:
+        print(f"torch: skipped ({e})")
+        return
+    if not torch.cuda.is_available():
+        print("torch: skipped (no CUDA device)")
+        return
+    sync = lambda out: torch.cuda.synchronize()  # noqa: E731
+    group("torch", [
+        ('tensorplace.torch.load_file(f, "cuda:0")', lambda: tensorplace.torch.load_file(path, "cuda:0"), sync),
+        ('safetensors.torch.load_file(f, device="cuda:0")',
+         lambda: safetensors.torch.load_file(path, device="cuda:0"), sync),
+    ], args.runs, nbytes)
+
+
+if __name__ == "__main__":
+    main()

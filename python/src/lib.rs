@@ -1,0 +1,353 @@
+//! The native half of the `tensorplace` Python package: loads and saves through the
+//! `tensorplace` crate, and hands every tensor to numpy, JAX or torch through DLPack
+//! without a copy (each capsule keeps the tensor's memory alive until the framework frees
+//! the array).
+//!
+//! The Python modules (`tensorplace.numpy`, `.flax`, `.torch`, `safe_open`) are thin: they
+//! call the functions here and wrap the `_Tensor` views with their framework's
+//! `from_dlpack`.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::c_void;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use dlpark::ffi::{
+    DLDataType, DLDataTypeCode, DLDevice, DLManagedTensor, DLManagedTensorVersioned,
+};
+use dlpark::metadata::Dynamic;
+use dlpark::python::{DlpackExporter, ExportRequest, export_dlpack};
+use dlpark::{DlpackFlags, Managed, ManagedTensorBase};
+use pyo3::create_exception;
+use pyo3::exceptions::{PyException, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+use tensorplace::{Device, Dtype, Loader, Metadata, ReadMode, Storage, Tensor, Tensors};
+
+create_exception!(
+    _tensorplace,
+    Error,
+    PyException,
+    "A tensorplace error: args are (kind, message, file, tensor)."
+);
+
+/// The crate's error as the module's exception, with its kind, file and tensor.
+fn py_err(e: tensorplace::Error) -> PyErr {
+    Error::new_err((
+        format!("{:?}", e.kind()),
+        e.to_string(),
+        e.file().map(|p| p.display().to_string()),
+        e.tensor().map(str::to_owned),
+    ))
+}
+
+/// A loaded tensor, exported by DLPack. `carrier` exports its bytes as unsigned integers of
+/// the same width (for numpy, which takes no bfloat16 or float8: the Python side views the
+/// result with the `ml_dtypes` type).
+#[pyclass(frozen, name = "_Tensor", module = "tensorplace._tensorplace")]
+struct PyTensor {
+    tensor: Arc<Tensor>,
+    carrier: bool,
+}
+
+/// The DLPack type of `dtype`, or why it has none.
+fn dlpack_dtype(dtype: Dtype, carrier: bool) -> PyResult<DLDataType> {
+    use DLDataTypeCode as C;
+    let bits = u8::try_from(dtype.bits()).unwrap_or(0);
+    if carrier && bits % 8 == 0 {
+        return Ok(DLDataType::scalar(C::UINT, bits));
+    }
+    let code = match dtype {
+        Dtype::BOOL => C::BOOL,
+        Dtype::U8 | Dtype::U16 | Dtype::U32 | Dtype::U64 => C::UINT,
+        Dtype::I8 | Dtype::I16 | Dtype::I32 | Dtype::I64 => C::INT,
+        Dtype::F16 | Dtype::F32 | Dtype::F64 => C::FLOAT,
+        Dtype::BF16 => C::BFLOAT,
+        Dtype::C64 => C::COMPLEX,
+        Dtype::F8_E4M3 => C::FLOAT8_E4M3FN,
+        Dtype::F8_E5M2 => C::FLOAT8_E5M2,
+        Dtype::F8_E8M0 => C::FLOAT8_E8M0FNU,
+        Dtype::F8_E4M3FNUZ => C::FLOAT8_E4M3FNUZ,
+        Dtype::F8_E5M2FNUZ => C::FLOAT8_E5M2FNUZ,
+        Dtype::F4 | Dtype::F6_E2M3 | Dtype::F6_E3M2 => {
+            return Err(PyValueError::new_err(format!(
+                "{dtype} packs several elements in a byte: it has no DLPack export (read its bytes with tobytes())"
+            )));
+        }
+    };
+    Ok(DLDataType::scalar(code, bits))
+}
+
+impl PyTensor {
+    fn managed<M: ManagedTensorBase>(&self) -> PyResult<Managed<M>> {
+        let dtype = dlpack_dtype(self.tensor.dtype(), self.carrier)?;
+        let (data, device) = match self.tensor.storage() {
+            Storage::Cpu(s) => (s.as_bytes().as_ptr() as *mut c_void, DLDevice::CPU),
+            Storage::Cuda(s) => (
+                s.device_ptr() as usize as *mut c_void,
+                DLDevice::cuda(i32::try_from(s.ordinal()).unwrap_or(i32::MAX)),
+            ),
+            _ => return Err(PyValueError::new_err("this storage has no DLPack export")),
+        };
+        let shape: Vec<i64> = self
+            .tensor
+            .shape()
+            .iter()
+            .map(|&d| i64::try_from(d).unwrap_or(i64::MAX))
+            .collect();
+        let mut init = Dynamic::compact(shape)
+            .initialize_as::<M>(self.tensor.clone())
+            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        init.set_data(data).set_device(device).set_dtype(dtype);
+        // SAFETY: `data` points to the tensor's bytes (host memory or a CUDA arena), which the
+        // `Arc<Tensor>` installed as the capsule's context keeps alive until the consumer
+        // calls the deleter; shape and compact strides describe exactly those bytes (the
+        // header was validated); no flags are set: the memory is owned and writable.
+        Ok(unsafe { init.finish() })
+    }
+}
+
+impl DlpackExporter for PyTensor {
+    fn device(&self) -> DLDevice {
+        match self.tensor.storage() {
+            Storage::Cuda(s) => DLDevice::cuda(i32::try_from(s.ordinal()).unwrap_or(i32::MAX)),
+            _ => DLDevice::CPU,
+        }
+    }
+
+    fn flags(&self) -> DlpackFlags {
+        DlpackFlags::empty()
+    }
+
+    fn prepare_export(&self, _py: Python<'_>, request: &ExportRequest<'_>) -> PyResult<()> {
+        // Every load synchronizes its copies before returning: any consumer stream may read
+        // at once. Stream 0 is forbidden by the protocol.
+        if matches!(self.tensor.storage(), Storage::Cuda(_))
+            && let Some(s) = request.stream()
+            && s.extract::<isize>().is_ok_and(|v| v == 0)
+        {
+            return Err(PyValueError::new_err(
+                "stream 0 is not a valid DLPack stream",
+            ));
+        }
+        Ok(())
+    }
+
+    fn export_legacy(&self, _py: Python<'_>) -> PyResult<Managed<DLManagedTensor>> {
+        self.managed()
+    }
+
+    fn export_versioned(&self, _py: Python<'_>) -> PyResult<Managed<DLManagedTensorVersioned>> {
+        self.managed()
+    }
+}
+
+#[pymethods]
+impl PyTensor {
+    /// The safetensors dtype name, such as `"BF16"`.
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        self.tensor.dtype().name()
+    }
+
+    /// The shape.
+    #[getter]
+    fn shape(&self) -> Vec<usize> {
+        self.tensor.shape().to_vec()
+    }
+
+    /// The device, such as `"cpu"` or `"cuda:0"`.
+    #[getter]
+    fn device(&self) -> String {
+        self.tensor.device().to_string()
+    }
+
+    /// The same memory, exported as unsigned integers of the element's width.
+    fn carrier(&self) -> PyTensor {
+        PyTensor {
+            tensor: self.tensor.clone(),
+            carrier: true,
+        }
+    }
+
+    /// A copy of the bytes on the host (little-endian, row-major).
+    fn tobytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let bytes = self.tensor.host_bytes().map_err(py_err)?;
+        Ok(PyBytes::new(py, &bytes))
+    }
+
+    fn __dlpack_device__(&self) -> (i32, i32) {
+        let d = DlpackExporter::device(self);
+        (d.device_type.0 as i32, d.device_id)
+    }
+
+    #[pyo3(signature = (*, stream = None, max_version = None, dl_device = None, copy = None))]
+    fn __dlpack__<'py>(
+        &self,
+        py: Python<'py>,
+        stream: Option<Bound<'py, PyAny>>,
+        max_version: Option<(u32, u32)>,
+        dl_device: Option<(u32, i32)>,
+        copy: Option<bool>,
+    ) -> PyResult<Py<PyAny>> {
+        let request = ExportRequest::parse(stream.as_ref(), max_version, dl_device, copy)?;
+        export_dlpack(self, py, request)
+    }
+}
+
+/// The loaded tensors in file order, and the file's metadata.
+type Loaded = (Vec<(String, PyTensor)>, Option<HashMap<String, String>>);
+
+fn loaded(tensors: Tensors) -> Loaded {
+    let metadata = tensors
+        .metadata()
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+    let list = tensors
+        .into_iter()
+        .map(|(name, t)| {
+            (
+                name,
+                PyTensor {
+                    tensor: Arc::new(t),
+                    carrier: false,
+                },
+            )
+        })
+        .collect();
+    (list, metadata)
+}
+
+fn loader<'a>(
+    device: &str,
+    names: Option<&'a HashSet<String>>,
+    read_mode: &str,
+) -> PyResult<Loader<'a>> {
+    let device: Device = device.parse().map_err(py_err)?;
+    let mode = match read_mode {
+        "mmap" => ReadMode::Mmap,
+        "pread" => ReadMode::Pread,
+        "direct" => ReadMode::Direct,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "read_mode {other:?}: expected mmap, pread or direct"
+            )));
+        }
+    };
+    let mut l = Loader::new(device).read_mode(mode);
+    if let Some(names) = names {
+        l = l.filter(move |n| names.contains(n));
+    }
+    Ok(l)
+}
+
+/// Loads the file at `filename` onto `device` (the tensors named in `names`, or all), with
+/// the GIL released.
+#[pyfunction]
+#[pyo3(signature = (filename, device = "cpu", names = None, read_mode = "mmap"))]
+fn load_file(
+    py: Python<'_>,
+    filename: PathBuf,
+    device: &str,
+    names: Option<Vec<String>>,
+    read_mode: &str,
+) -> PyResult<Loaded> {
+    let names: Option<HashSet<String>> = names.map(|v| v.into_iter().collect());
+    let device = device.to_owned();
+    let read_mode = read_mode.to_owned();
+    let tensors = py.detach(|| {
+        loader(&device, names.as_ref(), &read_mode)?
+            .load_file(&filename)
+            .map_err(py_err)
+    })?;
+    Ok(loaded(tensors))
+}
+
+/// Loads a whole file held in `data` onto `device`.
+#[pyfunction]
+#[pyo3(signature = (data, device = "cpu"))]
+fn load(py: Python<'_>, data: &[u8], device: &str) -> PyResult<Loaded> {
+    let device = device.to_owned();
+    let tensors = py.detach(|| loader(&device, None, "mmap")?.load(data).map_err(py_err))?;
+    Ok(loaded(tensors))
+}
+
+/// The names, dtypes and shapes of a file's tensors in file order, and its metadata,
+/// without reading any tensor.
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+fn inspect(
+    filename: PathBuf,
+) -> PyResult<(
+    Vec<(String, &'static str, Vec<usize>)>,
+    Option<HashMap<String, String>>,
+)> {
+    let file =
+        tensorplace::internals::HostFile::open(&filename, ReadMode::Pread).map_err(py_err)?;
+    let header = file.header();
+    let tensors = header
+        .tensors()
+        .iter()
+        .map(|(n, i)| (n.clone(), i.dtype.name(), i.shape.clone()))
+        .collect();
+    let metadata = header
+        .metadata()
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+    Ok((tensors, metadata))
+}
+
+/// A tensor to save: name, safetensors dtype name, shape, and its bytes.
+type Spec = (String, String, Vec<usize>, Vec<u8>);
+
+fn tensors_of(specs: Vec<Spec>, metadata: Option<Vec<(String, String)>>) -> PyResult<Tensors> {
+    let mut out = Tensors::new();
+    for (name, dtype, shape, bytes) in specs {
+        let dtype: Dtype = dtype
+            .parse()
+            .map_err(|_| PyValueError::new_err(format!("{name}: unknown dtype {dtype:?}")))?;
+        let t = Tensor::from_bytes(dtype, shape, &bytes)
+            .map_err(|e| py_err(e.with_tensor(name.as_str())))?;
+        out.insert(name, t);
+    }
+    // In the caller's order (a Python dict's).
+    out.set_metadata(metadata.map(|m| m.into_iter().collect::<Metadata>()));
+    Ok(out)
+}
+
+/// The bytes of a safetensors file holding `tensors` and `metadata`.
+#[pyfunction]
+#[pyo3(signature = (tensors, metadata = None))]
+fn save<'py>(
+    py: Python<'py>,
+    tensors: Vec<Spec>,
+    metadata: Option<Vec<(String, String)>>,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let t = tensors_of(tensors, metadata)?;
+    let bytes = py.detach(|| tensorplace::save(&t, None).map_err(py_err))?;
+    Ok(PyBytes::new(py, &bytes))
+}
+
+/// Writes `tensors` and `metadata` to `filename`, atomically.
+#[pyfunction]
+#[pyo3(signature = (tensors, filename, metadata = None))]
+fn save_file(
+    py: Python<'_>,
+    tensors: Vec<Spec>,
+    filename: PathBuf,
+    metadata: Option<Vec<(String, String)>>,
+) -> PyResult<()> {
+    let t = tensors_of(tensors, metadata)?;
+    py.detach(|| tensorplace::save_file(&t, &filename, None).map_err(py_err))
+}
+
+/// The native module.
+#[pymodule]
+fn _tensorplace(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("Error", m.py().get_type::<Error>())?;
+    m.add_class::<PyTensor>()?;
+    m.add_function(wrap_pyfunction!(load_file, m)?)?;
+    m.add_function(wrap_pyfunction!(load, m)?)?;
+    m.add_function(wrap_pyfunction!(inspect, m)?)?;
+    m.add_function(wrap_pyfunction!(save, m)?)?;
+    m.add_function(wrap_pyfunction!(save_file, m)?)?;
+    Ok(())
+}

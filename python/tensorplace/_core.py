@@ -1,0 +1,144 @@
+"""What the framework modules share: errors, dtype names, and the lazy reader."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from . import _tensorplace as _native
+
+try:  # Subclass safetensors' exception, so that code catching it catches ours.
+    from safetensors import SafetensorError as _Base
+except Exception:  # pragma: no cover - safetensors is optional
+    _Base = Exception
+
+
+class TensorplaceError(_Base):
+    """A load or save failed. ``kind`` is the rule broken or the failure met (such as
+    ``"SizeMismatch"``, ``"Io"``, ``"DeviceUnavailable"``); ``file`` and ``tensor`` name
+    what it concerns, where known; ``str(e)`` says all of it."""
+
+    def __init__(self, kind: str, message: str, file: Optional[str] = None, tensor: Optional[str] = None):
+        super().__init__(message)
+        self.kind = kind
+        self.file = file
+        self.tensor = tensor
+
+
+def call(fn: Callable, *args, **kwargs):
+    """Calls a native function, raising :class:`TensorplaceError` for its errors."""
+    try:
+        return fn(*args, **kwargs)
+    except _native.Error as e:
+        kind, message, file, tensor = e.args
+        raise TensorplaceError(kind, message, file, tensor) from None
+
+
+_BACKENDS = {"mmap": "mmap", "pread": "pread", "read": "pread", "direct": "direct"}
+
+
+def load_file(filename, device: str = "cpu", names: Optional[List[str]] = None, backend: str = "mmap"):
+    """The tensors of ``filename`` as native views (name, view) in file order, and the
+    metadata. ``backend``: ``"mmap"`` (the default), ``"pread"`` (files that may change) or
+    ``"direct"`` (O_DIRECT, for files not in the page cache)."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend {backend!r}: expected one of {sorted(_BACKENDS)}")
+    return call(_native.load_file, os.fspath(filename), device, names, _BACKENDS[backend])
+
+
+def load(data: bytes, device: str = "cpu"):
+    """The tensors of a whole file held in ``data``, as :func:`load_file`."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"data must be bytes, not {type(data).__name__}")
+    return call(_native.load, bytes(data), device)
+
+
+def save(specs, metadata: Optional[Dict[str, str]] = None) -> bytes:
+    """The bytes of a file holding ``specs`` [(name, dtype, shape, bytes)]."""
+    return call(_native.save, specs, _metadata(metadata))
+
+
+def save_file(specs, filename, metadata: Optional[Dict[str, str]] = None) -> None:
+    """Writes ``specs`` to ``filename`` atomically."""
+    call(_native.save_file, specs, os.fspath(filename), _metadata(metadata))
+
+
+def _metadata(metadata):
+    if metadata is None:
+        return None
+    for k, v in metadata.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise ValueError(f"metadata must map str to str, got {k!r}: {v!r}")
+    return list(metadata.items())
+
+
+def _framework(name: str):
+    if name in ("np", "numpy"):
+        from . import numpy as module
+    elif name in ("pt", "torch", "pytorch"):
+        from . import torch as module
+    elif name in ("flax", "jax"):
+        from . import flax as module
+    else:
+        raise ValueError(f"framework {name!r}: expected 'np', 'pt' or 'flax'")
+    return module
+
+
+class safe_open:
+    """Opens a safetensors file lazily, as ``safetensors.safe_open``: ``keys()``,
+    ``metadata()``, ``get_tensor(name)`` and ``get_slice(name)[...]``; usable as a context
+    manager. Only the header is read on opening; each ``get_tensor`` reads that tensor."""
+
+    def __init__(self, filename, framework: str, device: Any = "cpu"):
+        self._filename = os.fspath(filename)
+        self._module = _framework(framework)
+        self._device = device
+        infos, self._metadata = call(_native.inspect, self._filename)
+        self._infos = {name: (dtype, shape) for name, dtype, shape in infos}
+        self._keys = [name for name, _, _ in infos]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def keys(self) -> List[str]:
+        """The tensor names (sorted, as safetensors gives them)."""
+        return sorted(self._keys)
+
+    def offset_keys(self) -> List[str]:
+        """The tensor names in file order."""
+        return list(self._keys)
+
+    def metadata(self) -> Optional[Dict[str, str]]:
+        """The file's ``__metadata__``."""
+        return None if self._metadata is None else dict(self._metadata)
+
+    def get_tensor(self, name: str):
+        """The tensor ``name``, loaded alone."""
+        if name not in self._infos:
+            raise TensorplaceError("TensorNotFound", f"tensor {name!r} not found", self._filename, name)
+        return self._module._load_one(self._filename, name, self._device)
+
+    def get_slice(self, name: str) -> "_Slice":
+        """A lazy slice: ``get_shape()``, ``get_dtype()``, and ``[...]`` indexing."""
+        if name not in self._infos:
+            raise TensorplaceError("TensorNotFound", f"tensor {name!r} not found", self._filename, name)
+        return _Slice(self, name)
+
+
+class _Slice:
+    def __init__(self, handle: safe_open, name: str):
+        self._handle = handle
+        self._name = name
+
+    def get_shape(self) -> List[int]:
+        return list(self._handle._infos[self._name][1])
+
+    def get_dtype(self) -> str:
+        return self._handle._infos[self._name][0]
+
+    def __getitem__(self, index):
+        # The slice is taken from the loaded tensor (the crate reads the whole tensor).
+        return self._handle.get_tensor(self._name)[index]

@@ -1,0 +1,81 @@
+"""``safetensors.flax``'s API, with ``load_file(filename, device)`` placing the arrays on
+the device: the CPU, or a GPU (loaded by the crate's CUDA backend, handed to JAX by DLPack).
+
+``device`` is a ``jax.Device`` (``jax.devices("gpu")[0]``) or a string (``"cpu"``,
+``"cuda:0"``, ``"gpu"``); the default is the CPU, as safetensors. A GPU asked for and absent
+is a :class:`TensorplaceError` (kind ``DeviceUnavailable``), never a silent fallback. JAX
+keeps 64-bit types only with ``jax_enable_x64``; otherwise it converts them to 32 bits, as
+``safetensors.flax`` does. JAX preallocates most of the GPU's memory: with large GPU loads,
+set ``XLA_PYTHON_CLIENT_PREALLOCATE=false``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional, Union
+
+import jax
+import numpy as np
+
+from . import _core
+from . import numpy as _np
+
+
+def _device(device: Any) -> str:
+    if device is None:
+        return "cpu"
+    if isinstance(device, str):
+        return device
+    platform = getattr(device, "platform", None)
+    if platform == "cpu":
+        return "cpu"
+    if platform in ("gpu", "cuda"):
+        return f"cuda:{device.local_hardware_id}"
+    raise _core.TensorplaceError("InvalidDevice", f"{device!r}: not a CPU or CUDA device")
+
+
+def to_jax(view) -> jax.Array:
+    """A view as a JAX array sharing its memory (on the view's device)."""
+    if view.dtype in ("F4", "F6_E2M3", "F6_E3M2"):
+        raise _core.TensorplaceError("Unsupported", f"{view.dtype} has no JAX type here")
+    return jax.dlpack.from_dlpack(view)
+
+
+def _dict(loaded) -> Dict[str, jax.Array]:
+    views, _ = loaded
+    return {name: to_jax(v) for name, v in views}
+
+
+def load_file(
+    filename: Union[str, os.PathLike], device: Any = "cpu", *, backend: str = "mmap"
+) -> Dict[str, jax.Array]:
+    """Loads a safetensors file onto ``device`` as JAX arrays."""
+    return _dict(_core.load_file(filename, _device(device), backend=backend))
+
+
+def load(data: bytes, device: Any = "cpu") -> Dict[str, jax.Array]:
+    """Loads the bytes of a safetensors file onto ``device`` as JAX arrays."""
+    return _dict(_core.load(data, _device(device)))
+
+
+def _specs(tensors: Dict[str, jax.Array]):
+    return [_np.spec(k, np.asarray(v)) for k, v in tensors.items()]
+
+
+def save(tensors: Dict[str, jax.Array], metadata: Optional[Dict[str, str]] = None) -> bytes:
+    """The bytes of a safetensors file holding ``tensors``."""
+    return _core.save(_specs(tensors), metadata)
+
+
+def save_file(
+    tensors: Dict[str, jax.Array],
+    filename: Union[str, os.PathLike],
+    metadata: Optional[Dict[str, str]] = None,
+) -> None:
+    """Writes ``tensors`` to ``filename`` (atomically)."""
+    _core.save_file(_specs(tensors), filename, metadata)
+
+
+def _load_one(filename, name, device):
+    views, _ = _core.load_file(filename, _device(device), [name])
+    return to_jax(views[0][1])

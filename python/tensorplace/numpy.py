@@ -1,0 +1,114 @@
+"""``safetensors.numpy``'s API: numpy arrays on the host, handed over without a copy.
+
+bfloat16 and the float8 types arrive as ``ml_dtypes`` arrays (numpy has no such types);
+the packed F4 and F6 types have no numpy type and raise :class:`TensorplaceError`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional, Union
+
+import numpy as np
+
+from . import _core
+
+_ML_DTYPES = {
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E8M0": "float8_e8m0fnu",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+}
+
+_NUMPY = {
+    "BOOL": np.bool_,
+    "U8": np.uint8,
+    "I8": np.int8,
+    "U16": np.uint16,
+    "I16": np.int16,
+    "F16": np.float16,
+    "U32": np.uint32,
+    "I32": np.int32,
+    "F32": np.float32,
+    "C64": np.complex64,
+    "U64": np.uint64,
+    "I64": np.int64,
+    "F64": np.float64,
+}
+
+
+def _ml_dtype(name: str):
+    import ml_dtypes
+
+    return np.dtype(getattr(ml_dtypes, _ML_DTYPES[name]))
+
+
+def to_numpy(view) -> np.ndarray:
+    """A host view as a numpy array sharing its memory."""
+    if view.device != "cpu":
+        raise _core.TensorplaceError("Unsupported", f"the tensor is on {view.device}, not the host")
+    dtype = view.dtype
+    if dtype in _NUMPY:
+        return np.from_dlpack(view)
+    if dtype in _ML_DTYPES:
+        return np.from_dlpack(view.carrier()).view(_ml_dtype(dtype))
+    raise _core.TensorplaceError("Unsupported", f"{dtype} has no numpy type")
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    """The safetensors name of a numpy (or ml_dtypes) dtype."""
+    dtype = np.dtype(dtype)
+    for name, t in _NUMPY.items():
+        if dtype == np.dtype(t):
+            return name
+    for name in _ML_DTYPES:
+        try:
+            if dtype == _ml_dtype(name):
+                return name
+        except (ImportError, AttributeError):
+            continue
+    raise ValueError(f"dtype {dtype} has no safetensors name")
+
+
+def spec(name: str, array: np.ndarray):
+    """(name, dtype, shape, little-endian row-major bytes) for the native save."""
+    array = np.asarray(array)
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return (name, dtype_name(array.dtype), list(array.shape), np.ascontiguousarray(array).tobytes())
+
+
+def _dict(loaded) -> Dict[str, np.ndarray]:
+    views, _ = loaded
+    return {name: to_numpy(v) for name, v in views}
+
+
+def load_file(filename: Union[str, os.PathLike], *, backend: str = "mmap") -> Dict[str, np.ndarray]:
+    """Loads a safetensors file into numpy arrays (owned memory, 64-byte aligned)."""
+    return _dict(_core.load_file(filename, "cpu", backend=backend))
+
+
+def load(data: bytes) -> Dict[str, np.ndarray]:
+    """Loads the bytes of a safetensors file into numpy arrays."""
+    return _dict(_core.load(data, "cpu"))
+
+
+def save(tensor_dict: Dict[str, np.ndarray], metadata: Optional[Dict[str, str]] = None) -> bytes:
+    """The bytes of a safetensors file holding ``tensor_dict``."""
+    return _core.save([spec(k, v) for k, v in tensor_dict.items()], metadata)
+
+
+def save_file(
+    tensor_dict: Dict[str, np.ndarray],
+    filename: Union[str, os.PathLike],
+    metadata: Optional[Dict[str, str]] = None,
+) -> None:
+    """Writes ``tensor_dict`` to ``filename`` (atomically: a failure leaves the old file)."""
+    _core.save_file([spec(k, v) for k, v in tensor_dict.items()], filename, metadata)
+
+
+def _load_one(filename, name, device):
+    views, _ = _core.load_file(filename, "cpu", [name])
+    return to_numpy(views[0][1])

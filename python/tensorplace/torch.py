@@ -1,0 +1,108 @@
+"""``safetensors.torch``'s API: ``load_file(filename, device="cpu")`` places the tensors on
+the device (the CPU, or ``cuda``/``cuda:N``, loaded by the crate's CUDA backend) and hands
+them to torch by DLPack, without a copy.
+
+float8 tensors are exported as bytes and viewed with torch's float8 type (older torch
+releases refuse float8 over DLPack). CUDA tensors live in one device allocation per load,
+freed when the last of its tensors is; torch's allocator does not see it
+(``torch.cuda.memory_allocated()`` does not count it).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional, Union
+
+import torch
+
+from . import _core
+
+_FLOAT8 = {
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E8M0": "float8_e8m0fnu",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+}
+
+_NAMES = {
+    torch.bool: "BOOL",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.int16: "I16",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int32: "I32",
+    torch.float32: "F32",
+    torch.complex64: "C64",
+    torch.int64: "I64",
+    torch.float64: "F64",
+}
+for _name, _attr in [("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")] + [
+    (k, v) for k, v in _FLOAT8.items()
+]:
+    if hasattr(torch, _attr):
+        _NAMES[getattr(torch, _attr)] = _name
+
+
+def _device(device: Any) -> str:
+    if isinstance(device, int):
+        return f"cuda:{device}"
+    device = torch.device(device)
+    if device.type == "cpu":
+        return "cpu"
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index}"
+    raise _core.TensorplaceError("InvalidDevice", f"{device}: not a CPU or CUDA device")
+
+
+def to_torch(view) -> torch.Tensor:
+    """A view as a torch tensor sharing its memory (on the view's device)."""
+    if view.dtype in _FLOAT8:
+        return torch.from_dlpack(view.carrier()).view(getattr(torch, _FLOAT8[view.dtype]))
+    return torch.from_dlpack(view)
+
+
+def _dict(loaded) -> Dict[str, torch.Tensor]:
+    views, _ = loaded
+    return {name: to_torch(v) for name, v in views}
+
+
+def load_file(
+    filename: Union[str, os.PathLike], device: Union[str, int] = "cpu", *, backend: str = "mmap"
+) -> Dict[str, torch.Tensor]:
+    """Loads a safetensors file onto ``device`` as torch tensors."""
+    return _dict(_core.load_file(filename, _device(device), backend=backend))
+
+
+def load(data: bytes) -> Dict[str, torch.Tensor]:
+    """Loads the bytes of a safetensors file into CPU torch tensors."""
+    return _dict(_core.load(data, "cpu"))
+
+
+def _spec(name: str, t: torch.Tensor):
+    if t.dtype not in _NAMES:
+        raise ValueError(f"{name}: dtype {t.dtype} has no safetensors name")
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    return (name, _NAMES[t.dtype], list(t.shape), data)
+
+
+def save(tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> bytes:
+    """The bytes of a safetensors file holding ``tensors``."""
+    return _core.save([_spec(k, v) for k, v in tensors.items()], metadata)
+
+
+def save_file(
+    tensors: Dict[str, torch.Tensor],
+    filename: Union[str, os.PathLike],
+    metadata: Optional[Dict[str, str]] = None,
+) -> None:
+    """Writes ``tensors`` to ``filename`` (atomically)."""
+    _core.save_file([_spec(k, v) for k, v in tensors.items()], filename, metadata)
+
+
+def _load_one(filename, name, device):
+    views, _ = _core.load_file(filename, _device(device), [name])
+    return to_torch(views[0][1])

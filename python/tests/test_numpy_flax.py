@@ -1,0 +1,238 @@
+"""The Python package against the real ``safetensors`` package: the same arrays for every
+dtype both support, byte-identical saves, files written by each loaded by the other,
+errors by kind, arrays that outlive their file, and memory freed with the arrays."""
+
+import gc
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import safetensors
+import safetensors.flax
+import safetensors.numpy
+
+import tensorplace
+import tensorplace.flax
+import tensorplace.numpy
+from tensorplace import TensorplaceError, safe_open
+
+FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "tests" / "fixtures"
+RNG = np.random.default_rng(7)
+
+# Every dtype safetensors.numpy takes.
+NUMPY_DTYPES = [np.float64, np.float32, np.float16, np.int64, np.uint64, np.int32, np.uint32,
+                np.int16, np.uint16, np.int8, np.uint8, np.bool_, np.complex64]
+SHAPES = [(), (0,), (1,), (7,), (3, 5), (2, 3, 4), (1, 1, 9)]
+
+
+def random_array(dtype, shape):
+    dtype = np.dtype(dtype)
+    raw = RNG.integers(0, 256, size=int(np.prod(shape)) * dtype.itemsize, dtype=np.uint8)
+    if dtype == np.bool_:
+        return (raw[: int(np.prod(shape))] & 1).astype(np.bool_).reshape(shape)
+    return raw.view(dtype).reshape(shape)
+
+
+def numpy_tensors():
+    out = {}
+    for i, dtype in enumerate(NUMPY_DTYPES):
+        for j, shape in enumerate(SHAPES):
+            out[f"t{i:02}_{j}.{np.dtype(dtype).name}"] = random_array(dtype, shape)
+    return out
+
+
+def same(a, b):
+    """Same dtype, shape and bytes (NaN payloads included)."""
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, a.shape, b.dtype, b.shape)
+    assert a.tobytes() == b.tobytes()
+
+
+def test_numpy_loads_what_safetensors_saves_and_saves_the_same_bytes(tmp_path):
+    tensors = numpy_tensors()
+    for metadata in [None, {"format": "np"}]:
+        reference = safetensors.numpy.save(tensors, metadata=metadata)
+        ours = tensorplace.numpy.save(tensors, metadata=metadata)
+        assert ours == reference
+        loaded = tensorplace.numpy.load(reference)
+        assert set(loaded) == set(safetensors.numpy.load(reference))
+        for name, array in tensors.items():
+            same(loaded[name], array)
+    path = tmp_path / "ours.safetensors"
+    tensorplace.numpy.save_file(tensors, path, metadata={"k": "v"})
+    theirs = safetensors.numpy.load_file(path)
+    for name, array in tensors.items():
+        same(theirs[name], array)
+    path2 = tmp_path / "theirs.safetensors"
+    safetensors.numpy.save_file(tensors, path2)
+    for name, array in tensorplace.numpy.load_file(path2).items():
+        same(array, tensors[name])
+
+
+def test_flax_matches_safetensors_flax(tmp_path):
+    tensors = {
+        "f32": jnp.asarray(random_array(np.float32, (4, 6))),
+        "f16": jnp.asarray(random_array(np.float16, (5,))),
+        "bf16": jnp.asarray(RNG.standard_normal((3, 7)).astype(ml_dtypes.bfloat16)),
+        "i32": jnp.asarray(random_array(np.int32, (2, 2))),
+        "u8": jnp.asarray(random_array(np.uint8, (9,))),
+        "b": jnp.asarray(random_array(np.bool_, (4,))),
+        "scalar": jnp.asarray(np.float32(3.5)),
+    }
+    reference = safetensors.flax.save(tensors)
+    assert tensorplace.flax.save(tensors) == reference
+    assert tensorplace.flax.save(tensors, {"a": "b"}) == safetensors.flax.save(tensors, {"a": "b"})
+    path = tmp_path / "m.safetensors"
+    safetensors.flax.save_file(tensors, path)
+    theirs = safetensors.flax.load_file(path)
+    for device in [None, "cpu", jax.devices("cpu")[0]]:
+        ours = tensorplace.flax.load_file(path, device) if device is not None else tensorplace.flax.load_file(path)
+        assert set(ours) == set(theirs)
+        for name in tensors:
+            assert isinstance(ours[name], jax.Array)
+            assert ours[name].devices() == {jax.devices("cpu")[0]}
+            same(ours[name], theirs[name])
+    ours = tensorplace.flax.load(reference)
+    for name in tensors:
+        same(ours[name], theirs[name])
+
+
+def test_the_python_fixtures_load_as_safetensors_loads_them():
+    for name in ["numpy_all.safetensors", "rust_writer_all.safetensors"]:
+        path = FIXTURES / name
+        with safe_open(path, "np") as f:
+            names = f.keys()
+            dtypes = {k: f.get_slice(k).get_dtype() for k in names}
+        with safetensors.safe_open(str(path), "np") as ref:
+            assert sorted(ref.keys()) == names
+            for k in names:
+                if dtypes[k] in tensorplace.numpy._NUMPY:
+                    same(tensorplace.numpy._load_one(path, k, "cpu"), ref.get_tensor(k))
+                    assert f.get_slice(k).get_shape() == list(ref.get_slice(k).get_shape())
+        if any(d in ("F4", "F6_E2M3", "F6_E3M2") for d in dtypes.values()):
+            # Packed sub-byte types have no numpy type (safetensors.numpy has none either).
+            with pytest.raises(TensorplaceError) as e:
+                tensorplace.numpy.load_file(path)
+            assert e.value.kind == "Unsupported"
+        with safe_open(path, "np") as f:
+            for k, dtype in dtypes.items():
+                if dtype in tensorplace.numpy._ML_DTYPES:
+                    a = f.get_tensor(k)
+                    assert a.dtype == np.dtype(getattr(ml_dtypes, tensorplace.numpy._ML_DTYPES[dtype]))
+                    assert a.shape == tuple(f.get_slice(k).get_shape())
+
+
+def test_safe_open_reads_keys_metadata_tensors_and_slices(tmp_path):
+    tensors = {"a": random_array(np.float32, (6, 4)), "b": random_array(np.int64, (3,))}
+    path = tmp_path / "m.safetensors"
+    safetensors.numpy.save_file(tensors, path, metadata={"format": "np"})
+    with safe_open(path, framework="np") as f:
+        assert f.keys() == ["a", "b"]
+        assert f.metadata() == {"format": "np"}
+        same(f.get_tensor("a"), tensors["a"])
+        sl = f.get_slice("a")
+        assert sl.get_shape() == [6, 4] and sl.get_dtype() == "F32"
+        same(sl[1:3, :], tensors["a"][1:3, :])
+        same(sl[2], tensors["a"][2])
+        with pytest.raises(TensorplaceError) as e:
+            f.get_tensor("missing")
+        assert e.value.kind == "TensorNotFound"
+    with safe_open(path, framework="flax") as f:
+        same(f.get_tensor("a"), tensors["a"])
+
+
+def write(path, data):
+    path.write_bytes(data)
+    return path
+
+
+def test_malformed_files_raise_the_error_of_their_rule(tmp_path):
+    ok = safetensors.numpy.save({"w": np.zeros(3, np.float32)})
+    n = int.from_bytes(ok[:8], "little")
+    cases = {
+        "HeaderTooSmall": b"\x01\x02",
+        "HeaderTooLarge": (200_000_000).to_bytes(8, "little") + b"{}",
+        "InvalidHeaderLength": (100).to_bytes(8, "little") + b"{}",
+        "InvalidJson": (3).to_bytes(8, "little") + b"{x}",
+        "IncompleteBuffer": ok + b"\x00",
+        "SizeMismatch": ok[:8] + ok[8 : 8 + n].replace(b"[3]", b"[2]") + ok[8 + n :],
+    }
+    for kind, data in cases.items():
+        path = write(tmp_path / f"{kind}.safetensors", data)
+        for load in [lambda: tensorplace.numpy.load_file(path), lambda: tensorplace.numpy.load(data),
+                     lambda: tensorplace.flax.load_file(path)]:
+            with pytest.raises(TensorplaceError) as e:
+                load()
+            assert e.value.kind == kind, (kind, e.value)
+            assert isinstance(e.value, safetensors.SafetensorError)
+        with pytest.raises(safetensors.SafetensorError):
+            safetensors.numpy.load(data)
+    with pytest.raises(TensorplaceError) as e:
+        tensorplace.numpy.load_file(tmp_path / "absent.safetensors")
+    assert e.value.kind == "Io" and "absent.safetensors" in str(e.value)
+    with pytest.raises(TensorplaceError) as e:
+        tensorplace.flax.load_file(write(tmp_path / "ok.safetensors", ok), "tpu:0")
+    assert e.value.kind == "InvalidDevice"
+
+
+def test_an_absent_gpu_is_an_error_not_a_fallback(tmp_path):
+    path = write(tmp_path / "m.safetensors", safetensors.numpy.save({"w": np.ones(3, np.float32)}))
+    if any(d.platform == "gpu" for d in jax.devices()):
+        pytest.skip("a GPU is present here")
+    for device in ["cuda:0", "gpu", "cuda"]:
+        with pytest.raises(TensorplaceError) as e:
+            tensorplace.flax.load_file(path, device)
+        assert e.value.kind == "DeviceUnavailable", e.value
+
+
+def test_arrays_outlive_their_file_and_handle(tmp_path):
+    tensors = numpy_tensors()
+    path = tmp_path / "m.safetensors"
+    tensorplace.numpy.save_file(tensors, path)
+    loaded = tensorplace.numpy.load_file(path)
+    with safe_open(path, "np") as f:
+        one = f.get_tensor(next(iter(tensors)))
+    jax_loaded = tensorplace.flax.load_file(path)
+    os.remove(path)
+    del f
+    gc.collect()
+    for name, array in tensors.items():
+        same(loaded[name], array)
+    same(one, tensors[next(iter(tensors))])
+    for name, array in tensors.items():
+        if array.dtype.itemsize < 8 and array.dtype != np.complex64:
+            same(jax_loaded[name], array)
+    # Views of one owned arena: no array owns its data, none is a copy.
+    assert not any(a.flags.owndata for a in loaded.values())
+
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_memory_is_freed_with_the_arrays(tmp_path):
+    path = tmp_path / "big.safetensors"
+    safetensors.numpy.save_file({f"w{i}": np.full(8 << 20, i, np.float32) for i in range(8)}, path)  # 256 MiB
+    loaded = tensorplace.numpy.load_file(path)
+    del loaded
+    gc.collect()
+    start = rss()
+    for _ in range(6):
+        arrays = tensorplace.numpy.load_file(path)
+        assert float(arrays["w3"][12345]) == 3.0
+        peak = rss()
+        del arrays
+        gc.collect()
+    assert peak >= start + (200 << 20), "the arrays were resident"
+    assert rss() <= start + (64 << 20), f"{start >> 20} MiB before, {rss() >> 20} MiB after"
+    for _ in range(3):
+        arrays = tensorplace.flax.load_file(path)
+        assert float(arrays["w5"][7]) == 5.0
+        del arrays
+        gc.collect()
+    assert rss() <= start + (64 << 20), f"{start >> 20} MiB before, {rss() >> 20} MiB after (jax)"
