@@ -63,6 +63,8 @@ pub enum ErrorKind {
     InvalidTensor,
     /// A tensor name was asked for that is not there.
     TensorNotFound,
+    /// The load was stopped by its caller (see `Loader::interrupt`).
+    Interrupted,
 }
 
 impl ErrorKind {
@@ -93,6 +95,7 @@ impl ErrorKind {
             ErrorKind::Unsupported => "unsupported",
             ErrorKind::InvalidTensor => "invalid tensor",
             ErrorKind::TensorNotFound => "tensor not found",
+            ErrorKind::Interrupted => "interrupted",
         }
     }
 

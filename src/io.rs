@@ -124,14 +124,15 @@ fn read(file: &HostFile<'_>, fetch: Fetch, at: usize, dst: &mut [u8]) -> Result<
 }
 
 /// Reads every piece into its destination, calling `advance` with each piece's length once
-/// it is done. Errors name the file and the tensor.
+/// it is done (and with 0 before it starts): an error from `advance` (an interrupted load)
+/// stops the reading. Errors name the file and the tensor.
 ///
 /// How is the file's [`fetch`](HostFile::fetch): copies from memory run on one thread per
 /// core, reads from a disk on the reader pool's many threads.
 pub(crate) fn read_pieces<D: Destination>(
     file: &HostFile<'_>,
     pieces: Vec<Piece<'_, D>>,
-    advance: &(dyn Fn(u64) + Sync),
+    advance: &(dyn Fn(u64) -> Result<()> + Sync),
 ) -> Result<()> {
     if pieces.is_empty() {
         return Ok(());
@@ -145,6 +146,7 @@ pub(crate) fn read_pieces<D: Destination>(
         Fetch::Pread | Fetch::Direct => Threads::Io,
     };
     parallel::for_each(pieces, threads, |piece, scratch| {
+        advance(0)?;
         let n = piece.src.len() as u64;
         let source = Source {
             file,
@@ -156,8 +158,7 @@ pub(crate) fn read_pieces<D: Destination>(
             .dst
             .write(source)
             .map_err(|e| e.with_tensor(piece.tensor).with_opt_file(file.path()))?;
-        advance(n);
-        Ok(())
+        advance(n)
     })
 }
 
@@ -199,6 +200,7 @@ mod tests {
             let done = AtomicU64::new(0);
             let advance = |n| {
                 done.fetch_add(n, Ordering::Relaxed);
+                Ok(())
             };
             let (first, second) = plain.split_at_mut(5);
             let pieces = vec![

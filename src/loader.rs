@@ -7,6 +7,7 @@
 //! variables onto these options.
 
 use std::path::Path;
+use std::sync::atomic::AtomicBool;
 
 use crate::device::{self, Device, IntoDevice, LoadPlan, Upload, View};
 use crate::dtype::Dtype;
@@ -87,6 +88,7 @@ pub struct Loader<'a> {
     read_mode: ReadMode,
     upload: Upload,
     adapter: Option<String>,
+    interrupt: Option<&'a AtomicBool>,
 }
 
 impl std::fmt::Debug for Loader<'_> {
@@ -99,6 +101,7 @@ impl std::fmt::Debug for Loader<'_> {
             .field("read_mode", &self.read_mode)
             .field("upload", &self.upload)
             .field("adapter", &self.adapter)
+            .field("interrupt", &self.interrupt.is_some())
             .finish()
     }
 }
@@ -115,6 +118,7 @@ impl<'a> Loader<'a> {
             read_mode: ReadMode::Mmap,
             upload: Upload::Auto,
             adapter: None,
+            interrupt: None,
         }
     }
 
@@ -157,6 +161,14 @@ impl<'a> Loader<'a> {
     /// [`ErrorKind::DeviceUnavailable`](crate::ErrorKind::DeviceUnavailable) error.
     pub fn adapter(mut self, name: impl Into<String>) -> Self {
         self.adapter = Some(name.into());
+        self
+    }
+
+    /// Stops the load, from another thread, once `flag` is set: the load returns an
+    /// [`ErrorKind::Interrupted`](crate::ErrorKind::Interrupted) error within about one
+    /// 4 MiB piece per reader, having freed what it placed (a Ctrl-C handler sets the flag).
+    pub fn interrupt(mut self, flag: &'a AtomicBool) -> Self {
+        self.interrupt = Some(flag);
         self
     }
 
@@ -212,7 +224,8 @@ impl<'a> Loader<'a> {
         let plan = LoadPlan::new(file, self.dtype, keep)?
             .with_view(view)
             .with_upload(self.upload)
-            .with_progress(&report);
+            .with_progress(&report)
+            .with_interrupt(self.interrupt);
         let placed = backend.upload(&plan)?;
         plan.finish();
         let read = match file.fetch_used() {

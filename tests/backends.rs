@@ -520,3 +520,34 @@ fn direct_reads_fall_back_where_the_file_system_refuses_them() {
         "{report:?}"
     );
 }
+
+/// A load stopped by its caller (`Loader::interrupt`, set here once the first bytes are in)
+/// returns an `Interrupted` error naming the file, and the next load works.
+#[test]
+fn interrupted_loads_stop_and_the_next_one_works() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let mut want = Tensors::new();
+    for i in 0..6 {
+        want.insert(
+            format!("w{i}"),
+            Tensor::from_bytes(Dtype::U8, vec![8 << 20], &common::bytes(8 << 20, i)).unwrap(),
+        );
+    }
+    let path = write(&dir, &want);
+    for device in common::devices("interrupted_loads_stop_and_the_next_one_works") {
+        for mode in [ReadMode::Mmap, ReadMode::Pread] {
+            let stop = AtomicBool::new(false);
+            let e = Loader::new(device)
+                .read_mode(mode)
+                .interrupt(&stop)
+                .progress(|_| stop.store(true, Ordering::Relaxed))
+                .load_file(&path)
+                .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Interrupted, "{device} {mode:?}: {e}");
+            assert_eq!(e.file(), Some(path.as_path()));
+            let loaded = tensorplace::load_file(&path, device).unwrap();
+            assert_same(device, &loaded, &want);
+        }
+    }
+}

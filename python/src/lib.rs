@@ -10,7 +10,9 @@
 use std::collections::{HashMap, HashSet};
 use std::ffi::c_void;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use dlpark::ffi::{
     DLDataType, DLDataTypeCode, DLDevice, DLManagedTensor, DLManagedTensorVersioned,
@@ -240,8 +242,49 @@ fn loader<'a>(
     Ok(l)
 }
 
+/// Runs `load` on another thread while this one watches for signals (between waits without
+/// the GIL): a Ctrl-C sets the load's interrupt flag, waits for it to stop (having freed
+/// what it placed) and raises `KeyboardInterrupt` at once.
+fn interruptible<T: Send>(
+    py: Python<'_>,
+    load: impl FnOnce(&AtomicBool) -> PyResult<T> + Send,
+) -> PyResult<T> {
+    let stop = AtomicBool::new(false);
+    let finished = (Mutex::new(false), Condvar::new());
+    std::thread::scope(|s| {
+        let (stop, finished) = (&stop, &finished);
+        let worker = s.spawn(move || {
+            let r = load(stop);
+            *finished.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
+            finished.1.notify_all();
+            r
+        });
+        loop {
+            let done = py.detach(|| {
+                let guard = finished.0.lock().unwrap_or_else(|p| p.into_inner());
+                let (guard, _) = finished
+                    .1
+                    .wait_timeout_while(guard, Duration::from_millis(50), |done| !*done)
+                    .unwrap_or_else(|p| p.into_inner());
+                *guard
+            });
+            if done {
+                break;
+            }
+            if let Err(e) = py.check_signals() {
+                stop.store(true, Ordering::Relaxed);
+                let _ = py.detach(|| worker.join());
+                return Err(e);
+            }
+        }
+        worker
+            .join()
+            .unwrap_or_else(|_| Err(PyException::new_err("a load panicked")))
+    })
+}
+
 /// Loads the file at `filename` onto `device` (the tensors named in `names`, or all), with
-/// the GIL released.
+/// the GIL released and Ctrl-C honoured.
 #[pyfunction]
 #[pyo3(signature = (filename, device = "cpu", names = None, read_mode = "mmap"))]
 fn load_file(
@@ -254,8 +297,9 @@ fn load_file(
     let names: Option<HashSet<String>> = names.map(|v| v.into_iter().collect());
     let device = device.to_owned();
     let read_mode = read_mode.to_owned();
-    let tensors = py.detach(|| {
+    let tensors = interruptible(py, |stop| {
         loader(&device, names.as_ref(), &read_mode)?
+            .interrupt(stop)
             .load_file(&filename)
             .map_err(py_err)
     })?;
@@ -267,7 +311,12 @@ fn load_file(
 #[pyo3(signature = (data, device = "cpu"))]
 fn load(py: Python<'_>, data: &[u8], device: &str) -> PyResult<Loaded> {
     let device = device.to_owned();
-    let tensors = py.detach(|| loader(&device, None, "mmap")?.load(data).map_err(py_err))?;
+    let tensors = interruptible(py, |stop| {
+        loader(&device, None, "mmap")?
+            .interrupt(stop)
+            .load(data)
+            .map_err(py_err)
+    })?;
     Ok(loaded(tensors))
 }
 

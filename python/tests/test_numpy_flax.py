@@ -236,3 +236,39 @@ def test_memory_is_freed_with_the_arrays(tmp_path):
         del arrays
         gc.collect()
     assert rss() <= start + (64 << 20), f"{start >> 20} MiB before, {rss() >> 20} MiB after (jax)"
+
+
+def test_ctrl_c_during_a_long_load_raises_keyboard_interrupt_promptly(tmp_path):
+    """A child process loads a 1 GiB file dropped from the page cache with direct reads; a
+    SIGINT shortly after the load starts raises KeyboardInterrupt long before the load
+    could have finished."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "big.safetensors"
+    safetensors.numpy.save_file({f"w{i}": np.full(32 << 20, i, np.float32) for i in range(8)}, path)
+    child = r"""
+import os, sys, time
+import tensorplace.numpy
+fd = os.open(sys.argv[1], os.O_RDONLY); os.fsync(fd)
+os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED); os.close(fd)
+print("start", flush=True)
+t = time.perf_counter()
+try:
+    tensorplace.numpy.load_file(sys.argv[1], backend="direct")
+    print("finished", time.perf_counter() - t, flush=True)
+except KeyboardInterrupt:
+    print("interrupted", time.perf_counter() - t, flush=True)
+"""
+    p = subprocess.Popen([sys.executable, "-c", child, str(path)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "start"
+    time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    out, _ = p.communicate(timeout=60)
+    if out.startswith("finished"):
+        pytest.skip(f"the load finished before the signal arrived ({out.strip()})")
+    assert out.startswith("interrupted"), out
+    # A full cold read of 1 GiB takes far longer than this on any disk here.
+    assert float(out.split()[1]) < 1.0, out

@@ -112,6 +112,7 @@ fn fill(plan: &LoadPlan<'_>, placements: &[Placement], arena: &mut [u8]) -> Resu
         split(item, dst, &mut copies, &mut conversions);
     }
     let advance = |n| plan.advance(n);
+    plan.advance(0)?;
     let file = plan.file();
     io::read_pieces(file, copies, &advance)?;
     io::read_pieces(file, conversions, &advance)

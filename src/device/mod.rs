@@ -5,7 +5,7 @@
 use std::fmt;
 use std::ops::Range;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::dtype::{Conversion, Dtype};
@@ -201,6 +201,7 @@ pub(crate) struct LoadPlan<'f> {
     total: u64,
     done: AtomicU64,
     progress: Option<&'f (dyn Fn(u64, u64) + Sync)>,
+    interrupt: Option<&'f AtomicBool>,
     report: Mutex<PlanReport>,
 }
 
@@ -276,6 +277,7 @@ impl<'f> LoadPlan<'f> {
             total,
             done: AtomicU64::new(0),
             progress: None,
+            interrupt: None,
             report: Mutex::new(PlanReport::default()),
         })
     }
@@ -319,12 +321,28 @@ impl<'f> LoadPlan<'f> {
         self.upload
     }
 
-    /// Records `n` more input bytes placed (from any thread) and reports the new total.
-    pub fn advance(&self, n: u64) {
-        let done = self.done.fetch_add(n, Ordering::Relaxed) + n;
-        if let Some(p) = self.progress {
-            p(done.min(self.total), self.total);
+    /// Records `n` more input bytes placed (from any thread) and reports the new total; an
+    /// [`ErrorKind::Interrupted`] error once the caller's interrupt flag is set.
+    pub fn advance(&self, n: u64) -> Result<()> {
+        if n > 0 {
+            let done = self.done.fetch_add(n, Ordering::Relaxed) + n;
+            if let Some(p) = self.progress {
+                p(done.min(self.total), self.total);
+            }
         }
+        match self.interrupt {
+            Some(flag) if flag.load(Ordering::Relaxed) => Err(self.err(Error::new(
+                ErrorKind::Interrupted,
+                "the caller stopped the load",
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Stops the load with [`ErrorKind::Interrupted`] once `flag` is set.
+    pub fn with_interrupt(mut self, flag: Option<&'f AtomicBool>) -> Self {
+        self.interrupt = flag;
+        self
     }
 
     /// Reports the load complete, if the backend's reports have not reached the total.

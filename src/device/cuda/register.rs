@@ -160,7 +160,7 @@ pub(crate) fn register_and_copy<'n>(
                 return Err(e);
             }
         }
-        plan.advance(queued?);
+        plan.advance(queued?)?;
     }
     drop(registered);
     Ok(Vec::new())

@@ -93,7 +93,7 @@ pub(crate) fn stage_and_copy(
                 });
             }
         }
-        io::read_pieces(file, jobs, &|_| {})?;
+        io::read_pieces(file, jobs, &|_| plan.advance(0))?;
         let mut bytes = 0u64;
         for (t, &off) in batch.transfers.iter().zip(&batch.offsets) {
             let src: *const c_void = buffer.device_source(off);
@@ -107,7 +107,7 @@ pub(crate) fn stage_and_copy(
             bytes += t.src.len() as u64;
         }
         buffer.copied_on(stream)?;
-        plan.advance(bytes);
+        plan.advance(bytes)?;
     }
     backend.sync_all()
 }

@@ -108,7 +108,7 @@ struct Write<'n, 'b> {
 fn fill(
     plan: &LoadPlan<'_>,
     writes: &[Write<'_, '_>],
-    advance: &(dyn Fn(u64) + Sync),
+    advance: &(dyn Fn(u64) -> Result<()> + Sync),
 ) -> Result<()> {
     let pieces = writes
         .iter()
@@ -366,7 +366,7 @@ fn stream(
                 src: t.src.clone(),
             })
             .collect();
-        fill(plan, &writes, &|_| {})?;
+        fill(plan, &writes, &|_| plan.advance(0))?;
         staging.buffer.unmap();
         let mut enc = backend.device.create_command_encoder(&Default::default());
         for (t, &off) in batch.iter().zip(&offsets) {
@@ -384,7 +384,7 @@ fn stream(
             index.clone(),
         ));
         last = Some(index);
-        plan.advance(batch.iter().map(|t| t.src.len() as u64).sum());
+        plan.advance(batch.iter().map(|t| t.src.len() as u64).sum())?;
         start = end;
     }
     backend.wait(last)?;
