@@ -551,3 +551,70 @@ fn interrupted_loads_stop_and_the_next_one_works() {
         }
     }
 }
+
+/// The wgpu staging ring on a file that wraps it (over 4 x 64 MiB): an odd-length tensor
+/// over 64 MiB (several pieces, destination offsets above 0, cut where a buffer fills up),
+/// a BF16 to F32 conversion of a tensor over 17 MiB (several dispatch chunks), an
+/// interrupted load, and the next load after it; bytes and casts equal to the CPU's.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_staging_ring_wraps_cuts_and_converts_large_tensors() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    if let Err(e) = Device::Wgpu(None).probe() {
+        println!("SKIPPED wgpu_staging_ring_wraps_cuts_and_converts_large_tensors: {e}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut want = Tensors::new();
+    let odd = (70 << 20) + 3;
+    want.insert(
+        "odd_u8",
+        Tensor::from_bytes(Dtype::U8, vec![odd], &common::bytes(odd, 1)).unwrap(),
+    );
+    want.insert(
+        "bf16_big",
+        Tensor::from_bytes(Dtype::BF16, vec![9_000_001], &common::bytes(18_000_002, 2)).unwrap(),
+    );
+    for i in 0..6 {
+        let n = (33 << 20) + 4 * i + 1;
+        want.insert(
+            format!("u8_{i}"),
+            Tensor::from_bytes(Dtype::U8, vec![n], &common::bytes(n, 3 + i as u64)).unwrap(),
+        );
+    }
+    let path = write(&dir, &want);
+    assert!(std::fs::metadata(&path).unwrap().len() > 256 << 20);
+    let staged = Loader::new("wgpu")
+        .upload(Upload::Staging)
+        .load_file(&path)
+        .unwrap();
+    assert_eq!(staged.report().unwrap().upload, Some(Upload::Staging));
+    assert_same(Device::Wgpu(None), &staged, &want);
+    drop(staged);
+    let only_bf16 = |n: &str| n == "bf16_big";
+    let cast = Loader::new("wgpu")
+        .upload(Upload::Staging)
+        .dtype(Dtype::F32)
+        .filter(only_bf16)
+        .load_file(&path)
+        .unwrap();
+    let reference = Loader::new("cpu")
+        .dtype(Dtype::F32)
+        .filter(only_bf16)
+        .load_file(&path)
+        .unwrap();
+    assert_same(Device::Wgpu(None), &cast, &reference);
+    let stop = AtomicBool::new(false);
+    let e = Loader::new("wgpu")
+        .upload(Upload::Staging)
+        .interrupt(&stop)
+        .progress(|p| stop.store(p.done > 0, Ordering::Relaxed))
+        .load_file(&path)
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Interrupted, "{e}");
+    let again = Loader::new("wgpu")
+        .upload(Upload::Staging)
+        .load_file(&path)
+        .unwrap();
+    assert_same(Device::Wgpu(None), &again, &want);
+}

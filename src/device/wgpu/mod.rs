@@ -94,7 +94,12 @@ pub struct WgpuBackend {
     in_place_supported: bool,
     native_f16: OnceLock<bool>,
     pipelines: Mutex<HashMap<&'static str, wgpu::ComputePipeline>>,
+    /// Set when the device is lost: every later use fails.
     lost: Arc<Mutex<Option<String>>>,
+    /// The last error reported outside any error scope (not ours), for diagnosis.
+    uncaptured: Arc<Mutex<Option<String>>>,
+    /// The staging ring, kept between loads (a load that finds it in use makes its own).
+    ring: Mutex<Vec<upload::Staging>>,
 }
 
 impl std::fmt::Debug for WgpuBackend {
@@ -275,10 +280,13 @@ impl WgpuBackend {
                 }))
                 .map_err(|e| backend_err(format!("requesting a device from {}: {e}", info.name)))?;
             let lost = Arc::new(Mutex::new(None));
-            let sink = lost.clone();
+            // Errors outside every error scope are not ours (each of our operations runs in
+            // scopes): a user's own use of the device, say. They are kept for diagnosis and
+            // fail nothing; only the loss of the device is sticky.
+            let uncaptured = Arc::new(Mutex::new(None));
+            let sink = uncaptured.clone();
             device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
-                let mut s = sink.lock().unwrap_or_else(|p| p.into_inner());
-                s.get_or_insert_with(|| e.to_string());
+                *sink.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
             }));
             let sink = lost.clone();
             device.set_device_lost_callback(move |reason, msg| {
@@ -296,6 +304,8 @@ impl WgpuBackend {
                 native_f16: OnceLock::new(),
                 pipelines: Mutex::new(HashMap::new()),
                 lost,
+                uncaptured,
+                ring: Mutex::new(Vec::new()),
             })
         })
     }
@@ -336,7 +346,16 @@ impl WgpuBackend {
     pub fn has_f16(&self) -> bool {
         self.f16
     }
-    /// Fails with the first uncaptured error or loss the device reported.
+    /// The last error wgpu reported outside any error scope (from a user's own use of the
+    /// device, say): it fails no load.
+    pub fn last_uncaptured_error(&self) -> Option<String> {
+        self.uncaptured
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Fails once the device is lost.
     pub(super) fn check_lost(&self) -> Result<()> {
         let s = self.lost.lock().unwrap_or_else(|p| p.into_inner());
         match &*s {

@@ -20,7 +20,7 @@ use crate::parallel::{self, Threads};
 use crate::tensor::{Storage, Tensor};
 
 /// Staging buffers in the ring.
-const RING: usize = 3;
+const RING: usize = 4;
 /// Size of one staging buffer (less where the device allows less).
 const STAGING: u64 = 64 << 20;
 
@@ -129,6 +129,7 @@ fn fill(
 
 /// One piece of a tensor on its way through the ring: file bytes `src` into `dst` at
 /// `dst_offset`.
+#[derive(Clone)]
 struct Transfer<'n, 'b> {
     tensor: &'n str,
     src: Range<usize>,
@@ -136,10 +137,38 @@ struct Transfer<'n, 'b> {
     dst_offset: u64,
 }
 
+impl<'n, 'b> Transfer<'n, 'b> {
+    /// The transfer cut at file offset `at` (inside it, 4-aligned from its start).
+    fn split_at(self, at: usize) -> (Self, Self) {
+        let head = Transfer {
+            src: self.src.start..at,
+            ..self.clone()
+        };
+        let tail = Transfer {
+            dst_offset: self.dst_offset + (at - self.src.start) as u64,
+            src: at..self.src.end,
+            ..self
+        };
+        (head, tail)
+    }
+}
+
 /// One buffer of the ring, and its pending re-mapping with the submission it waits for.
-struct Staging {
+pub(super) struct Staging {
     buffer: wgpu::Buffer,
     remap: Option<(MapState, wgpu::SubmissionIndex)>,
+}
+
+impl Staging {
+    /// Waits until the buffer is mapped for writing again. Without a pending re-mapping it
+    /// is mapped already: created mapped, or re-mapped by an earlier wait (a buffer whose
+    /// re-mapping failed fails its next write with an error, never a panic).
+    fn ready(&mut self, backend: &WgpuBackend) -> Result<()> {
+        match self.remap.take() {
+            Some((state, after)) => wait_mapped(backend, &state, Some(after)),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Whether this load writes in place, or why the strategy asked for cannot be used.
@@ -221,6 +250,10 @@ pub(super) fn upload(backend: &Arc<WgpuBackend>, plan: &LoadPlan<'_>) -> Result<
                 .collect::<Option<Vec<_>>>()
                 .ok_or_else(|| backend_err("a buffer was not created"))
         };
+        // Out of memory shows at once, before anything is read.
+        let oom = backend
+            .device
+            .push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let outs = create_all(
             items
                 .iter()
@@ -245,6 +278,12 @@ pub(super) fn upload(backend: &Arc<WgpuBackend>, plan: &LoadPlan<'_>) -> Result<
                 .collect(),
         )?
         .into_iter();
+        if let Some(e) = pollster::block_on(oom.pop()) {
+            return Err(Error::new(
+                ErrorKind::OutOfMemory,
+                format!("creating the tensors' buffers: {e}"),
+            ));
+        }
         let mut raws: Vec<Option<wgpu::Buffer>> = (0..items.len()).map(|_| None).collect();
         for &k in &converted {
             raws[k] = raw_buffers.next();
@@ -313,32 +352,52 @@ pub(super) fn upload(backend: &Arc<WgpuBackend>, plan: &LoadPlan<'_>) -> Result<
 }
 
 /// Streams `transfers` through the staging ring: fill one buffer while mapped (on every
-/// core), unmap, copy into the destinations, submit, map it again for reuse.
+/// core), unmap, copy into the destinations, submit, map it again for reuse. Each buffer is
+/// filled to the brim: a transfer that does not fit is cut at the room left (4-byte
+/// boundaries), its rest going first into the next buffer. The ring is the backend's, kept
+/// between loads; a load that finds it in use by another makes its own.
 fn stream(
     backend: &WgpuBackend,
     plan: &LoadPlan<'_>,
     transfers: &[Transfer<'_, '_>],
     size: u64,
 ) -> Result<()> {
-    let mut ring: Vec<Staging> = Vec::new();
+    let mut shared = backend.ring.try_lock().ok();
+    let mut own = Vec::new();
+    let ring: &mut Vec<Staging> = match shared.as_deref_mut() {
+        Some(r) if r.first().is_none_or(|s| s.buffer.size() == size) => r,
+        _ => &mut own,
+    };
+    let mut queue: std::collections::VecDeque<Transfer<'_, '_>> =
+        transfers.iter().map(Transfer::clone).collect();
     let mut next = 0usize;
-    let mut start = 0usize;
     let mut last = None;
-    while start < transfers.len() {
-        // Gather the transfers that fit one staging buffer, each at a 256-byte aligned offset.
-        let mut end = start;
-        let mut used = 0u64;
+    while !queue.is_empty() {
+        // Gather what fills one staging buffer, each transfer at a 256-byte aligned offset.
+        let mut batch = Vec::new();
         let mut offsets = Vec::new();
-        while end < transfers.len() {
-            let len = pad4(transfers[end].src.len() as u64);
-            if used + len > size && end > start {
-                break;
+        let mut used = 0u64;
+        while let Some(t) = queue.pop_front() {
+            let room = size.saturating_sub(used) / 4 * 4;
+            let len = t.src.len() as u64;
+            if pad4(len) <= room {
+                offsets.push(used);
+                used = (used + pad4(len)).next_multiple_of(256);
+                batch.push(t);
+                continue;
             }
-            offsets.push(used);
-            used = (used + len).next_multiple_of(256);
-            end += 1;
+            if room >= 4 {
+                let cut = t.src.start + room as usize;
+                let (head, tail) = t.split_at(cut);
+                offsets.push(used);
+
+                batch.push(head);
+                queue.push_front(tail);
+            } else {
+                queue.push_front(t);
+            }
+            break;
         }
-        let batch = &transfers[start..end];
         if ring.len() < RING {
             ring.push(Staging {
                 buffer: backend.device.create_buffer(&wgpu::BufferDescriptor {
@@ -353,9 +412,7 @@ fn stream(
         let slot = next % ring.len().max(1);
         next += 1;
         let staging = &mut ring[slot];
-        if let Some((state, after)) = staging.remap.take() {
-            wait_mapped(backend, &state, Some(after))?;
-        }
+        staging.ready(backend)?;
         let writes: Vec<Write<'_, '_>> = batch
             .iter()
             .zip(&offsets)
@@ -385,7 +442,6 @@ fn stream(
         ));
         last = Some(index);
         plan.advance(batch.iter().map(|t| t.src.len() as u64).sum())?;
-        start = end;
     }
     backend.wait(last)?;
     Ok(())
