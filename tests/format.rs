@@ -673,7 +673,7 @@ fn nesting_depth_matches_the_reference() {
     assert!(safetensors::SafeTensors::deserialize(&deep).is_err());
 }
 
-/// Found by the `save_load` fuzz target's first runs: a tensor named `__metadata__` would
+/// Found while writing the `save_load` fuzz target: a tensor named `__metadata__` would
 /// be written as the header's metadata entry, giving a file that does not load. It is an
 /// error naming the tensor.
 #[test]

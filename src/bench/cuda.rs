@@ -22,6 +22,7 @@ pub(super) fn group(ordinal: usize, path: &Path) -> Result<Group<'_>> {
     if let Some(data) = file.data() {
         pinned.host_mut()?[..data.len()].copy_from_slice(data);
     }
+    drop(file);
     let device_buf = Arena::alloc(backend.context(), bytes)?;
     let ceiling = backend.clone();
     let device = Device::Cuda(ordinal);
@@ -38,7 +39,9 @@ pub(super) fn group(ordinal: usize, path: &Path) -> Result<Group<'_>> {
                 Role::Baseline,
                 move || {
                     // One tensor at a time, each freed before the next: the per-copy cost is
-                    // measured without holding the whole file on the device twice.
+                    // measured without holding the whole file on the device twice. Mapped
+                    // anew for each run, so that `--cold` can drop the pages between runs.
+                    let file = HostFile::open(path, ReadMode::Mmap)?;
                     let stream = backend.stream().clone();
                     for (_, info) in file.tensors() {
                         let bytes = file.tensor_bytes(info).unwrap_or_default();

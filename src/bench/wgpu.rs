@@ -17,7 +17,6 @@ const SUBMIT_EVERY: usize = 256 << 20;
 pub(super) fn group(index: Option<usize>, path: &Path) -> Result<Group<'_>> {
     let backend = WgpuBackend::open(index, None)?;
     let device = Device::Wgpu(Some(backend.index()));
-    let file = HostFile::open(path, ReadMode::Mmap)?;
     let label = if backend.in_place_supported() {
         "tensorplace load_file (mapped in place)"
     } else {
@@ -32,6 +31,8 @@ pub(super) fn group(index: Option<usize>, path: &Path) -> Result<Group<'_>> {
                 Ok(())
             }),
             BenchPath::new("per-tensor queue.write_buffer", Role::Baseline, move || {
+                // Mapped anew for each run, so that `--cold` can drop the pages between runs.
+                let file = HostFile::open(path, ReadMode::Mmap)?;
                 write_each(&backend, &file)
             }),
         ],
