@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tensorplace::{Device, Dtype, ErrorKind, Loader, ReadMode, Tensor, Tensors};
 
-use crate::cli::exe;
+use crate::cli::{exe, skip_without_cli};
 use crate::common;
 
 /// A checkpoint of `mib` MiB in 8 U8 tensors whose bytes all derive from `seed`.
@@ -57,6 +57,9 @@ fn signal(child: &Child, sig: i32) {
 /// leaves is removed by the next save.
 #[test]
 fn killed_saves_leave_the_old_or_the_new_file() {
+    if skip_without_cli("killed_saves_leave_the_old_or_the_new_file") {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let (input, target) = (
         dir.path().join("new.safetensors"),
@@ -111,6 +114,9 @@ fn killed_saves_leave_the_old_or_the_new_file() {
 /// temporary.
 #[test]
 fn interrupted_convert_leaves_no_partial_output() {
+    if skip_without_cli("interrupted_convert_leaves_no_partial_output") {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in.safetensors");
     tensorplace::save_file(&big(128, 3), &input, None).unwrap();
@@ -135,6 +141,9 @@ fn interrupted_convert_leaves_no_partial_output() {
 /// Two processes saving one path at once leave one of the two files whole.
 #[test]
 fn two_writers_of_one_file_leave_one_whole_file() {
+    if skip_without_cli("two_writers_of_one_file_leave_one_whole_file") {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (
         dir.path().join("a.safetensors"),
@@ -168,6 +177,9 @@ fn two_writers_of_one_file_leave_one_whole_file() {
 /// (RLIMIT_FSIZE, the same failure through another door).
 #[test]
 fn a_full_disk_is_an_error_and_keeps_the_old_file() {
+    if skip_without_cli("a_full_disk_is_an_error_and_keeps_the_old_file") {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in.safetensors");
     tensorplace::save_file(&big(4, 6), &input, None).unwrap();
