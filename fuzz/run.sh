@@ -8,10 +8,11 @@
 # 2 GiB (-rss_limit_mb) and each input at 1 s (-timeout); a crash leaves its input in
 # fuzz/artifacts/TARGET/, to become a regression test in tests/.
 set -euo pipefail
-cd "$(dirname "$0")"
+here=$(cd "$(dirname "$0")" && pwd)
+cd "$here"
 target=$1 seconds=$2; shift 2
 if [ "$target" = all ]; then
-  for t in $(cargo +nightly fuzz list); do "$0" "$t" "$seconds" "$@"; done
+  for t in $(cargo +nightly fuzz list); do "$here/run.sh" "$t" "$seconds" "$@"; done
   exit 0
 fi
 mkdir -p "corpus/$target"
