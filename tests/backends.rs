@@ -491,27 +491,19 @@ fn direct_reads_give_the_same_bytes_at_every_alignment() {
 #[test]
 fn direct_reads_fall_back_where_the_file_system_refuses_them() {
     let dir = tempfile::tempdir().unwrap();
-    let mnt = dir.path().join("ramfs");
-    std::fs::create_dir(&mnt).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "ramfs", "ramfs"])
-        .arg(&mnt)
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !mounted {
+    let Some(mnt) = common::Mount::new(dir.path(), "ramfs", "ramfs", &[]) else {
         println!(
             "SKIPPED direct_reads_fall_back_where_the_file_system_refuses_them: mounting a ramfs was refused here"
         );
         return;
-    }
+    };
     let want = common::mixed_tensors(31);
-    let path = mnt.join("m.safetensors");
+    let path = mnt.path().join("m.safetensors");
     tensorplace::save_file(&want, &path, None).unwrap();
     let loaded = Loader::new("cpu")
         .read_mode(ReadMode::Direct)
-        .load_file(&path);
-    let _ = std::process::Command::new("umount").arg(&mnt).status();
-    let loaded = loaded.unwrap();
+        .load_file(&path)
+        .unwrap();
     assert_same(Device::Cpu, &loaded, &want);
     let report = loaded.report().unwrap();
     assert_eq!(report.read, tensorplace::ReadPath::Pread, "{report:?}");

@@ -33,6 +33,41 @@ pub fn devices(test: &str) -> Vec<Device> {
     out
 }
 
+/// A file system mounted for a test (where this process may mount: root), unmounted when
+/// dropped, a failed assertion included.
+pub struct Mount(PathBuf);
+
+impl Mount {
+    /// Mounts a `fstype` with `options` at a new folder `name` in `parent`; `None` where
+    /// mounting is refused.
+    pub fn new(parent: &Path, name: &str, fstype: &str, options: &[&str]) -> Option<Mount> {
+        let at = parent.join(name);
+        std::fs::create_dir(&at).ok()?;
+        let mut cmd = std::process::Command::new("mount");
+        cmd.args(["-t", fstype]);
+        if !options.is_empty() {
+            cmd.args(["-o", &options.join(",")]);
+        }
+        let ok = cmd
+            .arg(fstype)
+            .arg(&at)
+            .output()
+            .is_ok_and(|o| o.status.success());
+        ok.then_some(Mount(at))
+    }
+
+    /// Where it is mounted.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
 /// Pseudo-random bytes.
 pub fn bytes(n: usize, seed: u64) -> Vec<u8> {
     let mut s = seed | 1;

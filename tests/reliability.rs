@@ -203,20 +203,13 @@ fn a_full_disk_is_an_error_and_keeps_the_old_file() {
     assert_eq!(std::fs::read(&target).unwrap(), old);
     assert!(temporaries(&target).is_empty());
     // A real full filesystem, where mounting one is allowed.
-    let mnt = dir.path().join("small");
-    std::fs::create_dir(&mnt).unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
-        .arg(&mnt)
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !mounted {
+    let Some(mnt) = common::Mount::new(dir.path(), "small", "tmpfs", &["size=1m"]) else {
         println!(
             "SKIPPED the tmpfs half of a_full_disk_is_an_error_and_keeps_the_old_file: mounting a 1 MiB tmpfs was refused here"
         );
         return;
-    }
-    let target = mnt.join("t.safetensors");
+    };
+    let target = mnt.path().join("t.safetensors");
     tensorplace::save_file(&small, &target, None).unwrap();
     let result = Command::new(exe())
         .args(["convert", "--device", "cpu"])
@@ -225,7 +218,6 @@ fn a_full_disk_is_an_error_and_keeps_the_old_file() {
         .output();
     let kept = std::fs::read(&target);
     let leftovers = temporaries(&target);
-    let _ = Command::new("umount").arg(&mnt).status();
     let out = result.unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
