@@ -254,8 +254,14 @@ impl<'f> LoadPlan<'f> {
             let (out_dtype, out_len) = match conversion {
                 Some(c) => (
                     c.to(),
-                    c.output_len(info.len())
-                        .ok_or_else(|| unsupported(c.to()))?,
+                    c.output_len(info.len()).ok_or_else(|| {
+                        Error::new(
+                            ErrorKind::SizeOverflow,
+                            format!("{} as {}", info.len(), c.to()),
+                        )
+                        .with_tensor(name)
+                        .with_opt_file(file.path())
+                    })?,
                 ),
                 None => (info.dtype, info.len()),
             };
