@@ -257,7 +257,7 @@ impl<'f> LoadPlan<'f> {
                     c.output_len(info.len()).ok_or_else(|| {
                         Error::new(
                             ErrorKind::SizeOverflow,
-                            format!("{} as {}", info.len(), c.to()),
+                            format!("{} bytes converted to {}", info.len(), c.to()),
                         )
                         .with_tensor(name)
                         .with_opt_file(file.path())
