@@ -1,7 +1,7 @@
 // f16_to_f32_native.wgsl: F16 -> F32 through the hardware's f16 type, for adapters with
-// SHADER_F16 (the host prepends `enable f16;` before common.wgsl). Normal numbers take the
-// native conversion, which is exact; zeros, subnormals, infinities and NaNs take the bit
-// operations of common.wgsl, so that no flush-to-zero or NaN canonicalization of a driver can
+// SHADER_F16 (the host prepends `enable f16;` before common.wgsl and codec.wgsl). Normal numbers
+// take the native conversion, which is exact; zeros, subnormals, infinities and NaNs take the
+// bit operations of codec.wgsl, so that no flush-to-zero or NaN canonicalization of a driver can
 // change a result: the output equals the CPU reference bit for bit.
 // Bindings and Params: common.wgsl.
 // Layout: src word i holds elements 2i (low half) and 2i+1 (high half); dst word k is element k.
@@ -10,7 +10,7 @@
 fn widen(h: u32, native: f32) -> u32 {
     let exp = h & 0x7C00u;
     if (exp == 0u || exp == 0x7C00u) {
-        return f16_bits_to_f32_bits(h);
+        return convert_bits(F16, F32, h, 0u);
     }
     return bitcast<u32>(native);
 }

@@ -10,7 +10,7 @@
 
 use std::ops::Range;
 
-use crate::dtype::Conversion;
+use crate::convert::Conversion;
 use crate::error::{Error, ErrorKind, Result};
 use crate::host::{Fetch, HostFile};
 use crate::parallel::{self, Threads};
@@ -221,7 +221,7 @@ mod tests {
                 tensor: "a",
                 src: start..start + 12,
                 dst: Converted {
-                    conversion: Conversion::F32ToF16,
+                    conversion: Conversion::between(crate::Dtype::F32, crate::Dtype::F16).unwrap(),
                     dst: &mut halves,
                 },
             }];

@@ -72,6 +72,7 @@
 #![warn(missing_docs)]
 
 mod atomic;
+mod convert;
 mod device;
 mod direct;
 mod dtype;
@@ -109,12 +110,12 @@ pub use tensor::{CpuStorage, Element, Storage, Tensor, Tensors};
 #[doc(hidden)]
 pub mod internals {
     pub use crate::atomic::remove_temporaries;
+    pub use crate::convert::Conversion;
     #[cfg(feature = "cuda")]
     pub use crate::device::cuda::{CONVERT_PTX, CudaBackend};
     pub use crate::device::list as list_devices;
     #[cfg(feature = "wgpu")]
-    pub use crate::device::wgpu::{KERNELS, Kernel, WgpuBackend};
-    pub use crate::dtype::Conversion;
+    pub use crate::device::wgpu::{Kernel, WgpuBackend};
     pub use crate::header::{Header, TensorInfo};
     pub use crate::host::HostFile;
 }

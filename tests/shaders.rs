@@ -1,19 +1,89 @@
-//! The WGSL kernels: validated by naga (no GPU needed), and bit for bit equal to the CPU
-//! reference on a real wgpu device (Mesa's software Vulkan in CI), NaN payloads, infinities,
-//! subnormals and odd lengths included.
+//! The conversion table against the Python ecosystem's casts (`tests/fixtures/casts.safetensors`,
+//! written by `make_casts.py` with `ml_dtypes` and numpy): the CPU reference, the WGSL kernels
+//! on a real wgpu device (Mesa's software Vulkan in CI), the CUDA kernels' source compiled for
+//! this CPU, and the PTX on a CUDA device where present. Every 8- and 16-bit pattern, and the
+//! rounding, overflow and NaN cases of F32 and F64.
 
+use std::collections::HashMap;
+
+use tensorplace::Dtype;
 use tensorplace::internals::Conversion;
 #[cfg(feature = "wgpu")]
-use tensorplace::internals::{KERNELS, WgpuBackend};
+use tensorplace::internals::{Kernel, WgpuBackend};
+
+/// The fixture's tensors: raw bits, by name.
+fn table() -> HashMap<String, Vec<u8>> {
+    let path = crate::common::fixtures().join("casts.safetensors");
+    let tensors = tensorplace::load_file(&path, "cpu").unwrap();
+    tensors
+        .iter()
+        .map(|(name, t)| (name.to_owned(), t.host_bytes().unwrap().into_owned()))
+        .collect()
+}
+
+/// Every conversion with its input bytes and the reference's output bytes.
+fn cases() -> Vec<(Conversion, Vec<u8>, Vec<u8>)> {
+    let table = table();
+    Conversion::ALL
+        .iter()
+        .map(|&c| {
+            let input = table[&format!("in.{}", c.from())].clone();
+            let want = table
+                .get(&format!("{}.to.{}", c.from(), c.to()))
+                .unwrap_or_else(|| panic!("the fixture lacks {c}"))
+                .clone();
+            assert_eq!(c.output_len(input.len()), Some(want.len()), "{c}");
+            (c, input, want)
+        })
+        .collect()
+}
+
+/// Panics naming the first element where `got` differs from `want`.
+fn assert_same(what: &str, c: Conversion, input: &[u8], got: &[u8], want: &[u8]) {
+    assert_eq!(got.len(), want.len(), "{what}: {c}: output length");
+    let out = c.to().bits() / 8;
+    let inb = c.from().bits() / 8;
+    if let Some(i) =
+        (0..want.len() / out).find(|&i| got[i * out..][..out] != want[i * out..][..out])
+    {
+        panic!(
+            "{what}: {c}: element {i} (input {:02x?}) gave {:02x?}, ml_dtypes/numpy give {:02x?}",
+            &input[i * inb..][..inb],
+            &got[i * out..][..out],
+            &want[i * out..][..out]
+        );
+    }
+}
+
+#[test]
+fn the_fixture_covers_every_pattern_and_every_conversion() {
+    let table = table();
+    assert_eq!(table["in.F16"].len(), 2 << 16);
+    assert_eq!(table["in.BF16"].len(), 2 << 16);
+    assert_eq!(table["in.F8_E4M3"].len(), 256);
+    assert!(table["in.F32"].len() > 4 * 20_000);
+    assert!(table["in.F64"].len() > 8 * 20_000);
+    assert_eq!(cases().len(), 21);
+    assert!(Conversion::between(Dtype::F8_E4M3, Dtype::F16).is_some());
+}
+
+#[test]
+fn the_cpu_reference_equals_ml_dtypes() {
+    for (c, input, want) in cases() {
+        let mut got = vec![0u8; want.len()];
+        c.convert(&input, &mut got);
+        assert_same("cpu", c, &input, &got, &want);
+    }
+}
 
 #[cfg(feature = "wgpu")]
 #[test]
 fn every_kernel_validates_with_naga() {
-    assert!(KERNELS.len() >= 8);
-    for kernel in &KERNELS {
+    for kernel in Kernel::all() {
         let source = kernel.module_source();
+        let label = kernel.label();
         let module = naga::front::wgsl::parse_str(&source)
-            .unwrap_or_else(|e| panic!("{}: {}", kernel.file, e.emit_to_string(&source)));
+            .unwrap_or_else(|e| panic!("{label}: {}", e.emit_to_string(&source)));
         let caps = if kernel.needs_f16 {
             naga::valid::Capabilities::SHADER_FLOAT16
         } else {
@@ -21,128 +91,68 @@ fn every_kernel_validates_with_naga() {
         };
         naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps)
             .validate(&module)
-            .unwrap_or_else(|e| panic!("{}: {}", kernel.file, e.emit_to_string(&source)));
-        assert!(
-            module.entry_points.iter().any(|e| e.name == "main"),
-            "{} has no main",
-            kernel.file
-        );
-    }
-    for c in Conversion::ALL {
-        assert!(
-            KERNELS.iter().any(|k| k.conversion == c && !k.needs_f16),
-            "{c} has no kernel"
-        );
-    }
-}
-
-/// Inputs that cover every bit pattern of 8- and 16-bit types, and the interesting ones of
-/// f32 (specials, rounding ties on both sides, subnormal ranges) plus pseudo-random words.
-fn inputs(c: Conversion) -> Vec<u8> {
-    match c.from().bits() {
-        8 => {
-            // 255 elements: not a multiple of 4, so the last word is partial.
-            (0..=255u8).chain(0..=254u8).collect()
-        }
-        16 => {
-            // Every pattern, then one more: an odd count.
-            let mut v: Vec<u8> = (0..=u16::MAX).flat_map(|x| x.to_le_bytes()).collect();
-            v.extend_from_slice(&0x7E01u16.to_le_bytes());
-            v
-        }
-        _ => {
-            let mut words: Vec<u32> = vec![
-                0,
-                0x8000_0000,
-                0x7F80_0000,
-                0xFF80_0000,
-                0x7FC0_0000,
-                0x7F80_0001,
-                0xFFFF_FFFF,
-                0x7F7F_FFFF,
-                0x0000_0001,
-                0x0080_0000,
-                0x3F80_0000,
-            ];
-            for e in 0..256u32 {
-                for m in [
-                    0, 1, 0xFFF, 0x1000, 0x1001, 0x2000, 0x3000, 0x7FFF, 0x8000, 0x8001, 0x18000,
-                    0x7F_FFFF,
-                ] {
-                    words.push((e << 23) | m);
-                    words.push(0x8000_0000 | (e << 23) | m);
-                }
-            }
-            let mut bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
-            bytes.extend(crate::common::bytes(4 * 200_001, 0x1234_5678_9ABC_DEF1));
-            bytes
-        }
+            .unwrap_or_else(|e| panic!("{label}: {}", e.emit_to_string(&source)));
+        assert!(module.entry_points.iter().any(|e| e.name == "main"));
     }
 }
 
 #[cfg(feature = "wgpu")]
 #[test]
-fn every_kernel_is_bit_exact_on_the_device() {
+fn every_wgpu_kernel_equals_ml_dtypes_on_the_device() {
     let backend = match WgpuBackend::open(None, None) {
         Ok(b) => b,
         Err(e) => {
-            println!("SKIPPED every_kernel_is_bit_exact_on_the_device: no wgpu adapter: {e}");
+            println!("SKIPPED every_wgpu_kernel_equals_ml_dtypes_on_the_device: no adapter: {e}");
             return;
         }
     };
     println!("wgpu adapter: {:?}", backend.info().name);
-    for kernel in &KERNELS {
-        if kernel.needs_f16 && !backend.has_f16() {
-            println!("SKIPPED {}: the adapter lacks SHADER_F16", kernel.file);
-            continue;
-        }
-        let c = kernel.conversion;
-        let input = inputs(c);
-        let mut want = vec![0u8; c.output_len(input.len()).unwrap()];
-        c.convert(&input, &mut want);
-        let got = backend.run_kernel(kernel, &input).unwrap();
-        assert_eq!(got.len(), want.len(), "{}", kernel.file);
-        if kernel.needs_f16 {
-            // The backend uses the native kernel only where its self-check found it exact:
-            // that decision must match what this exhaustive comparison finds.
-            let exact = got[..65536 * 4] == want[..65536 * 4];
-            assert_eq!(backend.native_f16_verified(), exact, "{}", kernel.file);
-            if !exact {
-                println!(
-                    "{}: inexact on this driver; the backend uses f16_to_f32.wgsl",
-                    kernel.file
-                );
-                let fallback = backend.convert(c, &input).unwrap();
-                assert!(fallback == want, "the F16 -> F32 fallback is inexact");
-                continue;
-            }
-        }
-        let out = c.to().bits() / 8;
+    for (c, input, want) in cases() {
+        let got = backend
+            .run_kernel(&Kernel::for_conversion(c, false), &input)
+            .unwrap();
+        assert_same("wgpu", c, &input, &got, &want);
+        // An odd count: the last word is partial.
         let inb = c.from().bits() / 8;
-        if let Some(i) =
-            (0..want.len() / out).find(|&i| got[i * out..][..out] != want[i * out..][..out])
-        {
-            panic!(
-                "{}: element {i} (input {:02x?}) gave {:02x?}, the CPU gives {:02x?}",
-                kernel.file,
-                &input[i * inb..][..inb],
-                &got[i * out..][..out],
-                &want[i * out..][..out]
+        let n = input.len() / inb;
+        if n > 3 {
+            let cut = (n - 3) * inb;
+            let got = backend.convert(c, &input[..cut]).unwrap();
+            assert_same(
+                "wgpu, odd count",
+                c,
+                &input,
+                &got,
+                &want[..c.output_len(cut).unwrap()],
             );
         }
     }
+    // The native F16 kernel is used only where its self-check found it exact: that decision
+    // must match what this exhaustive comparison finds.
+    let c = Conversion::between(Dtype::F16, Dtype::F32).unwrap();
+    let native = Kernel::for_conversion(c, true);
+    if !backend.has_f16() {
+        println!("SKIPPED {}: the adapter lacks SHADER_F16", native.label());
+        return;
+    }
+    let table = table();
+    let got = backend.run_kernel(&native, &table["in.F16"]).unwrap();
+    let exact = got == table["F16.to.F32"];
+    assert_eq!(backend.native_f16_verified(), exact);
+    println!("{}: exact on this driver: {exact}", native.label());
 }
 
 /// The source of the CUDA kernels (`shaders/cuda/convert.cl`, compiled to the committed PTX)
-/// compiled for this CPU with the host C compiler and run over the same inputs: the
-/// algorithms equal the CPU reference bit for bit without a GPU. (The PTX itself runs in the
-/// generic backend tests where a CUDA device is present.)
+/// compiled for this CPU with the host C compiler and run over the fixture: the algorithms
+/// equal the reference without a GPU.
 #[test]
-fn cuda_kernel_source_is_bit_exact_on_the_host() {
+fn cuda_kernel_source_equals_ml_dtypes_on_the_host() {
     let root = crate::common::root();
     let source = root.join("shaders/cuda/convert.cl");
     let dir = tempfile::tempdir().unwrap();
     let harness = dir.path().join("harness.c");
+    let cases = cases();
+    let names: Vec<String> = cases.iter().map(|(c, _, _)| c.kernel_name()).collect();
     std::fs::write(
         &harness,
         format!(
@@ -157,13 +167,11 @@ static unsigned __nvvm_read_ptx_sreg_nctaid_x(void) {{ return 1; }}
 #define __global
 #include "{}"
 int main(int argc, char **argv) {{
-    const char *names[] = {{"bf16_to_f32", "f16_to_f32", "f8_e4m3_to_f32", "f8_e5m2_to_f32",
-                           "f32_to_f16", "f32_to_bf16", "bf16_to_f16", "f16_to_bf16"}};
-    void (*kernels[])(const u32 *, u32 *, u64, u64) = {{bf16_to_f32, f16_to_f32, f8_e4m3_to_f32,
-        f8_e5m2_to_f32, f32_to_f16, f32_to_bf16, bf16_to_f16, f16_to_bf16}};
+    const char *names[] = {{"{}"}};
+    void (*kernels[])(const u32 *, u32 *, u64, u64) = {{{}}};
     if (argc != 7) return 2;
     int k = -1;
-    for (int i = 0; i < 8; i++) if (!strcmp(argv[1], names[i])) k = i;
+    for (int i = 0; i < {}; i++) if (!strcmp(argv[1], names[i])) k = i;
     if (k < 0) return 3;
     u64 units = strtoull(argv[4], 0, 10), elements = strtoull(argv[5], 0, 10), out_len = strtoull(argv[6], 0, 10);
     FILE *f = fopen(argv[2], "rb");
@@ -178,7 +186,10 @@ int main(int argc, char **argv) {{
     return 0;
 }}
 "#,
-            source.display()
+            source.display(),
+            names.join("\", \""),
+            names.join(", "),
+            names.len(),
         ),
     )
     .unwrap();
@@ -193,39 +204,33 @@ int main(int argc, char **argv) {{
         Ok(s) if s.success() => {}
         other => {
             println!(
-                "SKIPPED cuda_kernel_source_is_bit_exact_on_the_host: no working C compiler ({cc}: {other:?})"
+                "SKIPPED cuda_kernel_source_equals_ml_dtypes_on_the_host: no working C compiler ({cc}: {other:?})"
             );
             return;
         }
     }
-    for c in Conversion::ALL {
-        let input = inputs(c);
-        let mut want = vec![0u8; c.output_len(input.len()).unwrap()];
-        c.convert(&input, &mut want);
+    for (c, input, want) in &cases {
         let elements = input.len() / (c.from().bits() / 8);
-        let per_unit = if c.from().bits() == 8 { 4 } else { 2 };
-        let name = format!("{c:?}");
         let kernel = c.kernel_name();
-        let inp = dir.path().join(format!("{name}.in"));
-        let outp = dir.path().join(format!("{name}.out"));
-        std::fs::write(&inp, &input).unwrap();
+        let inp = dir.path().join(format!("{kernel}.in"));
+        let outp = dir.path().join(format!("{kernel}.out"));
+        std::fs::write(&inp, input).unwrap();
         let status = std::process::Command::new(&exe)
-            .arg(kernel)
+            .arg(&kernel)
             .arg(&inp)
             .arg(&outp)
-            .arg(elements.div_ceil(per_unit).to_string())
+            .arg(
+                (elements as u64)
+                    .div_ceil(c.elements_per_unit())
+                    .to_string(),
+            )
             .arg(elements.to_string())
             .arg(want.len().to_string())
             .status()
             .unwrap();
         assert!(status.success(), "{kernel}");
         let got = std::fs::read(&outp).unwrap();
-        if let Some(i) = (0..want.len()).find(|&i| got[i] != want[i]) {
-            panic!(
-                "{kernel}: byte {i} is {:#04x}, the CPU gives {:#04x}",
-                got[i], want[i]
-            );
-        }
+        assert_same("convert.cl on the host", *c, input, &got, want);
     }
     // The committed PTX holds every kernel.
     let ptx = std::fs::read_to_string(root.join("shaders/cuda/convert.ptx")).unwrap();
@@ -235,5 +240,21 @@ int main(int argc, char **argv) {{
             ptx.contains(&format!(".entry {k}(")),
             "{k} missing from convert.ptx"
         );
+    }
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn every_cuda_kernel_equals_ml_dtypes_on_the_device() {
+    let backend = match tensorplace::internals::CudaBackend::open(0) {
+        Ok(b) => b,
+        Err(e) => {
+            println!("SKIPPED every_cuda_kernel_equals_ml_dtypes_on_the_device: {e}");
+            return;
+        }
+    };
+    for (c, input, want) in cases() {
+        let got = backend.convert(c, &input).unwrap();
+        assert_same("cuda", c, &input, &got, &want);
     }
 }

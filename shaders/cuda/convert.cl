@@ -2,136 +2,203 @@
 // (build.sh beside this file; the PTX is committed, so building tensorplace needs no CUDA
 // toolkit and no clang, and the driver loads the PTX at run time without NVRTC).
 //
-// The scalar conversions are those of ../common.wgsl, step by step the algorithms of the
-// `half` crate, so every kernel equals the CPU reference bit for bit (NaN payloads quieted
-// the same way, rounding to nearest even, exact subnormals).
+// The scalar code is a line for line translation of `convert_bits` in src/convert.rs (the CPU
+// reference, whose documentation says how each conversion rounds and which NaN it gives), as
+// ../codec.wgsl is: every kernel equals the CPU reference bit for bit.
 //
 // Every kernel: (const uint *src, uint *dst, ulong units, ulong elements), grid-stride loop
-// over `units`; a unit is what the matching .wgsl kernel's header says (one src word for the
-// widening and 16-to-16 kernels, two src words for the narrowing ones). Launch: any grid,
-// blocks of 256 threads. src and dst are device pointers, 4-byte aligned; dst may be written
-// up to the next multiple of 4 bytes past the tensor's end (the arena leaves room).
+// over `units`; a unit is PER elements = 4 / min(input size, output size), a whole number of
+// words on both sides. Launch: any grid, blocks of 256 threads. src and dst are device
+// pointers, 4-byte aligned; the output's last word is written whole (zeros past the last
+// element), so dst must have room up to the next multiple of 4 bytes (the arena leaves it).
 
 typedef unsigned int u32;
 typedef unsigned long u64;
+typedef int i32;
 
 #define GID() ((u64)__nvvm_read_ptx_sreg_ctaid_x() * (u64)__nvvm_read_ptx_sreg_ntid_x() + (u64)__nvvm_read_ptx_sreg_tid_x())
 #define STRIDE() ((u64)__nvvm_read_ptx_sreg_nctaid_x() * (u64)__nvvm_read_ptx_sreg_ntid_x())
 
-static u32 leading_bit(u32 x) { return 31u - (u32)__builtin_clz(x); }
+// Formats.
+#define E4M3 1u
+#define E5M2 2u
+#define F16 3u
+#define BF16 4u
+#define F32 5u
+#define F64 6u
 
-static u32 f16_bits_to_f32_bits(u32 h) {
-    u32 sign = (h & 0x8000u) << 16;
-    u32 exp = h & 0x7C00u;
-    u32 man = h & 0x03FFu;
-    if ((h & 0x7FFFu) == 0u) return sign;
-    if (exp == 0x7C00u) {
-        if (man == 0u) return sign | 0x7F800000u;
-        return sign | 0x7FC00000u | (man << 13);
-    }
-    if (exp == 0u) {
-        u32 p = leading_bit(man);
-        return sign | ((103u + p) << 23) | ((man << (23u - p)) & 0x7FFFFFu);
-    }
-    return sign | (((exp >> 10) + 112u) << 23) | (man << 13);
+#define ZERO 0u
+#define INF 1u
+#define FINITE 2u
+
+typedef struct {
+    u32 kind;
+    i32 exp;
+    u32 sig;
+    int sticky;
+} Value;
+
+static Value value(u32 kind, i32 exp, u32 sig, int sticky) {
+    Value v;
+    v.kind = kind;
+    v.exp = exp;
+    v.sig = sig;
+    v.sticky = sticky;
+    return v;
 }
 
-static u32 f32_bits_to_f16_bits(u32 x) {
-    u32 sign = (x & 0x80000000u) >> 16;
-    u32 exp = x & 0x7F800000u;
-    u32 man = x & 0x007FFFFFu;
-    if (exp == 0x7F800000u) {
-        u32 nan_bit = man != 0u ? 0x0200u : 0u;
-        return sign | 0x7C00u | nan_bit | (man >> 13);
+static u32 exp_bits(u32 f) { return f == E4M3 ? 4u : (f == E5M2 || f == F16) ? 5u : 8u; }
+
+static u32 man_bits(u32 f) {
+    return f == E4M3 ? 3u : f == E5M2 ? 2u : f == F16 ? 10u : f == BF16 ? 7u : 23u;
+}
+
+static u32 nan_bits(u32 from, u32 to, u32 sgn, u32 lo, u32 hi) {
+    if (to == F32) {
+        if (from == F16) return (sgn << 31) | 0x7F800000u | ((lo & 0x3FFu) << 13);
+        if (from == BF16) return (lo & 0xFFFFu) << 16;
+        if (from == F64) return (sgn << 31) | 0x7FC00000u | ((hi & 0xFFFFFu) << 3) | (lo >> 29);
+        return (sgn << 31) | 0x7FC00000u;
     }
-    int half_exp = (int)(exp >> 23) - 112;
-    if (half_exp >= 0x1F) return sign | 0x7C00u;
-    if (half_exp <= 0) {
-        if (14 - half_exp > 24) return sign;
-        u32 m = man | 0x00800000u;
-        u32 shift = (u32)(14 - half_exp);
-        u32 half_man = m >> shift;
-        u32 round_bit = 1u << (shift - 1u);
-        if ((m & round_bit) != 0u && (m & (3u * round_bit - 1u)) != 0u) half_man += 1u;
-        return sign | half_man;
+    if (to == F16) {
+        if (from == F32 || from == F64) {
+            u32 payload = from == F32 ? (lo & 0x7FFFFFu) >> 13 : (hi & 0xFFFFFu) >> 10;
+            return (sgn << 15) | 0x7C00u | (payload > 1u ? payload : 1u);
+        }
+        return (sgn << 15) | 0x7E00u;
     }
-    u32 base = sign | ((u32)half_exp << 10) | (man >> 13);
-    u32 round_bit = 0x1000u;
-    if ((man & round_bit) != 0u && (man & (3u * round_bit - 1u)) != 0u) return base + 1u;
-    return base;
+    if (to == BF16) return (sgn << 15) | 0x7FC0u;
+    if (to == E4M3) return (sgn << 7) | 0x7Fu;
+    return (sgn << 7) | 0x7Eu;
 }
 
-static u32 bf16_bits_to_f32_bits(u32 b) {
-    if ((b & 0x7FFFu) > 0x7F80u) return (b | 0x0040u) << 16;
-    return b << 16;
-}
-
-static u32 f32_bits_to_bf16_bits(u32 x) {
-    if ((x & 0x7FFFFFFFu) > 0x7F800000u) return (x >> 16) | 0x0040u;
-    u32 round_bit = 0x8000u;
-    if ((x & round_bit) != 0u && (x & (3u * round_bit - 1u)) != 0u) return ((x >> 16) + 1u) & 0xFFFFu;
-    return x >> 16;
-}
-
-static u32 f8_e4m3_bits_to_f32_bits(u32 b) {
-    u32 sign = (b & 0x80u) << 24;
-    u32 exp = (b >> 3) & 0xFu;
-    u32 man = b & 0x7u;
-    if (exp == 0xFu && man == 0x7u) return sign | 0x7FC00000u;
-    if (exp == 0u) {
-        if (man == 0u) return sign;
-        u32 p = leading_bit(man);
-        return sign | ((118u + p) << 23) | ((man << (23u - p)) & 0x7FFFFFu);
+static Value decode(u32 from, u32 lo, u32 hi) {
+    if (from == F64) {
+        u32 e = (hi >> 20) & 0x7FFu;
+        u32 m = hi & 0xFFFFFu;
+        if (e == 0x7FFu) return value(INF, 0, 0u, 0);
+        if (e == 0u) {
+            if ((m | lo) == 0u) return value(ZERO, 0, 0u, 0);
+            // Subnormal F64s lie far below every target's smallest subnormal.
+            return value(FINITE, -1100, 0x80000000u, 1);
+        }
+        return value(FINITE, (i32)e - 1023, 0x80000000u | (m << 11) | (lo >> 21), (lo & 0x1FFFFFu) != 0u);
     }
-    return sign | ((exp + 120u) << 23) | (man << 20);
+    u32 eb = exp_bits(from);
+    u32 mb = man_bits(from);
+    i32 bias = (1 << (eb - 1u)) - 1;
+    u32 e = (lo >> mb) & ((1u << eb) - 1u);
+    u32 m = lo & ((1u << mb) - 1u);
+    if (from != E4M3 && e == (1u << eb) - 1u) return value(INF, 0, 0u, 0);
+    if (e == 0u) {
+        if (m == 0u) return value(ZERO, 0, 0u, 0);
+        u32 p = 31u - (u32)__builtin_clz(m);
+        return value(FINITE, 1 - bias - (i32)(mb - p), m << (31u - p), 0);
+    }
+    return value(FINITE, (i32)e - bias, 0x80000000u | (m << (31u - mb)), 0);
 }
 
-static u32 f8_e5m2_bits_to_f32_bits(u32 b) { return f16_bits_to_f32_bits(b << 8); }
+static u32 encode(u32 to, u32 sgn, Value v) {
+    u32 eb = exp_bits(to);
+    u32 mb = man_bits(to);
+    u32 s = sgn << (eb + mb);
+    int fn_format = to == E4M3;
+    i32 max_exp = fn_format ? 15 : (i32)((1u << eb) - 2u);
+    u32 overflow = fn_format ? (s | 0x7Fu) : (s | (((1u << eb) - 1u) << mb));
+    if (v.kind == ZERO) return s;
+    if (v.kind == INF) return overflow;
+    i32 bias = (1 << (eb - 1u)) - 1;
+    i32 biased = v.exp + bias;
+    if (biased > max_exp) return overflow;
+    i32 drop = 31 - (i32)mb + (biased < 1 ? 1 - biased : 0);
+    if (drop > 32) return s;
+    u32 mant = 0u, rem = v.sig, halfway = 0x80000000u;
+    if (drop < 32) {
+        u32 d = (u32)drop;
+        mant = v.sig >> d;
+        rem = v.sig & ((1u << d) - 1u);
+        halfway = 1u << (d - 1u);
+    }
+    int up = rem > halfway || (rem == halfway && (v.sticky || (mant & 1u) == 1u));
+    u32 base = biased >= 1 ? ((u32)(biased - 1)) << mb : 0u;
+    u32 r = base + mant + (up ? 1u : 0u);
+    u32 limit = fn_format ? 0x7Fu : ((1u << eb) - 1u) << mb;
+    if (r >= limit) return overflow;
+    return s | r;
+}
 
-#define WIDEN16(NAME, F)                                                              \
+static u32 convert_bits(u32 from, u32 to, u32 lo, u32 hi) {
+    u32 sgn;
+    int is_nan;
+    if (from == F64) {
+        sgn = hi >> 31;
+        is_nan = (hi & 0x7FF00000u) == 0x7FF00000u && ((hi & 0xFFFFFu) | lo) != 0u;
+    } else {
+        u32 e = exp_bits(from), m = man_bits(from);
+        u32 emask = (1u << e) - 1u;
+        u32 body = lo & ((1u << (e + m)) - 1u);
+        is_nan = from == E4M3 ? body == 0x7Fu : ((body >> m) == emask && (body & ((1u << m) - 1u)) != 0u);
+        sgn = (lo >> (e + m)) & 1u;
+    }
+    if (is_nan) return nan_bits(from, to, sgn, lo, hi);
+    if (from == F64 && to == BF16) {
+        // ml_dtypes rounds to F32 first.
+        u32 f = encode(F32, sgn, decode(F64, lo, hi));
+        return encode(to, sgn, decode(F32, f, 0u));
+    }
+    return encode(to, sgn, decode(from, lo, hi));
+}
+
+#define CONVERT(NAME, FROM, SRC_BYTES, TO, DST_BYTES)                                         \
     __kernel void NAME(__global const u32 *src, __global u32 *dst, u64 units, u64 elements) { \
-        for (u64 i = GID(); i < units; i += STRIDE()) {                               \
-            u32 w = src[i];                                                           \
-            dst[2 * i] = F(w & 0xFFFFu);                                              \
-            if (2 * i + 1 < elements) dst[2 * i + 1] = F(w >> 16);                    \
-        }                                                                             \
+        const u64 per = 4u / (SRC_BYTES < DST_BYTES ? SRC_BYTES : DST_BYTES);                \
+        for (u64 i = GID(); i < units; i += STRIDE()) {                                       \
+            u32 word = 0u;                                                                    \
+            for (u64 k = 0; k < per; k++) {                                                   \
+                u64 j = i * per + k;                                                          \
+                u32 lo = 0u, hi = 0u, y = 0u;                                                 \
+                if (j < elements) {                                                           \
+                    if (SRC_BYTES == 8u) {                                                    \
+                        lo = src[2 * j];                                                      \
+                        hi = src[2 * j + 1];                                                  \
+                    } else if (SRC_BYTES == 4u) {                                             \
+                        lo = src[j];                                                          \
+                    } else if (SRC_BYTES == 2u) {                                             \
+                        lo = (src[j / 2] >> ((u32)(j % 2) * 16u)) & 0xFFFFu;                  \
+                    } else {                                                                  \
+                        lo = (src[j / 4] >> ((u32)(j % 4) * 8u)) & 0xFFu;                     \
+                    }                                                                         \
+                    y = convert_bits(FROM, TO, lo, hi);                                       \
+                }                                                                             \
+                u64 at = j * DST_BYTES;                                                       \
+                word |= y << ((u32)(at % 4) * 8u);                                            \
+                if ((at + DST_BYTES) % 4 == 0) {                                              \
+                    if (at / 4 * 4 < elements * DST_BYTES) dst[at / 4] = word;                \
+                    word = 0u;                                                                \
+                }                                                                             \
+            }                                                                                 \
+        }                                                                                     \
     }
 
-#define WIDEN8(NAME, F)                                                               \
-    __kernel void NAME(__global const u32 *src, __global u32 *dst, u64 units, u64 elements) { \
-        for (u64 i = GID(); i < units; i += STRIDE()) {                               \
-            u32 w = src[i];                                                           \
-            for (u32 k = 0; k < 4u; k++)                                              \
-                if (4 * i + k < elements) dst[4 * i + k] = F((w >> (8u * k)) & 0xFFu); \
-        }                                                                             \
-    }
-
-#define NARROW32(NAME, F)                                                             \
-    __kernel void NAME(__global const u32 *src, __global u32 *dst, u64 units, u64 elements) { \
-        for (u64 i = GID(); i < units; i += STRIDE()) {                               \
-            u32 lo = F(src[2 * i]);                                                   \
-            u32 hi = 2 * i + 1 < elements ? F(src[2 * i + 1]) : 0u;                   \
-            dst[i] = lo | (hi << 16);                                                 \
-        }                                                                             \
-    }
-
-static u32 bf16_to_f16_bits(u32 b) { return f32_bits_to_f16_bits(bf16_bits_to_f32_bits(b)); }
-static u32 f16_to_bf16_bits(u32 h) { return f32_bits_to_bf16_bits(f16_bits_to_f32_bits(h)); }
-
-#define SAME16(NAME, F)                                                               \
-    __kernel void NAME(__global const u32 *src, __global u32 *dst, u64 units, u64 elements) { \
-        for (u64 i = GID(); i < units; i += STRIDE()) {                               \
-            u32 w = src[i];                                                           \
-            u32 hi = 2 * i + 1 < elements ? F(w >> 16) : 0u;                          \
-            dst[i] = F(w & 0xFFFFu) | (hi << 16);                                     \
-        }                                                                             \
-    }
-
-WIDEN16(bf16_to_f32, bf16_bits_to_f32_bits)
-WIDEN16(f16_to_f32, f16_bits_to_f32_bits)
-WIDEN8(f8_e4m3_to_f32, f8_e4m3_bits_to_f32_bits)
-WIDEN8(f8_e5m2_to_f32, f8_e5m2_bits_to_f32_bits)
-NARROW32(f32_to_f16, f32_bits_to_f16_bits)
-NARROW32(f32_to_bf16, f32_bits_to_bf16_bits)
-SAME16(bf16_to_f16, bf16_to_f16_bits)
-SAME16(f16_to_bf16, f16_to_bf16_bits)
+// Every conversion of the table in src/convert.rs, named as Conversion::kernel_name names it.
+CONVERT(f64_to_f32, F64, 8u, F32, 4u)
+CONVERT(f64_to_f16, F64, 8u, F16, 2u)
+CONVERT(f64_to_bf16, F64, 8u, BF16, 2u)
+CONVERT(f32_to_f16, F32, 4u, F16, 2u)
+CONVERT(f32_to_bf16, F32, 4u, BF16, 2u)
+CONVERT(f32_to_f8_e4m3, F32, 4u, E4M3, 1u)
+CONVERT(f32_to_f8_e5m2, F32, 4u, E5M2, 1u)
+CONVERT(f16_to_f32, F16, 2u, F32, 4u)
+CONVERT(f16_to_bf16, F16, 2u, BF16, 2u)
+CONVERT(f16_to_f8_e4m3, F16, 2u, E4M3, 1u)
+CONVERT(f16_to_f8_e5m2, F16, 2u, E5M2, 1u)
+CONVERT(bf16_to_f32, BF16, 2u, F32, 4u)
+CONVERT(bf16_to_f16, BF16, 2u, F16, 2u)
+CONVERT(bf16_to_f8_e4m3, BF16, 2u, E4M3, 1u)
+CONVERT(bf16_to_f8_e5m2, BF16, 2u, E5M2, 1u)
+CONVERT(f8_e4m3_to_f32, E4M3, 1u, F32, 4u)
+CONVERT(f8_e4m3_to_f16, E4M3, 1u, F16, 2u)
+CONVERT(f8_e4m3_to_bf16, E4M3, 1u, BF16, 2u)
+CONVERT(f8_e5m2_to_f32, E5M2, 1u, F32, 4u)
+CONVERT(f8_e5m2_to_f16, E5M2, 1u, F16, 2u)
+CONVERT(f8_e5m2_to_bf16, E5M2, 1u, BF16, 2u)

@@ -8,7 +8,8 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::dtype::{Conversion, Dtype};
+use crate::convert::Conversion;
+use crate::dtype::Dtype;
 use crate::error::{Error, ErrorKind, Result};
 use crate::header::TensorInfo;
 use crate::host::HostFile;

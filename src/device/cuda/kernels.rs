@@ -11,7 +11,7 @@ use cudarc::driver::{CudaContext, CudaStream, result};
 
 use super::driver_err;
 use super::memory::Arena;
-use crate::dtype::Conversion;
+use crate::convert::Conversion;
 use crate::error::{Error, ErrorKind, Result};
 
 /// The PTX of the conversion kernels (see `shaders/cuda/convert.cl`).
@@ -38,14 +38,6 @@ impl Drop for Kernels {
         let _ = self.ctx.bind_to_thread();
         // SAFETY: the module was loaded by `Kernels::load` and is unloaded only here.
         let _ = unsafe { result::module::unload(self.module) };
-    }
-}
-
-/// Elements per unit of a kernel (see the header of `convert.cl`).
-fn elements_per_unit(c: Conversion) -> u64 {
-    match c {
-        Conversion::F8E4m3ToF32 | Conversion::F8E5m2ToF32 => 4,
-        _ => 2,
     }
 }
 
@@ -118,7 +110,7 @@ impl Kernels {
             .functions
             .get(&c)
             .ok_or_else(|| Error::new(ErrorKind::Unsupported, format!("no kernel for {c}")))?;
-        let mut units = elements.div_ceil(elements_per_unit(c));
+        let mut units = elements.div_ceil(c.elements_per_unit());
         let mut elements = elements;
         let (mut src, mut dst) = (src, dst);
         let blocks = units.div_ceil(256).clamp(1, 1 << 20) as u32;

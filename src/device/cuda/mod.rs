@@ -26,8 +26,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::driver::sys::{self, CUdeviceptr};
 use cudarc::driver::{CudaContext, CudaStream, DriverError, result};
 
+use crate::convert::Conversion;
 use crate::device::{Backend, Device, LoadPlan, Upload};
-use crate::dtype::Conversion;
 use crate::error::{Error, ErrorKind, Result};
 use crate::host::HostFile;
 use crate::tensor::{Storage, Tensor};

@@ -6,76 +6,102 @@ use std::num::NonZeroU64;
 use wgpu::util::DeviceExt;
 
 use super::{WgpuBackend, backend_err, pad4};
-use crate::dtype::Conversion;
+use crate::convert::Conversion;
+use crate::dtype::Dtype;
 use crate::error::{Error, ErrorKind, Result};
 
 /// Invocations per workgroup of every kernel.
 const WORKGROUP: u32 = 64;
 
-/// The shared binding layout and scalar conversions, prepended to every kernel.
+/// The shared binding layout, prepended to every kernel.
 pub const COMMON_WGSL: &str = include_str!("../../../shaders/common.wgsl");
+/// The scalar conversions, prepended to every kernel after [`COMMON_WGSL`].
+pub const CODEC_WGSL: &str = include_str!("../../../shaders/codec.wgsl");
+const CONVERT_WGSL: &str = include_str!("../../../shaders/convert.wgsl");
+const NATIVE_WGSL: &str = include_str!("../../../shaders/f16_to_f32_native.wgsl");
 
-/// A WGSL kernel of `shaders/` and the shape of its work.
-#[derive(Debug, Clone, Copy)]
+/// A WGSL kernel of `shaders/` for one conversion, and the shape of its work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Kernel {
     /// The conversion it performs.
     pub conversion: Conversion,
-    /// Its file name in `shaders/`.
-    pub file: &'static str,
-    /// Its source (without `common.wgsl`).
-    pub source: &'static str,
-    /// Whether it needs `enable f16;` (SHADER_F16).
+    /// Whether it is `f16_to_f32_native.wgsl`, which needs `enable f16;` (SHADER_F16);
+    /// every other kernel is `convert.wgsl`.
     pub needs_f16: bool,
-    /// Input bytes per unit of work.
-    pub in_bytes: u64,
-    /// Output bytes per unit of work.
-    pub out_bytes: u64,
-    /// Elements per unit of work.
-    pub elements: u64,
 }
-
-macro_rules! kernel {
-    ($conv:ident, $file:literal, $f16:expr, $in:expr, $out:expr, $el:expr) => {
-        Kernel {
-            conversion: Conversion::$conv,
-            file: $file,
-            source: include_str!(concat!("../../../shaders/", $file)),
-            needs_f16: $f16,
-            in_bytes: $in,
-            out_bytes: $out,
-            elements: $el,
-        }
-    };
-}
-
-/// Every kernel of `shaders/`.
-pub const KERNELS: [Kernel; 9] = [
-    kernel!(Bf16ToF32, "bf16_to_f32.wgsl", false, 4, 8, 2),
-    kernel!(F16ToF32, "f16_to_f32.wgsl", false, 4, 8, 2),
-    kernel!(F16ToF32, "f16_to_f32_native.wgsl", true, 4, 8, 2),
-    kernel!(F8E4m3ToF32, "f8_e4m3_to_f32.wgsl", false, 4, 16, 4),
-    kernel!(F8E5m2ToF32, "f8_e5m2_to_f32.wgsl", false, 4, 16, 4),
-    kernel!(F32ToF16, "f32_to_f16.wgsl", false, 8, 4, 2),
-    kernel!(F32ToBf16, "f32_to_bf16.wgsl", false, 8, 4, 2),
-    kernel!(Bf16ToF16, "bf16_to_f16.wgsl", false, 4, 4, 2),
-    kernel!(F16ToBf16, "f16_to_bf16.wgsl", false, 4, 4, 2),
-];
 
 impl Kernel {
-    /// The complete WGSL module: `enable f16;` where needed, common.wgsl, the kernel.
-    pub fn module_source(&self) -> String {
-        let enable = if self.needs_f16 { "enable f16;\n" } else { "" };
-        format!("{enable}{COMMON_WGSL}\n{}", self.source)
+    /// The kernels of every conversion: `convert.wgsl` for each, and the native F16 to F32.
+    pub fn all() -> Vec<Kernel> {
+        let mut all: Vec<Kernel> = Conversion::ALL
+            .iter()
+            .map(|&conversion| Kernel {
+                conversion,
+                needs_f16: false,
+            })
+            .collect();
+        if let Some(conversion) = Conversion::between(Dtype::F16, Dtype::F32) {
+            all.push(Kernel {
+                conversion,
+                needs_f16: true,
+            });
+        }
+        all
     }
 
-    /// The kernel for `conversion`, preferring the native-f16 one where `f16` is available.
-    pub fn for_conversion(conversion: Conversion, f16: bool) -> Option<&'static Kernel> {
-        let mut candidates = KERNELS.iter().filter(|k| k.conversion == conversion);
-        let all: Vec<_> = candidates.by_ref().collect();
-        all.iter()
-            .find(|k| k.needs_f16 && f16)
-            .or_else(|| all.iter().find(|k| !k.needs_f16))
-            .copied()
+    /// The file it comes from in `shaders/`.
+    pub fn file(&self) -> &'static str {
+        if self.needs_f16 {
+            "f16_to_f32_native.wgsl"
+        } else {
+            "convert.wgsl"
+        }
+    }
+
+    /// A label: the file and the conversion.
+    pub fn label(&self) -> String {
+        format!("{} ({})", self.file(), self.conversion)
+    }
+
+    /// Input bytes per unit of work.
+    pub fn in_bytes(&self) -> u64 {
+        self.elements() * (self.conversion.from().bits() / 8) as u64
+    }
+
+    /// Output bytes per unit of work.
+    pub fn out_bytes(&self) -> u64 {
+        self.elements() * (self.conversion.to().bits() / 8) as u64
+    }
+
+    /// Elements per unit of work.
+    pub fn elements(&self) -> u64 {
+        self.conversion.elements_per_unit()
+    }
+
+    /// The complete WGSL module: `enable f16;` where needed, common.wgsl, codec.wgsl, the
+    /// conversion's constants, the kernel.
+    pub fn module_source(&self) -> String {
+        if self.needs_f16 {
+            return format!("enable f16;\n{COMMON_WGSL}\n{CODEC_WGSL}\n{NATIVE_WGSL}");
+        }
+        let (from, to) = self.conversion.codes();
+        let src_bytes = self.conversion.from().bits() / 8;
+        let dst_bytes = self.conversion.to().bits() / 8;
+        format!(
+            "{COMMON_WGSL}\n{CODEC_WGSL}\nconst SRC: u32 = {from}u;\nconst DST: u32 = {to}u;\n\
+             const SRC_BYTES: u32 = {src_bytes}u;\nconst DST_BYTES: u32 = {dst_bytes}u;\n\
+             const PER_UNIT: u32 = {}u;\n{CONVERT_WGSL}",
+            self.elements()
+        )
+    }
+
+    /// The kernel for `conversion`: the native F16 to F32 one where `f16` says it may be used.
+    pub fn for_conversion(conversion: Conversion, f16: bool) -> Kernel {
+        let native = f16 && Conversion::between(Dtype::F16, Dtype::F32) == Some(conversion);
+        Kernel {
+            conversion,
+            needs_f16: native,
+        }
     }
 }
 
@@ -85,40 +111,45 @@ impl WgpuBackend {
     /// asked (some drivers convert f16 wrongly: Mesa 22.3's lavapipe does).
     pub fn native_f16_verified(&self) -> bool {
         *self.native_f16.get_or_init(|| {
-            let Some(kernel) = KERNELS.iter().find(|k| k.needs_f16) else {
+            let Some(conversion) = Conversion::between(Dtype::F16, Dtype::F32) else {
                 return false;
             };
+            let kernel = Kernel::for_conversion(conversion, true);
             if !self.f16 {
                 return false;
             }
             let input: Vec<u8> = (0..=u16::MAX).flat_map(|x| x.to_le_bytes()).collect();
             let mut want = vec![0u8; input.len() * 2];
             kernel.conversion.convert(&input, &mut want);
-            self.run_kernel(kernel, &input).is_ok_and(|got| got == want)
+            self.run_kernel(&kernel, &input)
+                .is_ok_and(|got| got == want)
         })
     }
 
-    pub(super) fn kernel_for(&self, conversion: Conversion) -> Option<&'static Kernel> {
-        let native = conversion == Conversion::F16ToF32 && self.native_f16_verified();
+    pub(super) fn kernel_for(&self, conversion: Conversion) -> Kernel {
+        let native = conversion.from() == Dtype::F16
+            && conversion.to() == Dtype::F32
+            && self.native_f16_verified();
         Kernel::for_conversion(conversion, native)
     }
 
     fn pipeline(&self, kernel: &Kernel) -> Result<wgpu::ComputePipeline> {
         let mut cache = self.pipelines.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(p) = cache.get(kernel.file) {
+        if let Some(p) = cache.get(kernel) {
             return Ok(p.clone());
         }
-        let p = self.scoped(&format!("compiling {}", kernel.file), || {
+        let label = kernel.label();
+        let p = self.scoped(&format!("compiling {label}"), || {
             let module = self
                 .device
                 .create_shader_module(wgpu::ShaderModuleDescriptor {
-                    label: Some(kernel.file),
+                    label: Some(&label),
                     source: wgpu::ShaderSource::Wgsl(kernel.module_source().into()),
                 });
             Ok(self
                 .device
                 .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                    label: Some(kernel.file),
+                    label: Some(&label),
                     layout: None,
                     module: &module,
                     entry_point: Some("main"),
@@ -126,7 +157,7 @@ impl WgpuBackend {
                     cache: None,
                 }))
         })?;
-        cache.insert(kernel.file, p.clone());
+        cache.insert(*kernel, p.clone());
         Ok(p)
     }
 
@@ -141,12 +172,14 @@ impl WgpuBackend {
         elements: u64,
     ) -> Result<()> {
         let pipeline = self.pipeline(kernel)?;
+        let label = kernel.label();
         let layout = pipeline.get_bind_group_layout(0);
-        let units = elements.div_ceil(kernel.elements);
+        let units = elements.div_ceil(kernel.elements());
+        let (in_bytes, out_bytes) = (kernel.in_bytes(), kernel.out_bytes());
         let max_binding = self.limits.max_storage_buffer_binding_size;
         let per_dispatch =
             u64::from(self.limits.max_compute_workgroups_per_dimension) * u64::from(WORKGROUP);
-        let chunk = (max_binding / kernel.in_bytes.max(kernel.out_bytes)).min(per_dispatch)
+        let chunk = (max_binding / in_bytes.max(out_bytes)).min(per_dispatch)
             / u64::from(WORKGROUP)
             * u64::from(WORKGROUP);
         if chunk == 0 {
@@ -157,7 +190,7 @@ impl WgpuBackend {
         let mut u0 = 0u64;
         while u0 < units {
             let n = chunk.min(units - u0);
-            let el = (elements - u0 * kernel.elements).min(n * kernel.elements);
+            let el = (elements - u0 * kernel.elements()).min(n * kernel.elements());
             let params = self
                 .device
                 .create_buffer_init(&wgpu::util::BufferInitDescriptor {
@@ -167,16 +200,16 @@ impl WgpuBackend {
                 });
             let bind = |buffer, per_unit| binding(buffer, u0 * per_unit, n * per_unit);
             let group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some(kernel.file),
+                label: Some(&label),
                 layout: &layout,
                 entries: &[
                     wgpu::BindGroupEntry {
                         binding: 0,
-                        resource: bind(src, kernel.in_bytes),
+                        resource: bind(src, in_bytes),
                     },
                     wgpu::BindGroupEntry {
                         binding: 1,
-                        resource: bind(dst, kernel.out_bytes),
+                        resource: bind(dst, out_bytes),
                     },
                     wgpu::BindGroupEntry {
                         binding: 2,
@@ -185,7 +218,7 @@ impl WgpuBackend {
                 ],
             });
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some(kernel.file),
+                label: Some(&label),
                 timestamp_writes: None,
             });
             pass.set_pipeline(&pipeline);
@@ -200,13 +233,7 @@ impl WgpuBackend {
     /// Converts the bytes of a host buffer on the device (for tests and tools): uploads
     /// `input`, runs the kernel, reads the output back.
     pub fn convert(&self, conversion: Conversion, input: &[u8]) -> Result<Vec<u8>> {
-        let kernel = self.kernel_for(conversion).ok_or_else(|| {
-            Error::new(
-                ErrorKind::Unsupported,
-                format!("no kernel for {conversion}"),
-            )
-        })?;
-        self.run_kernel(kernel, input)
+        self.run_kernel(&self.kernel_for(conversion), input)
     }
 
     /// Runs one given kernel over a host buffer (see [`convert`](Self::convert)).

@@ -22,7 +22,7 @@ use crate::device::{Backend, Device, LoadPlan};
 use crate::error::{Error, ErrorKind, Result};
 use crate::tensor::Tensor;
 
-pub use kernels::{KERNELS, Kernel};
+pub use kernels::Kernel;
 use upload::{map_async, wait_mapped};
 
 pub(super) fn backend_err(msg: impl Into<String>) -> Error {
@@ -93,7 +93,7 @@ pub struct WgpuBackend {
     f16: bool,
     in_place_supported: bool,
     native_f16: OnceLock<bool>,
-    pipelines: Mutex<HashMap<&'static str, wgpu::ComputePipeline>>,
+    pipelines: Mutex<HashMap<Kernel, wgpu::ComputePipeline>>,
     /// Set when the device is lost: every later use fails.
     lost: Arc<Mutex<Option<String>>>,
     /// The last error reported outside any error scope (not ours), for diagnosis.

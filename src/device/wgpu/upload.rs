@@ -204,15 +204,10 @@ pub(super) fn upload(backend: &Arc<WgpuBackend>, plan: &LoadPlan<'_>) -> Result<
             .with_tensor(item.name));
         }
     }
-    let kernels: Vec<Option<&Kernel>> = items
+    let kernels: Vec<Option<Kernel>> = items
         .iter()
-        .map(|i| match i.conversion {
-            Some(c) => backend.kernel_for(c).map(Some).ok_or_else(|| {
-                Error::new(ErrorKind::Unsupported, format!("no kernel for {c}")).with_tensor(i.name)
-            }),
-            None => Ok(None),
-        })
-        .collect::<Result<_>>()?;
+        .map(|i| i.conversion.map(|c| backend.kernel_for(c)))
+        .collect();
     backend.scoped("uploading", || {
         // Destination buffers, and raw input buffers for the tensors to convert. Where the
         // adapter shares host memory, the buffers the file's bytes go to are created mapped.
@@ -324,7 +319,7 @@ pub(super) fn upload(backend: &Arc<WgpuBackend>, plan: &LoadPlan<'_>) -> Result<
         let mut enc = backend.device.create_command_encoder(&Default::default());
         let mut any = false;
         for (k, item) in items.iter().enumerate() {
-            if let (Some(kernel), Some(raw)) = (kernels[k], &raws[k]) {
+            if let (Some(kernel), Some(raw)) = (&kernels[k], &raws[k]) {
                 let elements = (item.src.len() / (item.info.dtype.bits() / 8)) as u64;
                 backend.dispatch(&mut enc, kernel, raw, &outs[k], elements)?;
                 any = true;
