@@ -65,6 +65,14 @@ pub enum ErrorKind {
     TensorNotFound,
     /// The load was stopped by its caller (see `Loader::interrupt`).
     Interrupted,
+    /// A sharded checkpoint's index disagrees with its shards: a tensor mapped to a file
+    /// that does not hold it, a missing shard, a name held by two shards, a tensor no shard
+    /// has, a shard the index never mentions, or an index that is not valid JSON of the
+    /// `weight_map` shape.
+    InvalidIndex,
+    /// A slice or a tensor-parallel split does not fit the tensor (an index out of range, a
+    /// step, more indices than dimensions, a cut inside a byte of a packed dtype).
+    InvalidSlice,
 }
 
 impl ErrorKind {
@@ -96,6 +104,8 @@ impl ErrorKind {
             ErrorKind::InvalidTensor => "invalid tensor",
             ErrorKind::TensorNotFound => "tensor not found",
             ErrorKind::Interrupted => "interrupted",
+            ErrorKind::InvalidIndex => "checkpoint index inconsistent with its shards",
+            ErrorKind::InvalidSlice => "invalid slice",
         }
     }
 

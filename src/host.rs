@@ -235,6 +235,11 @@ impl<'a> HostFile<'a> {
         &self.header
     }
 
+    /// The validated header, the file closed.
+    pub fn into_header(self) -> Header {
+        self.header
+    }
+
     /// The tensors in file order.
     pub fn tensors(&self) -> impl ExactSizeIterator<Item = (&str, &TensorInfo)> {
         self.header.tensors().iter().map(|(k, v)| (k.as_str(), v))

@@ -28,12 +28,160 @@ pub(crate) fn chunks(range: Range<usize>, max: usize) -> impl Iterator<Item = Ra
         .map(move |s| s..s.saturating_add(max).min(end))
 }
 
-/// A piece of a load: the file's bytes at `src` go to `dst`.
+/// Where a tensor's input bytes lie in its file: `width` bytes at `start`, or, for a part of
+/// a tensor that is not contiguous in the file, runs of `width` bytes repeated over `outer`
+/// dimensions (`(count, stride)` pairs, the last varying fastest), concatenated in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Gather {
+    start: usize,
+    width: usize,
+    outer: Vec<(usize, usize)>,
+}
+
+impl Gather {
+    /// The bytes of `range`, in one run.
+    pub fn contiguous(range: Range<usize>) -> Gather {
+        Gather {
+            start: range.start,
+            width: range.len(),
+            outer: Vec::new(),
+        }
+    }
+
+    /// Runs of `width` bytes from `start`, repeated over `outer` (`(count, stride)`, the
+    /// last varying fastest). Counts of 1 are dropped and dimensions whose runs follow each
+    /// other merged, so that a part contiguous in the file is one run.
+    pub fn strided(start: usize, width: usize, outer: &[(usize, usize)]) -> Gather {
+        if width == 0 || outer.iter().any(|&(count, _)| count == 0) {
+            return Gather::contiguous(start..start);
+        }
+        let mut width = width;
+        let mut dims: Vec<(usize, usize)> = Vec::new();
+        for &(count, stride) in outer.iter().rev() {
+            if count == 1 {
+                continue;
+            }
+            match dims.first_mut() {
+                // Runs of this dimension follow each other: one longer run.
+                None if stride == width => width *= count,
+                // Steps that tile the next dimension's: one dimension of more steps.
+                Some((inner_count, inner_stride)) if stride == *inner_count * *inner_stride => {
+                    *inner_count *= count;
+                }
+                _ => dims.insert(0, (count, stride)),
+            }
+        }
+        Gather {
+            start,
+            width,
+            outer: dims,
+        }
+    }
+
+    /// The number of bytes gathered.
+    pub fn len(&self) -> usize {
+        self.outer
+            .iter()
+            .map(|&(count, _)| count)
+            .product::<usize>()
+            * self.width
+    }
+
+    /// The file range, when the bytes are one run.
+    pub fn as_range(&self) -> Option<Range<usize>> {
+        self.outer
+            .is_empty()
+            .then(|| self.start..self.start + self.width)
+    }
+
+    /// The file offset of run `k` of the runs over `outer` (the last varying fastest).
+    fn run_start_outer(&self, outer: &[(usize, usize)], mut k: usize) -> usize {
+        let mut at = self.start;
+        for &(count, stride) in outer.iter().rev() {
+            at += (k % count) * stride;
+            k /= count;
+        }
+        at
+    }
+
+    /// The pieces of `dense` (a range of the gathered bytes, in order) as file ranges, each
+    /// with its offset in `dense`.
+    pub fn segments(
+        &self,
+        dense: Range<usize>,
+    ) -> impl Iterator<Item = (Range<usize>, usize)> + '_ {
+        let width = self.width.max(1);
+        let first = dense.start / width;
+        let runs = if dense.is_empty() {
+            0
+        } else {
+            (dense.end - 1) / width + 1 - first
+        };
+        (first..first + runs).map(move |k| {
+            let run = self.run_start_outer(&self.outer, k);
+            let lo = (k * width).max(dense.start);
+            let hi = ((k + 1) * width).min(dense.end);
+            let at = run + (lo - k * width);
+            (at..at + (hi - lo), lo - dense.start)
+        })
+    }
+}
+
+/// Input bytes of a piece: the range `dense` of a gather's bytes.
+#[derive(Debug, Clone)]
+pub(crate) struct Span<'g> {
+    /// The tensor's gather.
+    pub gather: &'g Gather,
+    /// The bytes of it, in gathered order.
+    pub dense: Range<usize>,
+}
+
+impl<'g> Span<'g> {
+    /// All of `gather`.
+    pub fn all(gather: &'g Gather) -> Span<'g> {
+        Span {
+            gather,
+            dense: 0..gather.len(),
+        }
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        self.dense.len()
+    }
+
+    /// The part of it at `range` (relative to its start).
+    pub fn part(&self, range: Range<usize>) -> Span<'g> {
+        Span {
+            gather: self.gather,
+            dense: self.dense.start + range.start..self.dense.start + range.end,
+        }
+    }
+
+    /// The file range of its bytes, when they are one run there.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub fn as_range(&self) -> Option<Range<usize>> {
+        let mut segments = self.gather.segments(self.dense.clone());
+        match (segments.next(), segments.next()) {
+            (Some((range, _)), None) => Some(range),
+            _ => None,
+        }
+    }
+
+    /// Consecutive parts of at most `max` bytes.
+    pub fn chunks(&self, max: usize) -> impl Iterator<Item = Span<'g>> + '_ {
+        chunks(0..self.len(), max).map(|r| self.part(r))
+    }
+}
+
+/// A piece of a load: the bytes `src` of `file` go to `dst`.
 pub(crate) struct Piece<'n, D> {
     /// The tensor the bytes belong to, for errors.
     pub tensor: &'n str,
-    /// The bytes' range in the file.
-    pub src: Range<usize>,
+    /// The file they come from.
+    pub file: &'n HostFile<'n>,
+    /// Which bytes.
+    pub src: Span<'n>,
     /// Where they go.
     pub dst: D,
 }
@@ -69,7 +217,7 @@ impl Destination for Converted<'_> {
 /// The bytes of one piece, on their way: in memory already, or to be read.
 pub(crate) struct Source<'a> {
     file: &'a HostFile<'a>,
-    range: Range<usize>,
+    span: Span<'a>,
     fetch: Fetch,
     scratch: &'a mut Vec<u8>,
 }
@@ -77,41 +225,46 @@ pub(crate) struct Source<'a> {
 impl<'a> Source<'a> {
     /// Copies (or reads) the bytes into `dst`, which must have the piece's length.
     pub(crate) fn read_into(self, dst: &mut [u8]) -> Result<()> {
-        if dst.len() != self.range.len() {
-            return Err(Error::new(
-                ErrorKind::Backend,
-                format!(
-                    "a destination of {} bytes for {} bytes of the file",
-                    dst.len(),
-                    self.range.len()
-                ),
-            ));
-        }
-        read(self.file, self.fetch, self.range.start, dst)
+        read_span(self.file, self.fetch, &self.span, dst)
     }
 
-    /// The bytes: borrowed from memory, or read into the thread's scratch buffer.
+    /// The bytes: borrowed from memory where they are one run there, else read (or
+    /// gathered) into the thread's scratch buffer.
     pub(crate) fn bytes(self) -> Result<&'a [u8]> {
         let memory = self.file.bytes().filter(|_| self.fetch == Fetch::Memory);
-        if let Some(bytes) = memory {
-            return bytes.get(self.range.clone()).ok_or_else(|| {
+        let mut segments = self.span.gather.segments(self.span.dense.clone());
+        if let (Some(bytes), Some((range, _)), None) = (memory, segments.next(), segments.next()) {
+            return bytes.get(range.clone()).ok_or_else(|| {
                 Error::new(
                     ErrorKind::Io,
-                    format!("bytes {:?} lie past the end of the file", self.range),
+                    format!("bytes {range:?} lie past the end of the file"),
                 )
                 .with_opt_file(self.file.path())
             });
         }
-        let Source {
-            file,
-            range,
-            fetch,
-            scratch,
-        } = self;
-        scratch.resize(range.len(), 0);
-        read(file, fetch, range.start, scratch)?;
-        Ok(&scratch[..])
+        self.scratch.resize(self.span.len(), 0);
+        read_span(self.file, self.fetch, &self.span, self.scratch)?;
+        Ok(&self.scratch[..])
     }
+}
+
+/// Reads the bytes of `span` into `dst`, which must have its length.
+fn read_span(file: &HostFile<'_>, fetch: Fetch, span: &Span<'_>, dst: &mut [u8]) -> Result<()> {
+    if dst.len() != span.len() {
+        return Err(Error::new(
+            ErrorKind::Backend,
+            format!(
+                "a destination of {} bytes for {} bytes of the file",
+                dst.len(),
+                span.len()
+            ),
+        ));
+    }
+    for (range, at) in span.gather.segments(span.dense.clone()) {
+        let len = range.len();
+        read(file, fetch, range.start, &mut dst[at..at + len])?;
+    }
+    Ok(())
 }
 
 /// Reads `dst.len()` bytes at `at` of `file` the way `fetch` says.
@@ -125,33 +278,34 @@ fn read(file: &HostFile<'_>, fetch: Fetch, at: usize, dst: &mut [u8]) -> Result<
 
 /// Reads every piece into its destination, calling `advance` with each piece's length once
 /// it is done (and with 0 before it starts): an error from `advance` (an interrupted load)
-/// stops the reading. Errors name the file and the tensor.
+/// stops the reading. Errors name the file and the tensor. Pieces may come from many files,
+/// read at once.
 ///
-/// How is the file's [`fetch`](HostFile::fetch): copies from memory run on one thread per
+/// How is each file's [`fetch`](HostFile::fetch): copies from memory run on one thread per
 /// core, reads from a disk on the reader pool's many threads.
 pub(crate) fn read_pieces<D: Destination>(
-    file: &HostFile<'_>,
     pieces: Vec<Piece<'_, D>>,
     advance: &(dyn Fn(u64) -> Result<()> + Sync),
 ) -> Result<()> {
     if pieces.is_empty() {
         return Ok(());
     }
-    let fetch = file.fetch();
+    let from_disk = pieces.iter().any(|p| p.file.fetch() != Fetch::Memory);
     let bytes: usize = pieces.iter().map(|p| p.src.len()).sum();
-    let threads = match fetch {
+    let threads = match from_disk {
+        true => Threads::Io,
         // Less than a piece's worth of copying: a hand-off to other threads costs more.
-        Fetch::Memory if bytes <= PIECE => Threads::Caller,
-        Fetch::Memory => Threads::PerCore,
-        Fetch::Pread | Fetch::Direct => Threads::Io,
+        false if bytes <= PIECE => Threads::Caller,
+        false => Threads::PerCore,
     };
     parallel::for_each(pieces, threads, |piece, scratch| {
         advance(0)?;
         let n = piece.src.len() as u64;
+        let file = piece.file;
         let source = Source {
             file,
-            range: piece.src,
-            fetch,
+            span: piece.src,
+            fetch: file.fetch(),
             scratch,
         };
         piece
@@ -167,6 +321,21 @@ mod tests {
     use super::*;
     use crate::host::ReadMode;
     use std::sync::atomic::{AtomicU64, Ordering};
+
+    #[test]
+    fn gathers_merge_runs_that_follow_each_other() {
+        // Rows of 8 bytes, 4 of them at a stride of 8: one run of 32.
+        assert_eq!(Gather::strided(10, 8, &[(4, 8)]).as_range(), Some(10..42));
+        // 3 blocks of 2 rows: rows 8 apart, blocks 16 apart: one dimension of 6 rows.
+        let g = Gather::strided(0, 4, &[(3, 16), (2, 8)]);
+        assert_eq!(g.outer, [(6, 8)]);
+        let runs: Vec<_> = g.segments(0..g.len()).map(|(r, _)| r.start).collect();
+        assert_eq!(runs, [0, 8, 16, 24, 32, 40]);
+        // A cut inside runs.
+        let parts: Vec<_> = g.segments(2..9).collect();
+        assert_eq!(parts, [(2..4, 0), (8..12, 2), (16..17, 6)]);
+        assert_eq!(Gather::strided(5, 4, &[(0, 8)]).len(), 0);
+    }
 
     #[test]
     fn chunks_cover_the_range_in_order() {
@@ -203,43 +372,61 @@ mod tests {
                 Ok(())
             };
             let (first, second) = plain.split_at_mut(5);
+            let all = Gather::contiguous(start..start + 12);
             let pieces = vec![
                 Piece {
                     tensor: "a",
-                    src: start..start + 5,
+                    file,
+                    src: Span::all(&all).part(0..5),
                     dst: first,
                 },
                 Piece {
                     tensor: "a",
-                    src: start + 5..start + 12,
+                    file,
+                    src: Span::all(&all).part(5..12),
                     dst: second,
                 },
             ];
-            read_pieces(file, pieces, &advance).unwrap();
+            read_pieces(pieces, &advance).unwrap();
             assert_eq!(plain[..], data[..]);
             let convert = vec![Piece {
                 tensor: "a",
-                src: start..start + 12,
+                file,
+                src: Span::all(&all),
                 dst: Converted {
                     conversion: Conversion::between(crate::Dtype::F32, crate::Dtype::F16).unwrap(),
                     dst: &mut halves,
                 },
             }];
-            read_pieces(file, convert, &advance).unwrap();
+            read_pieces(convert, &advance).unwrap();
             let want: Vec<u8> = values
                 .iter()
                 .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
                 .collect();
             assert_eq!(halves[..], want[..]);
             assert_eq!(done.load(Ordering::Relaxed), 24);
+            // A gather: elements 0 and 2.
+            let every_other = Gather::strided(start, 4, &[(2, 8)]);
+            let mut odd = [0u8; 8];
+            let gathered = vec![Piece {
+                tensor: "a",
+                file,
+                src: Span::all(&every_other),
+                dst: &mut odd[..],
+            }];
+            read_pieces(gathered, &advance).unwrap();
+            assert_eq!(odd[..4], data[..4]);
+            assert_eq!(odd[4..], data[8..12]);
             // A piece past the end is an error naming the tensor, not a panic.
             let mut past = [0u8; 4];
+            let beyond = Gather::contiguous(bytes.len() - 2..bytes.len() + 2);
             let bad = vec![Piece {
                 tensor: "a",
-                src: bytes.len() - 2..bytes.len() + 2,
+                file,
+                src: Span::all(&beyond),
                 dst: &mut past[..],
             }];
-            let e = read_pieces(file, bad, &advance).unwrap_err();
+            let e = read_pieces(bad, &advance).unwrap_err();
             assert_eq!((e.kind(), e.tensor()), (ErrorKind::Io, Some("a")));
         }
     }

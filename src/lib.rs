@@ -72,6 +72,7 @@
 #![warn(missing_docs)]
 
 mod atomic;
+mod checkpoint;
 mod convert;
 mod device;
 mod direct;
@@ -84,6 +85,7 @@ mod loader;
 mod memory;
 mod parallel;
 mod save;
+mod slice;
 mod tensor;
 
 #[cfg(feature = "cli")]
@@ -92,6 +94,7 @@ pub mod bench;
 
 use std::path::Path;
 
+pub use checkpoint::{Checkpoint, INDEX_NAME, TensorEntry, open};
 #[cfg(feature = "cuda")]
 pub use device::cuda::CudaStorage;
 #[cfg(feature = "wgpu")]
@@ -103,6 +106,7 @@ pub use header::Metadata;
 pub use host::ReadMode;
 pub use loader::{LoadReport, Loader, Progress, ReadPath};
 pub use save::{save, save_file};
+pub use slice::{Slice, SliceIndex};
 pub use tensor::{CpuStorage, Element, Storage, Tensor, Tensors};
 
 /// Not part of the API: what the command-line tool, the benchmark harness and the tests

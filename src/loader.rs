@@ -6,13 +6,18 @@
 //! options never affect each other. The command-line tool maps its flags and environment
 //! variables onto these options.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
-use crate::device::{self, Device, IntoDevice, LoadPlan, Upload, View};
+use crate::checkpoint::{self, Checkpoint};
+use crate::device::{self, Device, IntoDevice, LoadPlan, PlanEntry, Upload, View};
 use crate::dtype::Dtype;
-use crate::error::Result;
+use crate::error::{Error, ErrorKind, Result};
+use crate::header::{Metadata, TensorInfo};
 use crate::host::{Fetch, HostFile, ReadMode};
+use crate::parallel::{self, Threads};
+use crate::slice::{Selection, Slice};
 use crate::tensor::Tensors;
 
 /// Progress of a load: input bytes done out of the total.
@@ -67,6 +72,14 @@ impl std::fmt::Display for ReadPath {
 
 type Filter<'a> = Box<dyn Fn(&str) -> bool + 'a>;
 type ProgressFn<'a> = Box<dyn Fn(Progress) + Sync + 'a>;
+type SplitDim<'a> = Box<dyn Fn(&str, &[usize]) -> Option<usize> + 'a>;
+
+/// A tensor-parallel split: part `rank` of `world`, along the dimension `dim` names.
+struct Split<'a> {
+    rank: usize,
+    world: usize,
+    dim: SplitDim<'a>,
+}
 
 /// A load with options; the free functions are `Loader::new(device).load_file(path)`.
 ///
@@ -80,10 +93,37 @@ type ProgressFn<'a> = Box<dyn Fn(Progress) + Sync + 'a>;
 ///     .load_file("model.safetensors")?;
 /// # Ok::<(), tensorplace::Error>(())
 /// ```
+///
+/// Parts of tensors: a [`slice`](Self::slice) of one tensor, or each rank's part of a
+/// tensor-parallel [`split`](Self::split); only their bytes are read.
+///
+/// ```no_run
+/// use tensorplace::Loader;
+/// // Rank 3 of 8: attention and MLP weights split as Megatron splits them, the rest whole.
+/// let part = Loader::new("cuda:3")
+///     .split(3, 8, |name, _shape| {
+///         if name.ends_with("q_proj.weight") || name.ends_with("up_proj.weight") {
+///             Some(0)
+///         } else if name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight") {
+///             Some(1)
+///         } else {
+///             None
+///         }
+///     })
+///     .load_file("Llama-3.1-8B/")?;
+/// // The first 128 rows of the embedding, alone.
+/// let rows = Loader::new("cpu")
+///     .filter(|name| name == "model.embed_tokens.weight")
+///     .slice("model.embed_tokens.weight", "[0:128, :]".parse()?)
+///     .load_file("Llama-3.1-8B/")?;
+/// # Ok::<(), tensorplace::Error>(())
+/// ```
 pub struct Loader<'a> {
     device: Result<Device>,
     dtype: Option<Dtype>,
     filter: Option<Filter<'a>>,
+    slices: HashMap<String, Slice>,
+    split: Option<Split<'a>>,
     progress: Option<ProgressFn<'a>>,
     read_mode: ReadMode,
     upload: Upload,
@@ -97,6 +137,8 @@ impl std::fmt::Debug for Loader<'_> {
             .field("device", &self.device)
             .field("dtype", &self.dtype)
             .field("filter", &self.filter.is_some())
+            .field("slices", &self.slices)
+            .field("split", &self.split.as_ref().map(|s| (s.rank, s.world)))
             .field("progress", &self.progress.is_some())
             .field("read_mode", &self.read_mode)
             .field("upload", &self.upload)
@@ -114,6 +156,8 @@ impl<'a> Loader<'a> {
             device: device.into_device(),
             dtype: None,
             filter: None,
+            slices: HashMap::new(),
+            split: None,
             progress: None,
             read_mode: ReadMode::Mmap,
             upload: Upload::Auto,
@@ -133,6 +177,36 @@ impl<'a> Loader<'a> {
     /// Loads only the tensors whose name `keep` accepts.
     pub fn filter(mut self, keep: impl Fn(&str) -> bool + 'a) -> Self {
         self.filter = Some(Box::new(keep));
+        self
+    }
+
+    /// Loads tensor `name` as its part `slice` (safetensors' `get_slice` rules), reading
+    /// only that part's bytes. The other tensors load as the other options say: add a
+    /// [`filter`](Self::filter) to load the slice alone. A name the file or checkpoint does
+    /// not have is an [`ErrorKind::TensorNotFound`](crate::ErrorKind::TensorNotFound) error;
+    /// a slice that does not fit the tensor, an
+    /// [`ErrorKind::InvalidSlice`](crate::ErrorKind::InvalidSlice) error.
+    pub fn slice(mut self, name: impl Into<String>, slice: Slice) -> Self {
+        self.slices.insert(name.into(), slice);
+        self
+    }
+
+    /// Tensor parallelism: loads part `rank` of `world` of every tensor for which
+    /// `dim(name, shape)` names a dimension, cut along it as `numpy.array_split` cuts (the
+    /// first `size % world` parts one longer), reading only that part's bytes; tensors for
+    /// which it gives `None` load whole. A tensor given a [`slice`](Self::slice) takes the
+    /// slice instead.
+    pub fn split(
+        mut self,
+        rank: usize,
+        world: usize,
+        dim: impl Fn(&str, &[usize]) -> Option<usize> + 'a,
+    ) -> Self {
+        self.split = Some(Split {
+            rank,
+            world,
+            dim: Box::new(dim),
+        });
         self
     }
 
@@ -172,21 +246,21 @@ impl<'a> Loader<'a> {
         self
     }
 
-    /// Loads the file at `path`. CPU tensors are owned copies: nothing the load returns
-    /// depends on the file afterwards.
+    /// Loads the file at `path`, or the sharded checkpoint of a folder or an index (see
+    /// [`Checkpoint::open`]). CPU tensors are owned copies: nothing the load returns depends
+    /// on the files afterwards.
     ///
     /// A mapped file (the default [`ReadMode`]) is read during this call: it must not be
     /// truncated meanwhile (see the crate's Safety section).
     pub fn load_file(&self, path: impl AsRef<Path>) -> Result<Tensors> {
-        let device = self.device.clone()?;
-        let file = HostFile::open(path.as_ref(), self.read_mode)?;
-        self.load_host(device, &file, View::Copy)
+        self.load_path(path.as_ref(), View::Copy)
     }
 
-    /// Loads the file at `path` with CPU tensors as zero-copy views of its mapping, which
-    /// stays mapped while any of them lives. On other devices (and for tensors converted to
-    /// another dtype) this is [`load_file`](Self::load_file). With [`ReadMode::Pread`]
-    /// nothing is mapped and every tensor is a copy.
+    /// Loads the file (or checkpoint) at `path` with CPU tensors as zero-copy views of its
+    /// mapping, which stays mapped while any of them lives. On other devices (and for
+    /// tensors converted to another dtype, or parts of tensors that are not contiguous in
+    /// the file) this is [`load_file`](Self::load_file). With [`ReadMode::Pread`] nothing is
+    /// mapped and every tensor is a copy.
     ///
     /// # Safety
     ///
@@ -197,44 +271,157 @@ impl<'a> Loader<'a> {
     /// them raise `SIGBUS`. Replacing the file by renaming another over it (as
     /// [`save_file`](crate::save_file) does) is safe.
     pub unsafe fn load_file_mapped(&self, path: impl AsRef<Path>) -> Result<Tensors> {
-        let device = self.device.clone()?;
-        let file = HostFile::open(path.as_ref(), self.read_mode)?;
-        self.load_host(device, &file, View::Mapped)
+        self.load_path(path.as_ref(), View::Mapped)
     }
 
     /// Loads a whole file held in `bytes` (copies, on every device).
     pub fn load(&self, bytes: &[u8]) -> Result<Tensors> {
         let device = self.device.clone()?;
         let file = HostFile::from_bytes(bytes)?;
-        self.load_host(device, &file, View::Copy)
+        self.check_slices(|name| file.header().tensors().contains_key(name), None)?;
+        let metadata = file.header().metadata().cloned();
+        self.load_files(device, None, &[file], View::Copy, metadata)
     }
 
-    /// Loads an opened file: the device is parsed before the file is opened, so that an
-    /// invalid device string is reported as such whatever the file holds.
-    fn load_host(&self, device: Device, file: &HostFile<'_>, view: View) -> Result<Tensors> {
+    /// Loads the tensors of an opened checkpoint (all of them, or those the options select),
+    /// reading every file they are in at once into one plan: one device arena, progress over
+    /// all their bytes. A file whose header changed since [`open`](crate::open) is an
+    /// [`ErrorKind::Io`](crate::ErrorKind::Io) error.
+    pub fn load_checkpoint(&self, checkpoint: &Checkpoint) -> Result<Tensors> {
+        self.load_opened(checkpoint, View::Copy)
+    }
+
+    fn load_path(&self, path: &Path, view: View) -> Result<Tensors> {
+        let device = self.device.clone()?;
+        if checkpoint::is_multi_file(path) {
+            return self.load_opened(&Checkpoint::open(path)?, view);
+        }
+        let file = HostFile::open(path, self.read_mode)?;
+        self.check_slices(|n| file.header().tensors().contains_key(n), Some(path))?;
+        let metadata = file.header().metadata().cloned();
+        self.load_files(device, Some(path), &[file], view, metadata)
+    }
+
+    fn load_opened(&self, checkpoint: &Checkpoint, view: View) -> Result<Tensors> {
+        let device = self.device.clone()?;
+        self.check_slices(|n| checkpoint.get(n).is_some(), Some(checkpoint.path()))?;
+        let keep = |name: &str| self.keeps(name);
+        let chosen = checkpoint.plan_files(&keep);
+        let threads = if chosen.len() > 1 {
+            Threads::Io
+        } else {
+            Threads::Caller
+        };
+        let mode = self.read_mode;
+        let files = parallel::map(chosen, threads, |(path, header, names)| {
+            let file = HostFile::open(path, mode)?;
+            // The layout the checkpoint recorded must still hold.
+            for name in names {
+                let now = file.header().tensors().get(name);
+                let then = header.tensors().get(name);
+                let same = match (now, then) {
+                    (Some(a), Some(b)) => {
+                        a == b && file.header().file_range(a) == header.file_range(b)
+                    }
+                    _ => false,
+                };
+                if !same {
+                    return Err(Error::new(
+                        ErrorKind::Io,
+                        "the file changed since the checkpoint was opened",
+                    )
+                    .with_tensor(name)
+                    .with_file(path));
+                }
+            }
+            Ok(file)
+        })?;
+        let metadata = checkpoint.metadata().cloned();
+        self.load_files(device, Some(checkpoint.path()), &files, view, metadata)
+    }
+
+    /// Whether the filter keeps `name`.
+    fn keeps(&self, name: &str) -> bool {
+        self.filter.as_ref().is_none_or(|keep| keep(name))
+    }
+
+    /// Fails on a slice of a tensor that `has` says is not there.
+    fn check_slices(&self, has: impl Fn(&str) -> bool, origin: Option<&Path>) -> Result<()> {
+        match self.slices.keys().find(|name| !has(name)) {
+            Some(name) => Err(Error::new(
+                ErrorKind::TensorNotFound,
+                "a slice of a tensor that is not there",
+            )
+            .with_tensor(name)
+            .with_opt_file(origin)),
+            None => Ok(()),
+        }
+    }
+
+    /// What to take of tensor `name`.
+    fn selection(&self, name: &str, info: &TensorInfo) -> Selection<'_> {
+        if let Some(slice) = self.slices.get(name) {
+            return Selection::Slice(slice);
+        }
+        match &self.split {
+            Some(split) => match (split.dim)(name, &info.shape) {
+                Some(dim) => Selection::Part {
+                    dim,
+                    rank: split.rank,
+                    world: split.world,
+                },
+                None => Selection::Whole,
+            },
+            None => Selection::Whole,
+        }
+    }
+
+    /// Loads what the options select of `files` (from `origin`: a file or a checkpoint's
+    /// folder): the device is parsed before the files are opened, so that an invalid device
+    /// string is reported as such whatever the files hold.
+    fn load_files(
+        &self,
+        device: Device,
+        origin: Option<&Path>,
+        files: &[HostFile<'_>],
+        view: View,
+        metadata: Option<Metadata>,
+    ) -> Result<Tensors> {
         let backend = device::open(device, self.adapter.as_deref())?;
-        let keep_all = |_: &str| true;
-        let keep: &dyn Fn(&str) -> bool = self.filter.as_deref().unwrap_or(&keep_all);
         let progress = &self.progress;
         let report = |done: u64, total: u64| {
             if let Some(p) = progress {
                 p(Progress { done, total });
             }
         };
-        let plan = LoadPlan::new(file, self.dtype, keep)?
+        let entries = files
+            .iter()
+            .flat_map(|file| {
+                file.tensors()
+                    .filter(|(name, _)| self.keeps(name))
+                    .map(move |(name, info)| PlanEntry {
+                        name,
+                        file,
+                        info,
+                        selection: self.selection(name, info),
+                    })
+            })
+            .collect();
+        let plan = LoadPlan::new(origin, entries, self.dtype)?
             .with_view(view)
             .with_upload(self.upload)
             .with_progress(&report)
             .with_interrupt(self.interrupt);
         let placed = backend.upload(&plan)?;
         plan.finish();
-        let read = match file.fetch_used() {
+        let used = files.iter().find_map(|f| f.fetch_used());
+        let read = match used {
             Some(Fetch::Memory) => ReadPath::Memory,
             Some(Fetch::Pread) => ReadPath::Pread,
             Some(Fetch::Direct) => ReadPath::Direct,
             // The engine read nothing: views on the CPU, else DMA from the mapping.
             None if backend.device() == Device::Cpu
-                && file.mapping().is_some()
+                && files.iter().any(|f| f.mapping().is_some())
                 && view == View::Mapped =>
             {
                 ReadPath::Views
@@ -242,8 +429,10 @@ impl<'a> Loader<'a> {
             None => ReadPath::Memory,
         };
         let (upload, mut notes) = plan.take_report();
-        if let Some(why) = file.direct_refused() {
-            notes.insert(0, why.to_owned());
+        for why in files.iter().filter_map(|f| f.direct_refused()) {
+            if !notes.iter().any(|n| n == why) {
+                notes.insert(0, why.to_owned());
+            }
         }
         let mut tensors: Tensors = plan
             .items()
@@ -251,7 +440,7 @@ impl<'a> Loader<'a> {
             .map(|i| i.name.to_owned())
             .zip(placed)
             .collect();
-        tensors.set_metadata(file.header().metadata().cloned());
+        tensors.set_metadata(metadata);
         tensors.set_report(LoadReport {
             device: backend.device(),
             read,

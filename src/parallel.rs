@@ -74,6 +74,27 @@ pub(crate) fn for_each<J: Send>(
         .unwrap_or_else(|_| Err(Error::new(ErrorKind::Backend, "a worker thread panicked")))
 }
 
+/// Runs `work` on every job and returns the results in the jobs' order (see [`for_each`]).
+pub(crate) fn map<J: Send, R: Send>(
+    jobs: Vec<J>,
+    threads: Threads,
+    work: impl Fn(J) -> Result<R> + Sync,
+) -> Result<Vec<R>> {
+    let slots: Vec<std::sync::Mutex<Option<R>>> =
+        jobs.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    let numbered: Vec<(usize, J)> = jobs.into_iter().enumerate().collect();
+    for_each(numbered, threads, |(k, job), _| {
+        let r = work(job)?;
+        *slots[k].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+        Ok(())
+    })?;
+    slots
+        .into_iter()
+        .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
+        .collect::<Option<Vec<R>>>()
+        .ok_or_else(|| Error::new(ErrorKind::Backend, "a job left no result"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,7 @@
 //! The `tensorplace` command line: its outputs, exit codes and files.
 
 use std::process::{Command, Output};
+use tensorplace::internals::Conversion;
 
 use crate::common;
 
@@ -133,18 +134,40 @@ fn convert_round_trips_byte_identically_and_casts() {
     }
     let input = common::fixtures().join("numpy_all.safetensors");
     let output = dir.path().join("f16.safetensors");
+    let original = tensorplace::load_file(&input, "cpu").unwrap();
     for device in common::devices("convert_round_trips_byte_identically_and_casts") {
         let dev = device.to_string();
-        let out = run(&[
-            "convert",
-            input.to_str().unwrap(),
-            output.to_str().unwrap(),
-            "--dtype",
-            "F16",
-            "--device",
-            &dev,
-        ]);
-        // numpy_all has F64 tensors, which have no conversion: a clear error, no file.
+        let convert = |dtype: &str| {
+            run(&[
+                "convert",
+                input.to_str().unwrap(),
+                output.to_str().unwrap(),
+                "--dtype",
+                dtype,
+                "--device",
+                &dev,
+            ])
+        };
+        // Every float of numpy_all (F64, F32, F16) to F16, as the CPU reference converts.
+        let out = convert("F16");
+        assert!(out.status.success(), "{dev}: {}", stderr(&out));
+        let back = tensorplace::load_file(&output, "cpu").unwrap();
+        for (name, t) in original.iter() {
+            let got = back.tensor(name).unwrap();
+            let bytes = t.host_bytes().unwrap();
+            match Conversion::between(t.dtype(), tensorplace::Dtype::F16) {
+                Some(c) => {
+                    let mut want = vec![0u8; c.output_len(bytes.len()).unwrap()];
+                    c.convert(&bytes, &mut want);
+                    assert_eq!(got.dtype(), tensorplace::Dtype::F16, "{name}");
+                    assert_eq!(got.host_bytes().unwrap()[..], want[..], "{dev}: {name}");
+                }
+                None => assert_eq!(got.host_bytes().unwrap()[..], bytes[..], "{name}"),
+            }
+        }
+        std::fs::remove_file(&output).unwrap();
+        // F64 has no conversion to F8: a clear error naming it, no file.
+        let out = convert("F8_E5M2");
         assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
         assert!(stderr(&out).contains("F64"), "{}", stderr(&out));
         assert!(!output.exists());

@@ -435,7 +435,12 @@ fn errors_name_the_file_the_tensor_and_the_rule() {
     let e = tensorplace::load_file(&missing, "cpu").unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Io);
     assert!(e.to_string().contains("absent.safetensors"));
+    // A folder is a checkpoint of its files: the bad one fails it, naming it.
     let e = tensorplace::load_file(dir.path(), "cpu").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::SizeMismatch);
+    assert_eq!(e.file(), Some(path.as_path()));
+    let empty = tempfile::tempdir().unwrap();
+    let e = tensorplace::load_file(empty.path(), "cpu").unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Io);
     let e = tensorplace::load_file(&path, "npu").unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidDevice);

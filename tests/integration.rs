@@ -1,6 +1,7 @@
 //! The integration tests, in one binary: one module per area.
 
 mod backends;
+mod checkpoints;
 #[cfg(feature = "cli")]
 mod cli;
 mod common;

@@ -6,7 +6,10 @@
 //! Only a load that asked for views ([`Loader::load_file_mapped`](crate::Loader::load_file_mapped))
 //! gets zero-copy views of the mapping instead, for the tensors it does not convert.
 
+use std::ops::Range;
 use std::sync::Arc;
+
+use memmap2::Mmap;
 
 use crate::device::{Backend, Device, LoadPlan, PlanItem, View};
 use crate::error::{Error, ErrorKind, Result};
@@ -22,10 +25,10 @@ pub(crate) const ALIGN: usize = 64;
 pub(crate) struct CpuBackend;
 
 /// Where one tensor of a load ends up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 enum Placement {
-    /// A view of the file's mapping.
-    View,
+    /// A view of this range of its file's mapping.
+    View(Arc<Mmap>, Range<usize>),
     /// At this offset of the arena.
     Arena(usize),
 }
@@ -43,15 +46,23 @@ impl Backend for CpuBackend {
     }
 
     fn upload(&self, plan: &LoadPlan<'_>) -> Result<Vec<Tensor>> {
-        let mapping = plan
-            .file()
-            .mapping()
-            .filter(|_| plan.view() == View::Mapped);
+        // A view needs a mapping and the tensor's bytes, unconverted, in one run.
+        let view_of = |item: &PlanItem<'_>| {
+            let map = item
+                .file
+                .mapping()
+                .filter(|_| plan.view() == View::Mapped)?;
+            let range = item
+                .input
+                .as_range()
+                .filter(|_| item.conversion.is_none())?;
+            Some((map.clone(), range))
+        };
         let mut placements = Vec::with_capacity(plan.items().len());
         let mut total = 0usize;
         for item in plan.items() {
-            if mapping.is_some() && item.conversion.is_none() {
-                placements.push(Placement::View);
+            if let Some((map, range)) = view_of(item) {
+                placements.push(Placement::View(map, range));
                 continue;
             }
             placements.push(Placement::Arena(total));
@@ -73,21 +84,13 @@ impl Backend for CpuBackend {
             .iter()
             .zip(&placements)
             .map(|(item, placement)| {
-                let storage = match (placement, mapping) {
-                    (Placement::Arena(at), _) => {
+                let storage = match placement {
+                    Placement::Arena(at) => {
                         CpuStorage::owned(arena.clone(), *at..*at + item.out_len)
                     }
-                    (Placement::View, Some(map)) => {
-                        CpuStorage::mapped(map.clone(), item.src.clone())
-                    }
-                    // Views are only planned where there is a mapping.
-                    (Placement::View, None) => CpuStorage::owned(arena.clone(), 0..0),
+                    Placement::View(map, range) => CpuStorage::mapped(map.clone(), range.clone()),
                 };
-                Tensor::from_parts(
-                    item.out_dtype,
-                    item.info.shape.clone(),
-                    Storage::Cpu(storage),
-                )
+                Tensor::from_parts(item.out_dtype, item.shape.clone(), Storage::Cpu(storage))
             })
             .collect();
         Ok(tensors)
@@ -113,19 +116,18 @@ fn fill(plan: &LoadPlan<'_>, placements: &[Placement], arena: &mut [u8]) -> Resu
     }
     let advance = |n| plan.advance(n);
     plan.advance(0)?;
-    let file = plan.file();
-    io::read_pieces(file, copies, &advance)?;
-    io::read_pieces(file, conversions, &advance)
+    io::read_pieces(copies, &advance)?;
+    io::read_pieces(conversions, &advance)
 }
 
 /// Cuts one item into pieces of at most [`PIECE`] input bytes, with their destinations.
 fn split<'n, 'd>(
-    item: &PlanItem<'n>,
+    item: &'n PlanItem<'n>,
     mut dst: &'d mut [u8],
     copies: &mut Vec<Piece<'n, &'d mut [u8]>>,
     conversions: &mut Vec<Piece<'n, Converted<'d>>>,
 ) {
-    for src in io::chunks(item.src.clone(), PIECE) {
+    for src in item.span().chunks(PIECE) {
         let out_len = match item.conversion {
             Some(c) => c.output_len(src.len()).unwrap_or(0),
             None => src.len(),
@@ -136,11 +138,13 @@ fn split<'n, 'd>(
         match item.conversion {
             Some(conversion) => conversions.push(Piece {
                 tensor: item.name,
+                file: item.file,
                 src,
                 dst: Converted { conversion, dst: d },
             }),
             None => copies.push(Piece {
                 tensor: item.name,
+                file: item.file,
                 src,
                 dst: d,
             }),

@@ -1,9 +1,10 @@
 //! Devices: parsing device strings, the upload strategies, the [`Backend`] trait every
-//! device implements, the [`LoadPlan`] a backend receives (the whole file at once), and
+//! device implements, the [`LoadPlan`] a backend receives (every tensor of a load, from one
+//! file or many, at once), and
 //! `auto` selection.
 
 use std::fmt;
-use std::ops::Range;
+use std::path::Path;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,6 +14,8 @@ use crate::dtype::Dtype;
 use crate::error::{Error, ErrorKind, Result};
 use crate::header::TensorInfo;
 use crate::host::HostFile;
+use crate::io::{Gather, Span};
+use crate::slice::Selection;
 use crate::tensor::Tensor;
 
 pub(crate) mod cpu;
@@ -181,10 +184,15 @@ pub(crate) enum View {
 pub(crate) struct PlanItem<'f> {
     /// The tensor's name.
     pub name: &'f str,
-    /// Its header entry.
-    pub info: &'f TensorInfo,
-    /// Its bytes' range in the file.
-    pub src: Range<usize>,
+    /// The file that holds it.
+    pub file: &'f HostFile<'f>,
+    /// Its dtype in the file.
+    #[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
+    pub dtype: Dtype,
+    /// The shape of what is loaded (the part's, for a slice or a split).
+    pub shape: Vec<usize>,
+    /// The file bytes to read, in order.
+    pub input: Gather,
     /// The conversion to apply on the device, if any.
     pub conversion: Option<Conversion>,
     /// The dtype of the loaded tensor.
@@ -193,9 +201,34 @@ pub(crate) struct PlanItem<'f> {
     pub out_len: usize,
 }
 
-/// Everything one load asks of a device: the file and every tensor to place, in file order.
+impl PlanItem<'_> {
+    /// All of its input bytes.
+    pub fn span(&self) -> Span<'_> {
+        Span::all(&self.input)
+    }
+
+    /// The number of input bytes.
+    pub fn in_len(&self) -> usize {
+        self.input.len()
+    }
+}
+
+/// A tensor to place: where it is, and what of it to take.
+pub(crate) struct PlanEntry<'f> {
+    /// Its name.
+    pub name: &'f str,
+    /// The file that holds it.
+    pub file: &'f HostFile<'f>,
+    /// Its header entry.
+    pub info: &'f TensorInfo,
+    /// What of it to take.
+    pub selection: Selection<'f>,
+}
+
+/// Everything one load asks of a device: every tensor to place, from one file or many, in
+/// file order.
 pub(crate) struct LoadPlan<'f> {
-    file: &'f HostFile<'f>,
+    origin: Option<&'f Path>,
     items: Vec<PlanItem<'f>>,
     view: View,
     upload: Upload,
@@ -216,7 +249,7 @@ struct PlanReport {
 impl fmt::Debug for LoadPlan<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LoadPlan")
-            .field("file", &self.file)
+            .field("origin", &self.origin)
             .field("items", &self.items.len())
             .field("view", &self.view)
             .field("upload", &self.upload)
@@ -225,59 +258,62 @@ impl fmt::Debug for LoadPlan<'_> {
 }
 
 impl<'f> LoadPlan<'f> {
-    /// A plan for the tensors of `file` that `keep` accepts, cast to `dtype` where given
-    /// (floating tensors only; others load as they are).
+    /// A plan for `entries` (from `origin`: a file or a checkpoint's folder, for errors),
+    /// floating tensors cast to `dtype` where given (others load as they are).
     pub fn new(
-        file: &'f HostFile<'f>,
+        origin: Option<&'f Path>,
+        entries: Vec<PlanEntry<'f>>,
         dtype: Option<Dtype>,
-        keep: &dyn Fn(&str) -> bool,
     ) -> Result<Self> {
-        let header = file.header();
-        let mut items = Vec::with_capacity(header.tensors().len());
-        for (name, info) in file.tensors() {
-            if !keep(name) {
-                continue;
-            }
-            let unsupported = |to: Dtype| {
-                Error::new(
-                    ErrorKind::Unsupported,
-                    format!("no conversion from {} to {to}", info.dtype),
-                )
-                .with_tensor(name)
-                .with_opt_file(file.path())
-            };
+        let mut items = Vec::with_capacity(entries.len());
+        for PlanEntry {
+            name,
+            file,
+            info,
+            selection,
+        } in entries
+        {
+            let tag = |e: Error| e.with_tensor(name).with_opt_file(file.path());
             let conversion = match dtype {
                 Some(to) if info.dtype.is_float() && info.dtype != to => {
-                    Some(Conversion::between(info.dtype, to).ok_or_else(|| unsupported(to))?)
+                    Some(Conversion::between(info.dtype, to).ok_or_else(|| {
+                        tag(Error::new(
+                            ErrorKind::Unsupported,
+                            format!("no conversion from {} to {to}", info.dtype),
+                        ))
+                    })?)
                 }
                 _ => None,
             };
+            let (shape, input) = selection
+                .resolve(info, file.header().file_range(info))
+                .map_err(tag)?;
             let (out_dtype, out_len) = match conversion {
                 Some(c) => (
                     c.to(),
-                    c.output_len(info.len()).ok_or_else(|| {
-                        Error::new(
+                    c.output_len(input.len()).ok_or_else(|| {
+                        tag(Error::new(
                             ErrorKind::SizeOverflow,
-                            format!("{} bytes converted to {}", info.len(), c.to()),
-                        )
-                        .with_tensor(name)
-                        .with_opt_file(file.path())
+                            format!("{} bytes converted to {}", input.len(), c.to()),
+                        ))
                     })?,
                 ),
-                None => (info.dtype, info.len()),
+                None => (info.dtype, input.len()),
             };
             items.push(PlanItem {
                 name,
-                info,
-                src: header.file_range(info),
+                file,
+                dtype: info.dtype,
+                shape,
+                input,
                 conversion,
                 out_dtype,
                 out_len,
             });
         }
-        let total = items.iter().map(|i| i.src.len() as u64).sum();
+        let total = items.iter().map(|i| i.in_len() as u64).sum();
         Ok(LoadPlan {
-            file,
+            origin,
             items,
             view: View::Copy,
             upload: Upload::Auto,
@@ -305,11 +341,6 @@ impl<'f> LoadPlan<'f> {
     pub fn with_progress(mut self, progress: &'f (dyn Fn(u64, u64) + Sync)) -> Self {
         self.progress = Some(progress);
         self
-    }
-
-    /// The file.
-    pub fn file(&self) -> &'f HostFile<'f> {
-        self.file
     }
 
     /// The tensors, in file order.
@@ -391,9 +422,9 @@ impl<'f> LoadPlan<'f> {
         ))
     }
 
-    /// Tags an error with the file's path.
+    /// Tags an error with the load's file (or checkpoint folder), unless it names one.
     pub fn err(&self, e: Error) -> Error {
-        e.with_opt_file(self.file.path())
+        e.with_opt_file(self.origin)
     }
 }
 

@@ -30,6 +30,7 @@ use crate::convert::Conversion;
 use crate::device::{Backend, Device, LoadPlan, Upload};
 use crate::error::{Error, ErrorKind, Result};
 use crate::host::HostFile;
+use crate::io::Span;
 use crate::tensor::{Storage, Tensor};
 
 pub use kernels::CONVERT_PTX;
@@ -370,21 +371,28 @@ impl CudaStorage {
     }
 }
 
-/// One copy of a load: the file's bytes `src` (of `tensor`) to device address `dst`.
-#[derive(Debug, Clone)]
+/// One copy of a load: the bytes `src` of `file` (of `tensor`) to device address `dst`.
+#[derive(Clone)]
 pub(crate) struct Transfer<'n> {
     tensor: &'n str,
-    src: Range<usize>,
+    file: &'n HostFile<'n>,
+    src: Span<'n>,
     dst: CUdeviceptr,
 }
 
 impl<'n> Transfer<'n> {
-    /// The part of this transfer that covers `src` (a sub-range of its own).
-    fn part(&self, src: Range<usize>) -> Transfer<'n> {
+    /// The file range of its bytes (a transfer on the register path is one run).
+    fn file_range(&self) -> Range<usize> {
+        self.src.as_range().unwrap_or(0..0)
+    }
+
+    /// The part of this transfer at `range` of its bytes.
+    fn part(&self, range: Range<usize>) -> Transfer<'n> {
         Transfer {
             tensor: self.tensor,
-            dst: self.dst + (src.start - self.src.start) as u64,
-            src,
+            file: self.file,
+            dst: self.dst + range.start as u64,
+            src: self.src.part(range),
         }
     }
 }
@@ -414,9 +422,16 @@ impl Backend for CudaBackend {
 
 fn upload(backend: &Arc<CudaBackend>, plan: &LoadPlan<'_>) -> Result<Vec<Tensor>> {
     let ordinal = backend.ordinal;
-    let path = backend
-        .upload_path(plan.file(), plan.upload())
-        .map_err(|why| plan.unsupported_upload(Device::Cuda(ordinal), &why))?;
+    // The path of each file of the load, decided (and refused) before anything is placed.
+    let mut paths: Vec<(&HostFile<'_>, UploadPath)> = Vec::new();
+    for item in plan.items() {
+        if !paths.iter().any(|(f, _)| std::ptr::eq(*f, item.file)) {
+            let path = backend
+                .upload_path(item.file, plan.upload())
+                .map_err(|why| plan.unsupported_upload(Device::Cuda(ordinal), &why))?;
+            paths.push((item.file, path));
+        }
+    }
     backend.bind()?;
     let items = plan.items();
     let overflow = || Error::new(ErrorKind::SizeOverflow, "the load's size in device memory");
@@ -432,7 +447,7 @@ fn upload(backend: &Arc<CudaBackend>, plan: &LoadPlan<'_>) -> Result<Vec<Tensor>
         let raw = item.conversion.map(|_| raw_total);
         if item.conversion.is_some() {
             raw_total = raw_total
-                .checked_add(item.src.len() + 4)
+                .checked_add(item.in_len() + 4)
                 .and_then(|t| t.checked_next_multiple_of(ALIGN))
                 .ok_or_else(overflow)?;
         }
@@ -461,23 +476,40 @@ fn upload(backend: &Arc<CudaBackend>, plan: &LoadPlan<'_>) -> Result<Vec<Tensor>
     let transfers: Vec<Transfer<'_>> = items
         .iter()
         .zip(&slots)
-        .filter(|(i, _)| !i.src.is_empty())
+        .filter(|(i, _)| i.in_len() > 0)
         .map(|(item, slot)| Transfer {
             tensor: item.name,
-            src: item.src.clone(),
+            file: item.file,
+            src: item.span(),
             dst: match (slot.raw, &raw) {
                 (Some(r), Some(raw)) => raw.ptr() + r as u64,
                 _ => arena.ptr() + slot.out as u64,
             },
         })
         .collect();
-    let rest = match path {
-        UploadPath::Register => {
-            plan.note_upload(Upload::Register);
-            register::register_and_copy(backend, plan, &transfers)?
+    // Registered files: their tensors contiguous in the file are copied from the mapping;
+    // parts of tensors (slices, splits) are gathered on the host through the staging ring.
+    let mut rest = Vec::new();
+    for (file, path) in &paths {
+        let (contiguous, parts): (Vec<Transfer<'_>>, Vec<Transfer<'_>>) = transfers
+            .iter()
+            .filter(|t| std::ptr::eq(t.file, *file))
+            .cloned()
+            .partition(|t| t.src.as_range().is_some());
+        match path {
+            UploadPath::Register => {
+                plan.note_upload(Upload::Register);
+                rest.extend(register::register_and_copy(
+                    backend,
+                    plan,
+                    file,
+                    &contiguous,
+                )?);
+            }
+            UploadPath::Staging => rest.extend(contiguous),
         }
-        UploadPath::Staging => transfers,
-    };
+        rest.extend(parts);
+    }
     if !rest.is_empty() {
         plan.note_upload(Upload::Staging);
     }
@@ -489,7 +521,7 @@ fn upload(backend: &Arc<CudaBackend>, plan: &LoadPlan<'_>) -> Result<Vec<Tensor>
         let kernels = backend.kernels()?;
         for (item, slot) in items.iter().zip(&slots) {
             if let (Some(c), Some(r)) = (item.conversion, slot.raw) {
-                let elements = (item.src.len() / (item.info.dtype.bits() / 8)) as u64;
+                let elements = (item.in_len() / (item.dtype.bits() / 8)) as u64;
                 if elements > 0 {
                     let (src, dst) = (raw.ptr() + r as u64, arena.ptr() + slot.out as u64);
                     kernels.launch(c, src, dst, elements, backend.stream())?;
@@ -510,11 +542,7 @@ fn upload(backend: &Arc<CudaBackend>, plan: &LoadPlan<'_>) -> Result<Vec<Tensor>
                 offset: slot.out,
                 len: item.out_len,
             };
-            Tensor::from_parts(
-                item.out_dtype,
-                item.info.shape.clone(),
-                Storage::Cuda(storage),
-            )
+            Tensor::from_parts(item.out_dtype, item.shape.clone(), Storage::Cuda(storage))
         })
         .collect())
 }

@@ -13,6 +13,7 @@ use cudarc::driver::sys;
 use super::{CudaBackend, STREAMS, Transfer, driver_err};
 use crate::device::LoadPlan;
 use crate::error::Result;
+use crate::host::HostFile;
 use crate::host::page_size;
 
 /// Size of one registered chunk of the mapping.
@@ -73,9 +74,10 @@ impl Drop for Registered<'_> {
 pub(crate) fn register_and_copy<'n>(
     backend: &CudaBackend,
     plan: &LoadPlan<'_>,
+    file: &HostFile<'_>,
     transfers: &[Transfer<'n>],
 ) -> Result<Vec<Transfer<'n>>> {
-    let Some(map) = plan.file().mapping() else {
+    let Some(map) = file.mapping() else {
         return Ok(transfers.to_vec());
     };
     let base = map.as_ptr() as usize;
@@ -84,14 +86,17 @@ pub(crate) fn register_and_copy<'n>(
     // Split every transfer at chunk boundaries (chunk k covers [k*C, (k+1)*C) of the mapping).
     let mut by_chunk: Vec<Vec<Transfer<'n>>> = Vec::new();
     for t in transfers {
-        let mut at = t.src.start;
-        while at < t.src.end {
+        let Some(range) = t.src.as_range() else {
+            continue;
+        };
+        let mut at = range.start;
+        while at < range.end {
             let k = at / CHUNK;
-            let end = t.src.end.min((k + 1) * CHUNK);
+            let end = range.end.min((k + 1) * CHUNK);
             if by_chunk.len() <= k {
                 by_chunk.resize(k + 1, Vec::new());
             }
-            by_chunk[k].push(t.part(at..end));
+            by_chunk[k].push(t.part(at - range.start..end - range.start));
             at = end;
         }
     }
@@ -106,10 +111,10 @@ pub(crate) fn register_and_copy<'n>(
         if registered.chunks.len() >= IN_FLIGHT {
             registered.retire_oldest()?;
         }
-        let start = first.src.start / page * page;
+        let start = first.file_range().start / page * page;
         let end = chunk
             .iter()
-            .map(|t| t.src.end)
+            .map(|t| t.file_range().end)
             .max()
             .unwrap_or(start)
             .next_multiple_of(page)
@@ -131,7 +136,7 @@ pub(crate) fn register_and_copy<'n>(
         let stream = &backend.streams[k % STREAMS];
         let mut queued = Ok(0u64);
         for t in chunk {
-            let src = (base + t.src.start) as *const c_void;
+            let src = (base + t.file_range().start) as *const c_void;
             // SAFETY: the source lies in the registered chunk, which stays registered and
             // mapped until its event or every stream is synchronized (`Registered`); the
             // destination lies inside a device allocation of at least that size that the

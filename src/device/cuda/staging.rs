@@ -67,9 +67,8 @@ pub(crate) fn stage_and_copy(
         .ok_or_else(|| Error::new(ErrorKind::Backend, "no staging ring"))?;
     let pieces: Vec<Transfer<'_>> = transfers
         .iter()
-        .flat_map(|t| io::chunks(t.src.clone(), STAGING).map(|r| t.part(r)))
+        .flat_map(|t| io::chunks(0..t.src.len(), STAGING).map(|r| t.part(r)))
         .collect();
-    let file = plan.file();
     for (n, batch) in batches(&pieces).into_iter().enumerate() {
         let slot = n % RING;
         let stream = &backend.streams[slot % STREAMS];
@@ -83,17 +82,18 @@ pub(crate) fn stage_and_copy(
             rest = tail;
             at = off + t.src.len();
             // Split big pieces so that every reader has work.
-            for src in io::chunks(t.src.clone(), PIECE) {
+            for src in t.src.chunks(PIECE) {
                 let (d, tail) = std::mem::take(&mut dst).split_at_mut(src.len());
                 dst = tail;
                 jobs.push(Piece {
                     tensor: t.tensor,
+                    file: t.file,
                     src,
                     dst: d,
                 });
             }
         }
-        io::read_pieces(file, jobs, &|_| plan.advance(0))?;
+        io::read_pieces(jobs, &|_| plan.advance(0))?;
         let mut bytes = 0u64;
         for (t, &off) in batch.transfers.iter().zip(&batch.offsets) {
             let src: *const c_void = buffer.device_source(off);

@@ -9,13 +9,13 @@
 //!
 //! Tensors to convert land in raw input buffers first; the kernels then write the outputs.
 
-use std::ops::Range;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use super::{Kernel, WgpuBackend, WgpuStorage, backend_err, pad4};
 use crate::device::{Device, LoadPlan, Upload};
 use crate::error::{Error, ErrorKind, Result};
-use crate::io::{self, Destination, PIECE, Piece, Source};
+use crate::host::HostFile;
+use crate::io::{self, Destination, PIECE, Piece, Source, Span};
 use crate::parallel::{self, Threads};
 use crate::tensor::{Storage, Tensor};
 
@@ -95,58 +95,59 @@ impl Destination for MappedRange<'_> {
     }
 }
 
-/// A write of file bytes `src` (of `tensor`) into a mapped buffer at `offset` (8-aligned).
+/// A write of the bytes `src` of `file` (of `tensor`) into a mapped buffer at `offset`
+/// (8-aligned).
 struct Write<'n, 'b> {
     tensor: &'n str,
+    file: &'n HostFile<'n>,
     buffer: &'b wgpu::Buffer,
     offset: u64,
-    src: Range<usize>,
+    src: Span<'n>,
 }
 
 /// Writes file bytes into mapped buffers through the host I/O engine, in pieces of
 /// [`PIECE`] bytes (8-aligned, wgpu's MAP_ALIGNMENT) spread over every core.
-fn fill(
-    plan: &LoadPlan<'_>,
-    writes: &[Write<'_, '_>],
-    advance: &(dyn Fn(u64) -> Result<()> + Sync),
-) -> Result<()> {
+fn fill(writes: &[Write<'_, '_>], advance: &(dyn Fn(u64) -> Result<()> + Sync)) -> Result<()> {
     let pieces = writes
         .iter()
         .flat_map(|w| {
-            io::chunks(w.src.clone(), PIECE).map(move |src| Piece {
+            io::chunks(0..w.src.len(), PIECE).map(move |r| Piece {
                 tensor: w.tensor,
+                file: w.file,
                 dst: MappedRange {
                     buffer: w.buffer,
-                    offset: w.offset + (src.start - w.src.start) as u64,
-                    len: src.len(),
+                    offset: w.offset + r.start as u64,
+                    len: r.len(),
                 },
-                src,
+                src: w.src.part(r),
             })
         })
         .collect();
-    io::read_pieces(plan.file(), pieces, advance)
+    io::read_pieces(pieces, advance)
 }
 
-/// One piece of a tensor on its way through the ring: file bytes `src` into `dst` at
-/// `dst_offset`.
+/// One piece of a tensor on its way through the ring: the bytes `src` of `file` into `dst`
+/// at `dst_offset`.
 #[derive(Clone)]
 struct Transfer<'n, 'b> {
     tensor: &'n str,
-    src: Range<usize>,
+    file: &'n HostFile<'n>,
+    src: Span<'n>,
     dst: &'b wgpu::Buffer,
     dst_offset: u64,
 }
 
 impl<'n, 'b> Transfer<'n, 'b> {
-    /// The transfer cut at file offset `at` (inside it, 4-aligned from its start).
+    /// The transfer cut after `at` of its bytes (4-aligned).
     fn split_at(self, at: usize) -> (Self, Self) {
+        let len = self.src.len();
         let head = Transfer {
-            src: self.src.start..at,
+            src: self.src.part(0..at),
             ..self.clone()
         };
         let tail = Transfer {
-            dst_offset: self.dst_offset + (at - self.src.start) as u64,
-            src: at..self.src.end,
+            dst_offset: self.dst_offset + at as u64,
+            src: self.src.part(at..len),
             ..self
         };
         (head, tail)
@@ -195,7 +196,7 @@ pub(super) fn upload(backend: &Arc<WgpuBackend>, plan: &LoadPlan<'_>) -> Result<
     let usage =
         wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
     for item in items {
-        let biggest = item.src.len().max(item.out_len) as u64;
+        let biggest = item.in_len().max(item.out_len) as u64;
         if pad4(biggest) > max {
             return Err(Error::new(
                 ErrorKind::Unsupported,
@@ -255,7 +256,7 @@ pub(super) fn upload(backend: &Arc<WgpuBackend>, plan: &LoadPlan<'_>) -> Result<
                 .map(|i| BufferSpec {
                     label: i.name,
                     size: i.out_len,
-                    written: i.conversion.is_none() && !i.src.is_empty(),
+                    written: i.conversion.is_none() && i.in_len() > 0,
                 })
                 .collect(),
         )?;
@@ -267,8 +268,8 @@ pub(super) fn upload(backend: &Arc<WgpuBackend>, plan: &LoadPlan<'_>) -> Result<
                 .iter()
                 .map(|&k| BufferSpec {
                     label: "tensorplace raw input",
-                    size: items[k].src.len(),
-                    written: !items[k].src.is_empty(),
+                    size: items[k].in_len(),
+                    written: items[k].in_len() > 0,
                 })
                 .collect(),
         )?
@@ -286,32 +287,36 @@ pub(super) fn upload(backend: &Arc<WgpuBackend>, plan: &LoadPlan<'_>) -> Result<
         let targets = items
             .iter()
             .enumerate()
-            .filter(|(_, i)| !i.src.is_empty())
-            .map(|(k, i)| (i.name, raws[k].as_ref().unwrap_or(&outs[k]), i.src.clone()));
+            .filter(|(_, i)| i.in_len() > 0)
+            .map(|(k, i)| (i, raws[k].as_ref().unwrap_or(&outs[k])));
         if direct {
             let writes: Vec<Write<'_, '_>> = targets
-                .map(|(tensor, buffer, src)| Write {
-                    tensor,
+                .map(|(item, buffer)| Write {
+                    tensor: item.name,
+                    file: item.file,
                     buffer,
                     offset: 0,
-                    src,
+                    src: item.span(),
                 })
                 .collect();
-            fill(plan, &writes, &|n| plan.advance(n))?;
+            fill(&writes, &|n| plan.advance(n))?;
             for w in &writes {
                 w.buffer.unmap();
             }
         } else {
             let staging_size = STAGING.min(max) / 256 * 256;
             let transfers: Vec<Transfer<'_, '_>> = targets
-                .flat_map(|(tensor, dst, src)| {
-                    let start = src.start;
-                    io::chunks(src, staging_size as usize).map(move |piece| Transfer {
-                        tensor,
-                        dst_offset: (piece.start - start) as u64,
-                        src: piece,
-                        dst,
-                    })
+                .flat_map(|(item, dst)| {
+                    let span = item.span();
+                    io::chunks(0..span.len(), staging_size as usize)
+                        .map(|r| Transfer {
+                            tensor: item.name,
+                            file: item.file,
+                            dst_offset: r.start as u64,
+                            src: span.part(r),
+                            dst,
+                        })
+                        .collect::<Vec<_>>()
                 })
                 .collect();
             stream(backend, plan, &transfers, staging_size)?;
@@ -320,7 +325,7 @@ pub(super) fn upload(backend: &Arc<WgpuBackend>, plan: &LoadPlan<'_>) -> Result<
         let mut any = false;
         for (k, item) in items.iter().enumerate() {
             if let (Some(kernel), Some(raw)) = (&kernels[k], &raws[k]) {
-                let elements = (item.src.len() / (item.info.dtype.bits() / 8)) as u64;
+                let elements = (item.in_len() / (item.dtype.bits() / 8)) as u64;
                 backend.dispatch(&mut enc, kernel, raw, &outs[k], elements)?;
                 any = true;
             }
@@ -336,11 +341,7 @@ pub(super) fn upload(backend: &Arc<WgpuBackend>, plan: &LoadPlan<'_>) -> Result<
                     buffer,
                     len: item.out_len,
                 };
-                Tensor::from_parts(
-                    item.out_dtype,
-                    item.info.shape.clone(),
-                    Storage::Wgpu(storage),
-                )
+                Tensor::from_parts(item.out_dtype, item.shape.clone(), Storage::Wgpu(storage))
             })
             .collect())
     })
@@ -382,8 +383,7 @@ fn stream(
                 continue;
             }
             if room >= 4 {
-                let cut = t.src.start + room as usize;
-                let (head, tail) = t.split_at(cut);
+                let (head, tail) = t.split_at(room as usize);
                 offsets.push(used);
 
                 batch.push(head);
@@ -413,12 +413,13 @@ fn stream(
             .zip(&offsets)
             .map(|(t, &offset)| Write {
                 tensor: t.tensor,
+                file: t.file,
                 buffer: &staging.buffer,
                 offset,
                 src: t.src.clone(),
             })
             .collect();
-        fill(plan, &writes, &|_| plan.advance(0))?;
+        fill(&writes, &|_| plan.advance(0))?;
         staging.buffer.unmap();
         let mut enc = backend.device.create_command_encoder(&Default::default());
         for (t, &off) in batch.iter().zip(&offsets) {

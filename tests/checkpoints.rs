@@ -1,0 +1,573 @@
+//! Sharded checkpoints, slices and tensor-parallel parts: the fixture written the way
+//! `transformers` writes one (`tests/fixtures/make_checkpoint.py`: huggingface_hub's shard
+//! splitting, `safetensors.numpy.save_file`, the index JSON), the parts numpy computed from
+//! the same arrays (`sharded_expected.safetensors`), every index inconsistency, and the bytes
+//! an open and a tensor-parallel load read (counted by the kernel, in a child process).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use tensorplace::internals::Conversion;
+use tensorplace::{Device, Dtype, ErrorKind, Loader, ReadMode, Slice, Tensor, Tensors};
+
+use crate::common;
+
+fn sharded() -> PathBuf {
+    common::fixtures().join("sharded")
+}
+
+/// numpy's parts: `slice|NAME|SLICE` and `part|NAME|DIM|RANK|WORLD`.
+fn expected() -> Tensors {
+    tensorplace::load_file(
+        common::fixtures().join("sharded_expected.safetensors"),
+        "cpu",
+    )
+    .unwrap()
+}
+
+fn host(t: &Tensor) -> Vec<u8> {
+    t.host_bytes().unwrap().into_owned()
+}
+
+/// A copy of the fixture in a temporary folder, to break.
+fn copy_of_fixture() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(sharded()).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+    }
+    dir
+}
+
+fn index_of(dir: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(dir.join(tensorplace::INDEX_NAME)).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn write_index(dir: &Path, index: &serde_json::Value) {
+    std::fs::write(
+        dir.join(tensorplace::INDEX_NAME),
+        serde_json::to_string(index).unwrap(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn open_lists_every_tensor_with_its_file_and_range() {
+    let ckpt = tensorplace::open(sharded()).unwrap();
+    assert_eq!(ckpt.files().len(), 4);
+    assert_eq!(ckpt.len(), 4 * 5 + 9);
+    assert_eq!(ckpt.total_size(), Some(ckpt.data_len()));
+    assert_eq!(
+        ckpt.index_metadata().unwrap()["total_size"],
+        ckpt.data_len().to_string()
+    );
+    assert_eq!(ckpt.metadata().unwrap()["format"], "pt");
+    // Each tensor where its shard's own header says, bytes and all.
+    for entry in ckpt.iter() {
+        let shard = tensorplace::load_file(entry.file, "cpu").unwrap();
+        let t = shard.tensor(entry.name).unwrap();
+        assert_eq!((t.dtype(), t.shape()), (entry.dtype, entry.shape));
+        let raw = std::fs::read(entry.file).unwrap();
+        assert_eq!(raw[entry.range.clone()], host(t)[..], "{}", entry.name);
+    }
+    let e = ckpt.tensor("nope").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::TensorNotFound);
+    // The index itself, and one shard alone.
+    let by_index = tensorplace::open(sharded().join(tensorplace::INDEX_NAME)).unwrap();
+    assert!(by_index.names().eq(ckpt.names()));
+    let one = tensorplace::open(ckpt.files().next().unwrap()).unwrap();
+    assert_eq!(one.files().len(), 1);
+    assert!(one.total_size().is_none());
+}
+
+#[test]
+fn whole_checkpoints_load_like_their_shards_on_every_device() {
+    let shards: Vec<Tensors> = tensorplace::open(sharded())
+        .unwrap()
+        .files()
+        .map(|f| tensorplace::load_file(f, "cpu").unwrap())
+        .collect();
+    for device in common::devices("whole_checkpoints_load_like_their_shards") {
+        for mode in [ReadMode::Mmap, ReadMode::Pread] {
+            let done = std::sync::atomic::AtomicU64::new(0);
+            let all = Loader::new(device)
+                .read_mode(mode)
+                .progress(|p| done.store(p.done.max(p.total), std::sync::atomic::Ordering::Relaxed))
+                .load_file(sharded())
+                .unwrap();
+            assert_eq!(all.len(), 29);
+            assert_eq!(all.metadata().unwrap()["format"], "pt");
+            for shard in &shards {
+                for (name, want) in shard.iter() {
+                    let got = all.tensor(name).unwrap();
+                    assert_eq!(got.device(), device.probe().unwrap());
+                    assert_eq!((got.dtype(), got.shape()), (want.dtype(), want.shape()));
+                    assert_eq!(host(got), host(want), "{device} {mode:?} {name}");
+                }
+            }
+            let total: u64 = shards.iter().map(|s| s.total_bytes() as u64).sum();
+            assert_eq!(done.load(std::sync::atomic::Ordering::Relaxed), total);
+        }
+    }
+}
+
+/// The slice `text` means, which prints back as written.
+fn slice(text: &str) -> Slice {
+    let s: Slice = text.parse().unwrap();
+    assert_eq!(s.to_string(), text);
+    s
+}
+
+#[test]
+fn slices_equal_numpy_on_every_device() {
+    let expected = expected();
+    for device in common::devices("slices_equal_numpy") {
+        for (key, want) in expected.iter().filter(|(k, _)| k.starts_with("slice|")) {
+            let mut parts = key.splitn(3, '|').skip(1);
+            let (name, text) = (parts.next().unwrap(), parts.next().unwrap());
+            for mode in [ReadMode::Mmap, ReadMode::Pread] {
+                let got = Loader::new(device)
+                    .read_mode(mode)
+                    .filter(|n| n == name)
+                    .slice(name, slice(text))
+                    .load_file(sharded())
+                    .unwrap();
+                assert_eq!(got.len(), 1);
+                let t = got.tensor(name).unwrap();
+                assert_eq!(t.shape(), want.shape(), "{device} {key}");
+                assert_eq!(host(t), host(want), "{device} {mode:?} {key}");
+            }
+        }
+    }
+}
+
+#[test]
+fn tensor_parallel_parts_equal_array_split_on_every_device() {
+    let expected = expected();
+    for device in common::devices("tensor_parallel_parts") {
+        for (key, want) in expected.iter().filter(|(k, _)| k.starts_with("part|")) {
+            let f: Vec<&str> = key.split('|').collect();
+            let (name, dim, rank, world): (&str, usize, usize, usize) = (
+                f[1],
+                f[2].parse().unwrap(),
+                f[3].parse().unwrap(),
+                f[4].parse().unwrap(),
+            );
+            let got = Loader::new(device)
+                .split(rank, world, |n, _| (n == name).then_some(dim))
+                .load_file(sharded())
+                .unwrap();
+            let t = got.tensor(name).unwrap();
+            assert_eq!(t.shape(), want.shape(), "{device} {key}");
+            assert_eq!(host(t), host(want), "{device} {key}");
+            // The other tensors whole.
+            assert_eq!(got.len(), 29);
+        }
+    }
+}
+
+#[test]
+fn parts_of_many_tensors_in_one_load_with_a_conversion() {
+    let expected = expected();
+    let ckpt = tensorplace::open(sharded()).unwrap();
+    // Rank 1 of 3, along dimension 0 for everything with 2 dimensions or more, cast to F32.
+    for device in common::devices("parts_of_many_tensors_in_one_load") {
+        let got = Loader::new(device)
+            .dtype(Dtype::F32)
+            .split(1, 3, |_, shape| (shape.len() >= 2).then_some(0))
+            .load_checkpoint(&ckpt)
+            .unwrap();
+        let cpu = Loader::new("cpu")
+            .split(1, 3, |_, shape| (shape.len() >= 2).then_some(0))
+            .load_checkpoint(&ckpt)
+            .unwrap();
+        for (name, part) in cpu.iter() {
+            let t = got.tensor(name).unwrap();
+            assert_eq!(t.shape(), part.shape(), "{name}");
+            let raw = host(part);
+            let want = match Conversion::between(part.dtype(), Dtype::F32) {
+                Some(c) => {
+                    let mut out = vec![0u8; c.output_len(raw.len()).unwrap()];
+                    c.convert(&raw, &mut out);
+                    out
+                }
+                None => raw,
+            };
+            assert_eq!(host(t), want, "{device} {name}");
+        }
+        // The CPU's parts are numpy's.
+        let q = "model.layers.0.self_attn.q_proj.weight";
+        let want = expected.tensor(&format!("part|{q}|0|1|3")).unwrap();
+        assert_eq!(host(cpu.tensor(q).unwrap()), host(want));
+    }
+    let name = "model.embed_tokens.weight";
+    let want = expected.tensor(&format!("part|{name}|1|5|8")).unwrap();
+    let got = Loader::new("cpu")
+        .split(5, 8, |n, _| (n == name).then_some(1))
+        .load_checkpoint(&ckpt)
+        .unwrap();
+    assert_eq!(host(got.tensor(name).unwrap()), host(want));
+}
+
+#[test]
+fn bad_slices_and_splits_are_errors_by_kind() {
+    let name = "model.layers.2.extra.cube"; // [4, 6, 5]
+    let load = |text: &str| {
+        Loader::new("cpu")
+            .filter(|n| n == name)
+            .slice(name, text.parse()?)
+            .load_file(sharded())
+    };
+    for bad in [
+        "[4]",
+        "[-5]",
+        "[0:5]",
+        "[3:2]",
+        "[4:]",
+        "[1, 2, 3, 4]",
+        "[..., ...]",
+        "[::2]",
+        "[x]",
+    ] {
+        let e = load(bad).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidSlice, "{bad}: {e}");
+    }
+    let e = load("[0]").map(|t| t.tensor(name).unwrap().shape().to_vec());
+    assert_eq!(e.unwrap(), [6, 5]);
+    let e = Loader::new("cpu")
+        .slice("ghost", "[0]".parse().unwrap())
+        .load_file(sharded())
+        .unwrap_err();
+    assert_eq!(
+        (e.kind(), e.tensor()),
+        (ErrorKind::TensorNotFound, Some("ghost"))
+    );
+    for (rank, world, dim) in [(3, 3, 0), (0, 0, 0), (0, 2, 3)] {
+        let e = Loader::new("cpu")
+            .split(rank, world, |n, _| (n == name).then_some(dim))
+            .load_file(sharded())
+            .unwrap_err();
+        assert_eq!(
+            (e.kind(), e.tensor()),
+            (ErrorKind::InvalidSlice, Some(name))
+        );
+    }
+}
+
+/// Asserts that opening `dir` fails with an index error naming `file` (a name in `dir`) and
+/// `tensor`.
+fn assert_index_error(dir: &Path, file: &str, tensor: Option<&str>) {
+    let e = tensorplace::open(dir).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidIndex, "{e}");
+    assert_eq!(e.file(), Some(dir.join(file).as_path()), "{e}");
+    assert_eq!(e.tensor(), tensor, "{e}");
+    // Loading fails the same way.
+    let e = tensorplace::load_file(dir, "cpu").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidIndex, "{e}");
+}
+
+#[test]
+fn every_index_inconsistency_is_an_error_naming_file_and_tensor() {
+    let shard = |k: usize| format!("model-0000{k}-of-00004.safetensors");
+    // A tensor mapped to a file that does not hold it.
+    let dir = copy_of_fixture();
+    let mut index = index_of(dir.path());
+    index["weight_map"]["lm_head.weight"] = shard(1).into();
+    write_index(dir.path(), &index);
+    assert_index_error(dir.path(), &shard(1), Some("lm_head.weight"));
+    // A missing shard.
+    let dir = copy_of_fixture();
+    std::fs::remove_file(dir.path().join(shard(2))).unwrap();
+    let e = tensorplace::open(dir.path()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidIndex);
+    assert_eq!(e.file(), Some(dir.path().join(shard(2)).as_path()));
+    assert!(e.tensor().is_some());
+    // A name held by two shards: shard 4 rewritten with a tensor of shard 1 added.
+    let dir = copy_of_fixture();
+    let mut four = tensorplace::load_file(dir.path().join(shard(4)), "cpu").unwrap();
+    let one = tensorplace::load_file(dir.path().join(shard(1)), "cpu").unwrap();
+    let stolen = "model.embed_tokens.weight";
+    four.insert(stolen, one.tensor(stolen).unwrap().clone());
+    tensorplace::save_file(&four, dir.path().join(shard(4)), None).unwrap();
+    assert_index_error(dir.path(), &shard(4), Some(stolen));
+    // A tensor no shard has.
+    let dir = copy_of_fixture();
+    let mut index = index_of(dir.path());
+    index["weight_map"]["ghost.weight"] = shard(3).into();
+    write_index(dir.path(), &index);
+    assert_index_error(dir.path(), &shard(3), Some("ghost.weight"));
+    // A tensor of a shard the index never mentions.
+    let dir = copy_of_fixture();
+    let mut index = index_of(dir.path());
+    index["weight_map"]
+        .as_object_mut()
+        .unwrap()
+        .remove("model.norm.weight");
+    write_index(dir.path(), &index);
+    let holder = tensorplace::open(sharded())
+        .unwrap()
+        .tensor("model.norm.weight")
+        .unwrap()
+        .file
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_index_error(dir.path(), &holder, Some("model.norm.weight"));
+    // A whole shard the index never mentions: named like the others, or holding its names.
+    let dir = copy_of_fixture();
+    std::fs::copy(
+        dir.path().join(shard(4)),
+        dir.path().join("model-00005-of-00005.safetensors"),
+    )
+    .unwrap();
+    assert_index_error(dir.path(), "model-00005-of-00005.safetensors", None);
+    let dir = copy_of_fixture();
+    std::fs::copy(
+        dir.path().join(shard(4)),
+        dir.path().join("extra.safetensors"),
+    )
+    .unwrap();
+    let e = tensorplace::open(dir.path()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidIndex);
+    assert_eq!(
+        e.file(),
+        Some(dir.path().join("extra.safetensors").as_path())
+    );
+    // Files beside the index with names of their own are not part of it.
+    let dir = copy_of_fixture();
+    tensorplace::save_file(
+        &common::mixed_tensors(1),
+        dir.path().join("consolidated.safetensors"),
+        None,
+    )
+    .unwrap();
+    assert_eq!(tensorplace::open(dir.path()).unwrap().len(), 29);
+    // An index that is not one.
+    for text in [
+        "{",
+        "[]",
+        r#"{"weight_map": 3}"#,
+        r#"{"weight_map": {"a": 1}}"#,
+    ] {
+        let dir = copy_of_fixture();
+        std::fs::write(dir.path().join(tensorplace::INDEX_NAME), text).unwrap();
+        let e = tensorplace::open(dir.path()).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidIndex, "{text}");
+        assert_eq!(
+            e.file(),
+            Some(dir.path().join(tensorplace::INDEX_NAME).as_path())
+        );
+    }
+    // A shard outside the folder.
+    let dir = copy_of_fixture();
+    let mut index = index_of(dir.path());
+    index["weight_map"]["lm_head.weight"] = "../model-00004-of-00004.safetensors".into();
+    write_index(dir.path(), &index);
+    let e = tensorplace::open(dir.path()).unwrap_err();
+    assert_eq!(
+        (e.kind(), e.tensor()),
+        (ErrorKind::InvalidIndex, Some("lm_head.weight"))
+    );
+    // A truncated shard: the format error, naming it.
+    let dir = copy_of_fixture();
+    let path = dir.path().join(shard(3));
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
+    let e = tensorplace::open(dir.path()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::IncompleteBuffer);
+    assert_eq!(e.file(), Some(path.as_path()));
+}
+
+#[test]
+fn folders_without_an_index_and_files_that_change() {
+    // Without the index: every shard, in name order.
+    let dir = copy_of_fixture();
+    std::fs::remove_file(dir.path().join(tensorplace::INDEX_NAME)).unwrap();
+    let ckpt = tensorplace::open(dir.path()).unwrap();
+    assert_eq!(ckpt.len(), 29);
+    assert!(ckpt.total_size().is_none());
+    let all = tensorplace::load_file(dir.path(), "cpu").unwrap();
+    assert_eq!(all.len(), 29);
+    // A name in two files.
+    let t =
+        tensorplace::load_file(dir.path().join("model-00004-of-00004.safetensors"), "cpu").unwrap();
+    tensorplace::save_file(&t, dir.path().join("zz.safetensors"), None).unwrap();
+    let e = tensorplace::open(dir.path()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::DuplicateName);
+    assert_eq!(e.file(), Some(dir.path().join("zz.safetensors").as_path()));
+    // A shard rewritten between open and load.
+    let dir = copy_of_fixture();
+    let ckpt = tensorplace::open(dir.path()).unwrap();
+    let path = dir.path().join("model-00004-of-00004.safetensors");
+    let mut t = tensorplace::load_file(&path, "cpu").unwrap();
+    let name = t.names().next().unwrap().to_owned();
+    let first = t.remove(&name).unwrap();
+    t.insert(name.clone(), first);
+    tensorplace::save_file(&t, &path, None).unwrap();
+    match tensorplace::Loader::new(Device::Cpu).load_checkpoint(&ckpt) {
+        Ok(loaded) => assert_eq!(loaded.len(), 29), // the layout happened to stay the same
+        Err(e) => assert_eq!(e.kind(), ErrorKind::Io),
+    }
+    std::fs::write(&path, b"garbage").unwrap();
+    let e = tensorplace::Loader::new(Device::Cpu)
+        .load_checkpoint(&ckpt)
+        .unwrap_err();
+    assert_eq!(e.file(), Some(path.as_path()));
+}
+
+/// Bytes this process has read through system calls (`rchar` of /proc/self/io).
+fn bytes_read() -> Option<u64> {
+    let io = std::fs::read_to_string("/proc/self/io").ok()?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("rchar: "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Runs `test` (an ignored test of this module) in a child process, so that no other
+/// test's reads count, and prints its report lines.
+fn in_child(test: &str) {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--ignored", "--nocapture"])
+        .env("TENSORPLACE_CHECKPOINT_CHILD", "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("read ") || l.starts_with("SKIPPED"))
+    {
+        println!("{line}");
+    }
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("1 passed"), "{text}");
+}
+
+#[test]
+fn opening_a_thousand_shards_reads_no_tensor_bytes() {
+    in_child("checkpoints::open_child");
+}
+
+/// The child of `opening_a_thousand_shards_reads_no_tensor_bytes`.
+#[test]
+#[ignore = "run as a child process by opening_a_thousand_shards_reads_no_tensor_bytes"]
+fn open_child() {
+    if std::env::var_os("TENSORPLACE_CHECKPOINT_CHILD").is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut weight_map = serde_json::Map::new();
+    let mut headers = 0u64;
+    for k in 0..1000 {
+        let mut t = Tensors::new();
+        let name = format!("layer.{k}.weight");
+        t.insert(
+            name.clone(),
+            Tensor::from_bytes(Dtype::F32, vec![16, 256], &common::bytes(16 << 10, k)).unwrap(),
+        );
+        let file = format!("model-{:05}-of-01000.safetensors", k + 1);
+        let path = dir.path().join(&file);
+        tensorplace::save_file(&t, &path, None).unwrap();
+        let len = std::fs::metadata(&path).unwrap().len();
+        headers += len - (16 << 10);
+        weight_map.insert(name, file.into());
+    }
+    let index = serde_json::json!({"metadata": {"total_size": 1000 * (16 << 10)}, "weight_map": weight_map});
+    let index_len = index.to_string().len() as u64;
+    write_index(dir.path(), &index);
+    let Some(before) = bytes_read() else {
+        println!("SKIPPED open_child: no /proc/self/io");
+        return;
+    };
+    let ckpt = tensorplace::open(dir.path()).unwrap();
+    let read = bytes_read().unwrap() - before;
+    println!(
+        "read {read} bytes to open 1000 shards ({headers} bytes of headers, {index_len} of index, {} of tensors)",
+        ckpt.data_len()
+    );
+    assert_eq!(ckpt.len(), 1000);
+    // Headers, the index and /proc/self/io itself: no tensor byte.
+    assert!(read <= headers + index_len + 8192, "{read}");
+}
+
+#[test]
+fn one_of_eight_parts_reads_an_eighth_of_the_bytes() {
+    in_child("checkpoints::part_child");
+}
+
+/// The child of `one_of_eight_parts_reads_an_eighth_of_the_bytes`.
+#[test]
+#[ignore = "run as a child process by one_of_eight_parts_reads_an_eighth_of_the_bytes"]
+fn part_child() {
+    if std::env::var_os("TENSORPLACE_CHECKPOINT_CHILD").is_none() {
+        return;
+    }
+    // 4 shards of column- and row-parallel matrices (split along 0 and 1), and some that stay
+    // whole (norms, a bias), as Megatron splits a transformer.
+    let dir = tempfile::tempdir().unwrap();
+    let mut whole = 0u64;
+    for k in 0..4u64 {
+        let mut t = Tensors::new();
+        t.insert(
+            format!("l{k}.up.weight"),
+            Tensor::from_bytes(Dtype::BF16, vec![1024, 512], &common::bytes(1 << 20, k)).unwrap(),
+        );
+        t.insert(
+            format!("l{k}.down.weight"),
+            Tensor::from_bytes(Dtype::BF16, vec![512, 1024], &common::bytes(1 << 20, k + 9))
+                .unwrap(),
+        );
+        t.insert(
+            format!("l{k}.norm.weight"),
+            Tensor::from_bytes(Dtype::F32, vec![512], &common::bytes(2048, k + 99)).unwrap(),
+        );
+        whole += 2048;
+        tensorplace::save_file(&t, dir.path().join(format!("m-{k}.safetensors")), None).unwrap();
+    }
+    let ckpt = tensorplace::open(dir.path()).unwrap();
+    let dim = |name: &str, _: &[usize]| {
+        if name.ends_with("up.weight") {
+            Some(0)
+        } else if name.ends_with("down.weight") {
+            Some(1)
+        } else {
+            None
+        }
+    };
+    for device in common::devices("part_child") {
+        let Some(before) = bytes_read() else {
+            println!("SKIPPED part_child: no /proc/self/io");
+            return;
+        };
+        let part = Loader::new(device)
+            .read_mode(ReadMode::Pread)
+            .split(3, 8, dim)
+            .load_checkpoint(&ckpt)
+            .unwrap();
+        let read = bytes_read().unwrap() - before;
+        let split_bytes = ckpt.data_len() - whole;
+        println!(
+            "read {read} bytes for part 3 of 8 on {device}: {:.4} of the {} bytes of the tensors split",
+            (read - whole) as f64 / split_bytes as f64,
+            split_bytes
+        );
+        // An eighth of the split tensors, the whole ones, and the headers opened again.
+        assert!(read <= split_bytes / 8 + whole + 4 * 4096, "{read}");
+        assert_eq!(part.tensor("l0.up.weight").unwrap().shape(), [128, 512]);
+        assert_eq!(part.tensor("l0.down.weight").unwrap().shape(), [512, 128]);
+        // The part's bytes are the rows (and columns) of the whole.
+        let all = Loader::new("cpu").load_checkpoint(&ckpt).unwrap();
+        let full = host(all.tensor("l2.down.weight").unwrap());
+        let got = host(part.tensor("l2.down.weight").unwrap());
+        for row in 0..512 {
+            let at = row * 2048 + 3 * 256;
+            assert_eq!(got[row * 256..][..256], full[at..at + 256], "row {row}");
+        }
+    }
+}
