@@ -79,7 +79,7 @@ pub fn remove_temporaries(path: &Path, pid: u32) -> usize {
 /// Writes `path` atomically: `write` fills a temporary sibling (buffered), which is then
 /// flushed to disk and renamed over `path`. An existing file's permissions are kept; a new
 /// file gets `0644`. On any error the temporary is removed and `path` is untouched.
-pub(crate) fn write_atomically(
+pub fn write_atomically(
     path: &Path,
     write: impl FnOnce(&mut dyn Write) -> Result<()>,
 ) -> Result<()> {

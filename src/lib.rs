@@ -113,7 +113,7 @@ pub use tensor::{CpuStorage, Element, Storage, Tensor, Tensors};
 /// reach inside the crate. It may change in any release.
 #[doc(hidden)]
 pub mod internals {
-    pub use crate::atomic::remove_temporaries;
+    pub use crate::atomic::{remove_temporaries, write_atomically};
     pub use crate::convert::Conversion;
     #[cfg(feature = "cuda")]
     pub use crate::device::cuda::{CONVERT_PTX, CudaBackend};

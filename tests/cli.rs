@@ -287,3 +287,131 @@ fn a_closed_stdout_ends_quietly() {
         assert!(stderr(&out).is_empty(), "{args:?}: {}", stderr(&out));
     }
 }
+
+#[test]
+fn checkpoints_inspect_load_slice_and_convert_as_folders() {
+    if skip_without_cli("checkpoints_inspect_load_slice_and_convert_as_folders") {
+        return;
+    }
+    let sharded = common::fixtures().join("sharded");
+    let dir_arg = sharded.to_str().unwrap();
+    // inspect: the checkpoint's summary, then each file; JSON with every file.
+    let out = run(&["inspect", dir_arg]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("4 files, 29 tensors, 180612 data bytes (index total_size 180612)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("model.layers.2.extra.cube\tF64\t[4, 6, 5]"),
+        "{text}"
+    );
+    let index = sharded.join("model.safetensors.index.json");
+    let out = run(&["inspect", "--json", index.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["files"].as_array().unwrap().len(), 4);
+    assert_eq!(v["tensors"], 29);
+    assert_eq!(v["total_size"], 180612);
+    // load: every device, verified; slices alone.
+    for device in common::devices("checkpoints_inspect_load_slice_and_convert") {
+        let dev = device.to_string();
+        let out = run(&["load", dir_arg, "--device", &dev, "--verify"]);
+        assert!(out.status.success(), "{dev}: {}", stderr(&out));
+        assert!(
+            stdout(&out).contains("loaded 29 tensors, 180612 bytes"),
+            "{}",
+            stdout(&out)
+        );
+        let out = run(&[
+            "load",
+            dir_arg,
+            "--device",
+            &dev,
+            "--slice",
+            "model.embed_tokens.weight[0:16, :]",
+            "--slice",
+            "model.layers.1.mlp.down_proj.weight[:, 90:96]",
+            "--dtype",
+            "F32",
+            "--verify",
+        ]);
+        assert!(out.status.success(), "{dev}: {}", stderr(&out));
+        // 16 x 48 BF16 and 48 x 6 F32, as F32.
+        let want = (16 * 48 + 48 * 6) * 4;
+        assert!(
+            stdout(&out).contains(&format!("loaded 2 tensors, {want} bytes")),
+            "{}",
+            stdout(&out)
+        );
+    }
+    let out = run(&[
+        "load",
+        dir_arg,
+        "--device",
+        "cpu",
+        "--slice",
+        "model.norm.weight[48]",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("model.norm.weight"),
+        "{}",
+        stderr(&out)
+    );
+    // convert DIR OUT_DIR: the same shards, cast, and an index written last.
+    let tmp = tempfile::tempdir().unwrap();
+    let target = tmp.path().join("f16");
+    let out = run(&[
+        "convert",
+        dir_arg,
+        target.to_str().unwrap(),
+        "--dtype",
+        "F16",
+        "--device",
+        "cpu",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let before = tensorplace::open(&sharded).unwrap();
+    let after = tensorplace::open(&target).unwrap();
+    // The same tensors in the same files (save_file orders each file's tensors its way).
+    for entry in before.iter() {
+        let moved = after.tensor(entry.name).unwrap();
+        assert_eq!(moved.file.file_name(), entry.file.file_name(), "{}", entry.name);
+        assert_eq!(moved.shape, entry.shape);
+    }
+    assert_eq!(after.len(), before.len());
+    let names = |c: &tensorplace::Checkpoint| -> Vec<String> {
+        c.files()
+            .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+            .collect()
+    };
+    assert_eq!(names(&after), names(&before));
+    assert_eq!(after.total_size(), Some(after.data_len()));
+    let index_time = std::fs::metadata(target.join(tensorplace::INDEX_NAME))
+        .unwrap()
+        .modified()
+        .unwrap();
+    for f in after.files() {
+        assert!(std::fs::metadata(f).unwrap().modified().unwrap() <= index_time);
+        assert_eq!(after.file_metadata(f).unwrap()["format"], "pt");
+    }
+    let original = tensorplace::load_file(&sharded, "cpu").unwrap();
+    let converted = tensorplace::load_file(&target, "cpu").unwrap();
+    for (name, t) in original.iter() {
+        let bytes = t.host_bytes().unwrap();
+        let want = match Conversion::between(t.dtype(), tensorplace::Dtype::F16) {
+            Some(c) => {
+                let mut out = vec![0u8; c.output_len(bytes.len()).unwrap()];
+                c.convert(&bytes, &mut out);
+                out
+            }
+            None => bytes.into_owned(),
+        };
+        assert_eq!(
+            converted.tensor(name).unwrap().host_bytes().unwrap()[..],
+            want[..],
+            "{name}"
+        );
+    }
+}

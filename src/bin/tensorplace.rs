@@ -15,8 +15,10 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use sha2::{Digest, Sha256};
 
 use tensorplace::bench::{self, BenchArgs};
-use tensorplace::internals::{Conversion, HostFile, TensorInfo, list_devices};
-use tensorplace::{Device, Dtype, Error, ErrorKind, Loader, ReadMode, ReadPath, Result, Upload};
+use tensorplace::internals::{Conversion, HostFile, TensorInfo, list_devices, write_atomically};
+use tensorplace::{
+    Device, Dtype, Error, ErrorKind, Loader, ReadMode, ReadPath, Result, Slice, Tensors, Upload,
+};
 
 #[derive(Parser)]
 #[command(
@@ -31,11 +33,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print a file's metadata and tensors, in file order.
+    /// Print a file's (or a checkpoint's) metadata and tensors, in file order.
     Inspect(InspectArgs),
-    /// Load a file onto a device and report the speed (a demo checkpoint without FILE).
+    /// Load a file or checkpoint onto a device and report the speed (a demo checkpoint
+    /// without FILE).
     Load(LoadArgs),
-    /// Load, optionally cast every floating tensor, and save.
+    /// Load, optionally cast every floating tensor, and save: a file to a file, or a
+    /// sharded checkpoint to a folder of the same shards and an index.
     Convert(ConvertArgs),
     /// Benchmark loads against their baselines and ceilings in one run.
     Bench(BenchArgs),
@@ -45,7 +49,7 @@ enum Command {
 
 #[derive(Args)]
 struct InspectArgs {
-    /// The safetensors file.
+    /// The safetensors file, or a checkpoint: a folder of shards or its index.
     file: PathBuf,
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -121,10 +125,15 @@ impl DeviceArgs {
 
 #[derive(Args)]
 struct LoadArgs {
-    /// The safetensors file; without it a ~1 GiB demo checkpoint is written first.
+    /// The safetensors file, or a checkpoint (a folder of shards or its index); without it
+    /// a ~1 GiB demo checkpoint is written first.
     file: Option<PathBuf>,
     #[command(flatten)]
     target: DeviceArgs,
+    /// Load only this part of a tensor, such as `model.embed_tokens.weight[0:128, :]`
+    /// (safetensors' get_slice rules); repeatable. With it, only the tensors named load.
+    #[arg(long = "slice", value_name = "NAME[SLICE]", value_parser = parse_named_slice)]
+    slices: Vec<(String, Slice)>,
     /// Read every tensor back and compare it with the file.
     #[arg(long)]
     verify: bool,
@@ -136,9 +145,10 @@ struct LoadArgs {
 
 #[derive(Args)]
 struct ConvertArgs {
-    /// The input file.
+    /// The input file, or a checkpoint (a folder of shards or its index).
     input: PathBuf,
-    /// The output file (written atomically).
+    /// The output file; for a checkpoint, the output folder (each shard written
+    /// atomically under its own name, then the index).
     output: PathBuf,
     #[command(flatten)]
     target: DeviceArgs,
@@ -225,40 +235,102 @@ fn devices() -> Result<()> {
 }
 
 fn inspect(args: &InspectArgs) -> Result<()> {
-    let path = &args.file;
-    let file = HostFile::open(path, ReadMode::Mmap)?;
-    // Hashed in 8 MiB pieces, so that a tensor of any size needs no more memory than that.
-    let digest = |name: &str, info: &TensorInfo| -> Result<String> {
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; info.len().min(8 << 20)];
-        for at in file.header().file_range(info).step_by(8 << 20) {
-            let n = buf.len().min(file.header().file_range(info).end - at);
-            file.read_at(at, &mut buf[..n])
-                .map_err(|e| e.with_tensor(name))?;
-            hasher.update(&buf[..n]);
-        }
-        Ok(format!("{:x}", hasher.finalize()))
-    };
+    if !is_checkpoint(&args.file) {
+        return inspect_file(args, &args.file);
+    }
+    let ckpt = tensorplace::open(&args.file)?;
     if args.json {
-        let mut tensors = Vec::with_capacity(file.header().tensors().len());
-        for (name, info) in file.tensors() {
-            let mut entry = serde_json::json!({
-                "name": name,
-                "dtype": info.dtype.name(),
-                "shape": info.shape,
-                "data_offsets": [info.data_offsets.0, info.data_offsets.1],
-            });
-            if args.hash {
-                entry["sha256"] = digest(name, info)?.into();
-            }
-            tensors.push(entry);
+        let mut files = Vec::with_capacity(ckpt.files().len());
+        for file in ckpt.files() {
+            files.push(file_json(args, file)?);
         }
         let object = serde_json::json!({
-            "metadata": file.header().metadata(),
-            "tensors": tensors,
+            "path": ckpt.path(),
+            "metadata": ckpt.metadata(),
+            "index_metadata": ckpt.index_metadata(),
+            "total_size": ckpt.total_size(),
+            "tensors": ckpt.len(),
+            "data_bytes": ckpt.data_len(),
+            "files": files,
         });
         return out!("{object}");
     }
+    let total = ckpt
+        .total_size()
+        .map_or(String::new(), |t| format!(" (index total_size {t})"));
+    out!(
+        "{}: {} files, {} tensors, {} data bytes{total}",
+        ckpt.path().display(),
+        ckpt.files().len(),
+        ckpt.len(),
+        ckpt.data_len()
+    )?;
+    if let Some(md) = ckpt.index_metadata() {
+        out!("index metadata:")?;
+        for (k, v) in md {
+            out!("  {k}: {v}")?;
+        }
+    }
+    for file in ckpt.files() {
+        out!("")?;
+        inspect_file(args, file)?;
+    }
+    Ok(())
+}
+
+/// Whether `path` is a checkpoint of several files: a folder, or an index.
+fn is_checkpoint(path: &Path) -> bool {
+    path.is_dir() || path.extension().is_some_and(|e| e == "json")
+}
+
+/// Each tensor's SHA-256, hashed in 8 MiB pieces so that a tensor of any size needs no
+/// more memory than that.
+fn digest(file: &HostFile<'_>, name: &str, info: &TensorInfo) -> Result<String> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; info.len().min(8 << 20)];
+    let range = file.header().file_range(info);
+    for at in range.clone().step_by(8 << 20) {
+        let n = buf.len().min(range.end - at);
+        file.read_at(at, &mut buf[..n])
+            .map_err(|e| e.with_tensor(name))?;
+        hasher.update(&buf[..n]);
+    }
+    Ok(format!("{:x}", hasher.finalize()))
+}
+
+/// One file as JSON: its metadata and tensors (with their hashes where asked).
+fn file_json(args: &InspectArgs, path: &Path) -> Result<serde_json::Value> {
+    let file = HostFile::open(path, ReadMode::Mmap)?;
+    let mut tensors = Vec::with_capacity(file.header().tensors().len());
+    for (name, info) in file.tensors() {
+        let mut entry = serde_json::json!({
+            "name": name,
+            "dtype": info.dtype.name(),
+            "shape": info.shape,
+            "data_offsets": [info.data_offsets.0, info.data_offsets.1],
+        });
+        if args.hash {
+            entry["sha256"] = digest(&file, name, info)?.into();
+        }
+        tensors.push(entry);
+    }
+    Ok(serde_json::json!({
+        "file": path,
+        "metadata": file.header().metadata(),
+        "tensors": tensors,
+    }))
+}
+
+/// Prints one file.
+fn inspect_file(args: &InspectArgs, path: &Path) -> Result<()> {
+    if args.json {
+        let mut object = file_json(args, path)?;
+        if let Some(o) = object.as_object_mut() {
+            o.remove("file");
+        }
+        return out!("{object}");
+    }
+    let file = HostFile::open(path, ReadMode::Mmap)?;
     out!(
         "{}: {} bytes, header {} bytes, {} tensors, {} data bytes",
         path.display(),
@@ -278,11 +350,21 @@ fn inspect(args: &InspectArgs) -> Result<()> {
         let mut line = format!("{name}\t{}\t{:?}\t[{b}, {e}]", info.dtype, info.shape);
         if args.hash {
             line.push('\t');
-            line.push_str(&digest(name, info)?);
+            line.push_str(&digest(&file, name, info)?);
         }
         out!("{line}")?;
     }
     Ok(())
+}
+
+/// Parses `NAME[SLICE]`, such as `model.embed_tokens.weight[0:128, :]`.
+fn parse_named_slice(s: &str) -> std::result::Result<(String, Slice), String> {
+    let open = s
+        .find('[')
+        .ok_or_else(|| format!("{s:?}: expected NAME[SLICE], such as w[0:128, :]"))?;
+    let (name, slice) = s.split_at(open);
+    let slice = slice.parse::<Slice>().map_err(|e| e.to_string())?;
+    Ok((name.to_owned(), slice))
 }
 
 /// A progress bar on stderr that appears only on a terminal and only after a second.
@@ -326,7 +408,15 @@ fn load(args: &LoadArgs) -> Result<()> {
     let bar = progress_bar();
     let started = Instant::now();
     let terminal = std::io::stderr().is_terminal();
-    let loader = args.target.loader()?.progress(|p| {
+    let mut loader = args.target.loader()?;
+    if !args.slices.is_empty() {
+        let names: Vec<String> = args.slices.iter().map(|(n, _)| n.clone()).collect();
+        loader = loader.filter(move |n| names.iter().any(|m| m == n));
+        for (name, slice) in &args.slices {
+            loader = loader.slice(name.clone(), slice.clone());
+        }
+    }
+    let loader = loader.progress(|p| {
         bar.set_length(p.total);
         bar.set_position(p.done);
         if terminal && bar.is_hidden() && started.elapsed() > Duration::from_secs(1) {
@@ -369,27 +459,34 @@ fn load(args: &LoadArgs) -> Result<()> {
         }
     }
     if args.verify {
-        let checked = verify(&path, args.target.read_mode(), &tensors)?;
+        let checked = verify(&path, &args.slices, &tensors)?;
         out!("verified: every tensor read back equals the file ({checked} bytes)")?;
     }
     Ok(())
 }
 
-/// Compares every loaded tensor, read back, with the file's bytes (converted on the CPU
-/// where the load converted them). Returns the bytes compared.
-fn verify(path: &Path, mode: ReadMode, tensors: &tensorplace::Tensors) -> Result<usize> {
-    let reference = HostFile::open(path, mode)?;
+/// Compares every loaded tensor, read back, with the same tensors (and slices) read on the
+/// CPU with positioned reads, converted on the CPU where the load converted them. Returns
+/// the bytes compared.
+fn verify(path: &Path, slices: &[(String, Slice)], tensors: &Tensors) -> Result<usize> {
+    let mut reference = Loader::new(Device::Cpu)
+        .read_mode(ReadMode::Pread)
+        .filter(|name| tensors.get(name).is_some());
+    for (name, slice) in slices {
+        reference = reference.slice(name.clone(), slice.clone());
+    }
+    let reference = reference.load_file(path)?;
     let mut checked = 0usize;
-    for ((name, info), (_, tensor)) in reference.tensors().zip(tensors.iter()) {
-        let mut want = vec![0u8; info.len()];
-        reference.read_at(reference.header().file_range(info).start, &mut want)?;
-        if let Some(c) = Conversion::between(info.dtype, tensor.dtype()) {
-            let mut out = vec![0u8; c.output_len(want.len()).unwrap_or(0)];
-            c.convert(&want, &mut out);
-            want = out;
+    for (name, tensor) in tensors.iter() {
+        let want = reference.tensor(name)?;
+        let mut want_bytes = want.host_bytes()?.into_owned();
+        if let Some(c) = Conversion::between(want.dtype(), tensor.dtype()) {
+            let mut out = vec![0u8; c.output_len(want_bytes.len()).unwrap_or(0)];
+            c.convert(&want_bytes, &mut out);
+            want_bytes = out;
         }
         let got = tensor.host_bytes().map_err(|e| e.with_tensor(name))?;
-        if *got != want[..] {
+        if *got != want_bytes[..] || tensor.shape() != want.shape() {
             return Err(Error::new(
                 ErrorKind::Backend,
                 "the bytes read back differ from the file's",
@@ -403,16 +500,54 @@ fn verify(path: &Path, mode: ReadMode, tensors: &tensorplace::Tensors) -> Result
 }
 
 fn convert(args: &ConvertArgs) -> Result<()> {
-    remove_partial_output_on_interrupt(&args.output)?;
-    let tensors = args.target.loader()?.load_file(&args.input)?;
-    tensorplace::save_file(&tensors, &args.output, None)
+    if !is_checkpoint(&args.input) {
+        remove_partial_output_on_interrupt(vec![args.output.clone()])?;
+        let tensors = args.target.loader()?.load_file(&args.input)?;
+        return tensorplace::save_file(&tensors, &args.output, None);
+    }
+    let ckpt = tensorplace::open(&args.input)?;
+    let out_dir = &args.output;
+    std::fs::create_dir_all(out_dir)
+        .map_err(|e| Error::io("creating the output folder", Some(out_dir), e))?;
+    let index_path = out_dir.join(tensorplace::INDEX_NAME);
+    let names: Vec<&std::ffi::OsStr> = ckpt.files().filter_map(|f| f.file_name()).collect();
+    let mut targets: Vec<PathBuf> = names.iter().map(|n| out_dir.join(n)).collect();
+    targets.push(index_path.clone());
+    remove_partial_output_on_interrupt(targets)?;
+    let loader = args.target.loader()?;
+    // One shard at a time, so that memory holds one shard; the index last.
+    let mut weight_map = serde_json::Map::new();
+    let mut total = 0u64;
+    for (file, name) in ckpt.files().zip(&names) {
+        let tensors = loader.load_file(file)?;
+        total += tensors.total_bytes() as u64;
+        let shard = name.to_string_lossy().into_owned();
+        for tensor in tensors.names() {
+            weight_map.insert(tensor.to_owned(), shard.clone().into());
+        }
+        tensorplace::save_file(&tensors, out_dir.join(name), None)?;
+    }
+    let mut metadata = serde_json::Map::new();
+    for (k, v) in ckpt.index_metadata().into_iter().flatten() {
+        metadata.insert(k.clone(), v.clone().into());
+    }
+    metadata.insert("total_size".into(), total.into());
+    let index = serde_json::json!({"metadata": metadata, "weight_map": weight_map});
+    let text = serde_json::to_string_pretty(&index)
+        .map_err(|e| Error::new(ErrorKind::Io, e.to_string()))?;
+    write_atomically(&index_path, |w| {
+        w.write_all(text.as_bytes())
+            .and_then(|()| w.write_all(b"\n"))
+            .map_err(|e| Error::io("writing", None, e))
+    })
+    .map_err(|e| e.with_file(&index_path))
 }
 
-/// On Ctrl-C (SIGINT) or SIGTERM, removes the temporary this process is writing beside
-/// `output` (the output itself is only ever replaced whole, by a rename) and exits with
-/// status 130. Call it before any other thread starts: the signals are blocked in this
+/// On Ctrl-C (SIGINT) or SIGTERM, removes the temporaries this process is writing beside
+/// the `outputs` (each output itself is only ever replaced whole, by a rename) and exits
+/// with status 130. Call it before any other thread starts: the signals are blocked in this
 /// thread, every thread started later inherits that, and one thread waits for them.
-fn remove_partial_output_on_interrupt(output: &Path) -> Result<()> {
+fn remove_partial_output_on_interrupt(outputs: Vec<PathBuf>) -> Result<()> {
     // SAFETY: `sigset_t` is plain data that sigemptyset initializes before any other use.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid sigset_t; these calls only write to it and to this thread's
@@ -430,15 +565,17 @@ fn remove_partial_output_on_interrupt(output: &Path) -> Result<()> {
             std::io::Error::from_raw_os_error(rc),
         ));
     }
-    let output = output.to_path_buf();
     std::thread::spawn(move || {
         let mut signal = 0;
         // SAFETY: `set` holds the blocked signals; sigwait writes the one received.
         if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
-            tensorplace::internals::remove_temporaries(&output, std::process::id());
+            for output in &outputs {
+                tensorplace::internals::remove_temporaries(output, std::process::id());
+            }
+            let names: Vec<String> = outputs.iter().map(|p| p.display().to_string()).collect();
             eprintln!(
                 "tensorplace: interrupted; {} left as it was",
-                output.display()
+                names.join(", ")
             );
             std::process::exit(130);
         }
