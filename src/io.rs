@@ -19,6 +19,10 @@ use crate::parallel::{self, Threads};
 /// every thread has work. A multiple of every element size and of 4 KiB.
 pub(crate) const PIECE: usize = 4 << 20;
 
+/// Runs at least this long of a file a load takes a small part of are read with `pread`
+/// rather than copied out of the mapping (see `HostFile::mark_partial`).
+pub(crate) const LONG_RUN: usize = 64 << 10;
+
 /// Splits `range` into consecutive ranges of at most `max` bytes (an empty range gives none).
 pub(crate) fn chunks(range: Range<usize>, max: usize) -> impl Iterator<Item = Range<usize>> {
     let max = max.max(1);
@@ -87,6 +91,11 @@ impl Gather {
             * self.width
     }
 
+    /// The length of each run.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
     /// The file range, when the bytes are one run.
     pub fn as_range(&self) -> Option<Range<usize>> {
         self.outer
@@ -106,24 +115,59 @@ impl Gather {
 
     /// The pieces of `dense` (a range of the gathered bytes, in order) as file ranges, each
     /// with its offset in `dense`.
-    pub fn segments(
-        &self,
-        dense: Range<usize>,
-    ) -> impl Iterator<Item = (Range<usize>, usize)> + '_ {
+    pub fn segments(&self, dense: Range<usize>) -> Segments<'_> {
         let width = self.width.max(1);
         let first = dense.start / width;
-        let runs = if dense.is_empty() {
-            0
-        } else {
-            (dense.end - 1) / width + 1 - first
-        };
-        (first..first + runs).map(move |k| {
-            let run = self.run_start_outer(&self.outer, k);
-            let lo = (k * width).max(dense.start);
-            let hi = ((k + 1) * width).min(dense.end);
-            let at = run + (lo - k * width);
-            (at..at + (hi - lo), lo - dense.start)
-        })
+        // The odometer's digits for run `first` (the last dimension varying fastest).
+        let mut digits = vec![0; self.outer.len()];
+        let mut k = first;
+        for (d, &(count, _)) in self.outer.iter().enumerate().rev() {
+            digits[d] = k % count;
+            k /= count;
+        }
+        Segments {
+            gather: self,
+            run_start: self.run_start_outer(&self.outer, first),
+            digits,
+            k: first,
+            dense,
+        }
+    }
+}
+
+/// The file ranges of part of a [`Gather`], run after run: an odometer over the outer
+/// dimensions, so that each step costs an addition.
+pub(crate) struct Segments<'g> {
+    gather: &'g Gather,
+    digits: Vec<usize>,
+    run_start: usize,
+    k: usize,
+    dense: Range<usize>,
+}
+
+impl Iterator for Segments<'_> {
+    type Item = (Range<usize>, usize);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let width = self.gather.width;
+        let (lo, hi) = (self.k * width, (self.k + 1) * width);
+        if self.dense.is_empty() || lo >= self.dense.end {
+            return None;
+        }
+        let (lo, hi) = (lo.max(self.dense.start), hi.min(self.dense.end));
+        let at = self.run_start + (lo - self.k * width);
+        let item = (at..at + (hi - lo), lo - self.dense.start);
+        self.k += 1;
+        for (d, &(count, stride)) in self.gather.outer.iter().enumerate().rev() {
+            self.digits[d] += 1;
+            self.run_start += stride;
+            if self.digits[d] < count {
+                break;
+            }
+            self.digits[d] = 0;
+            self.run_start -= count * stride;
+        }
+        Some(item)
     }
 }
 
@@ -260,6 +304,17 @@ fn read_span(file: &HostFile<'_>, fetch: Fetch, span: &Span<'_>, dst: &mut [u8])
             ),
         ));
     }
+    // From memory: one lookup of the bytes, then a copy per run (runs may be a few bytes).
+    if let (Fetch::Memory, Some(bytes)) = (fetch, file.bytes()) {
+        for (range, at) in span.gather.segments(span.dense.clone()) {
+            let src = bytes.get(range.clone()).ok_or_else(|| {
+                Error::new(ErrorKind::Io, format!("bytes {range:?} lie past the end"))
+                    .with_opt_file(file.path())
+            })?;
+            dst[at..at + src.len()].copy_from_slice(src);
+        }
+        return Ok(());
+    }
     for (range, at) in span.gather.segments(span.dense.clone()) {
         let len = range.len();
         read(file, fetch, range.start, &mut dst[at..at + len])?;
@@ -302,10 +357,16 @@ pub(crate) fn read_pieces<D: Destination>(
         advance(0)?;
         let n = piece.src.len() as u64;
         let file = piece.file;
+        let fetch = match file.fetch() {
+            Fetch::Memory if file.is_partial() && piece.src.gather.width() >= LONG_RUN => {
+                Fetch::Pread
+            }
+            fetch => fetch,
+        };
         let source = Source {
             file,
             span: piece.src,
-            fetch: file.fetch(),
+            fetch,
             scratch,
         };
         piece

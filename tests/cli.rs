@@ -377,7 +377,12 @@ fn checkpoints_inspect_load_slice_and_convert_as_folders() {
     // The same tensors in the same files (save_file orders each file's tensors its way).
     for entry in before.iter() {
         let moved = after.tensor(entry.name).unwrap();
-        assert_eq!(moved.file.file_name(), entry.file.file_name(), "{}", entry.name);
+        assert_eq!(
+            moved.file.file_name(),
+            entry.file.file_name(),
+            "{}",
+            entry.name
+        );
         assert_eq!(moved.shape, entry.shape);
     }
     assert_eq!(after.len(), before.len());

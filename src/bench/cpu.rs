@@ -14,7 +14,7 @@ use crate::memory::HostBuffer;
 use crate::parallel::{self, Threads};
 
 /// A `safetensors` crate error as ours, keeping it as the cause.
-fn reference_err(e: SafeTensorError) -> Error {
+pub(super) fn reference_err(e: SafeTensorError) -> Error {
     let kind = match &e {
         SafeTensorError::IoError(_) => ErrorKind::Io,
         SafeTensorError::HeaderTooLarge => ErrorKind::HeaderTooLarge,
@@ -34,7 +34,7 @@ fn reference_err(e: SafeTensorError) -> Error {
 }
 
 /// Maps `path` for the reference paths.
-fn map(path: &Path) -> Result<memmap2::Mmap> {
+pub(super) fn map(path: &Path) -> Result<memmap2::Mmap> {
     let f = std::fs::File::open(path).map_err(|e| Error::io("opening", Some(path), e))?;
     // SAFETY: a read-only shared mapping of a file this harness wrote and does not change
     // while it is mapped.

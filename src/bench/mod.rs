@@ -4,12 +4,13 @@
 //!
 //! `measure` times a group; `synthetic` writes the files; `cpu`, `cuda` and
 //! `wgpu` hold each device's baselines and ceilings, beside the harness and out of the
-//! backends.
+//! backends; `checkpoint` the sharded, tensor-parallel and opening groups.
 //!
 //! Throughput is the file's data bytes over seconds, in GB/s (10^9 bytes). Each timed run
 //! ends only when the device has finished (backends synchronize before returning) and frees
 //! what it placed before the next run.
 
+mod checkpoint;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -71,6 +72,12 @@ pub struct BenchArgs {
     /// (10 to 100,000 at a fixed size) for our load on each device.
     #[arg(long)]
     pub sweep: bool,
+    /// Instead of the single-file comparison, time checkpoints: 8 shard files against the
+    /// same tensors in one file, a tensor-parallel part (1 of 8) against the whole, and
+    /// opening 100 shards of 100,000 tensors against parsing their headers with the
+    /// `safetensors` crate (FILE may be a checkpoint folder: then it is the sharded one).
+    #[arg(long)]
+    pub checkpoint: bool,
     /// Ignored: `cargo bench` passes it to every harness.
     #[arg(long, hide = true)]
     pub bench: bool,
@@ -237,6 +244,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if args.sweep {
         return sweep(args, dir.path());
     }
+    if args.checkpoint || crate::checkpoint::is_multi_file(&path) {
+        return checkpoints(args, &path, dir.path());
+    }
     let file = HostFile::open(&path, ReadMode::Mmap)?;
     let bytes = file.header().data_len() as u64;
     say!(
@@ -290,6 +300,82 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             "date": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
             "machine": machine(),
             "file": {"path": path, "data_bytes": bytes, "runs": args.runs, "cold": args.cold},
+            "results": rows,
+            "skipped": skipped,
+        });
+        let text = serde_json::to_string_pretty(&report)
+            .map_err(|e| Error::new(ErrorKind::Io, e.to_string()))?;
+        std::fs::write(json, text).map_err(|e| Error::io("writing", Some(json), e))?;
+        say!("wrote {}", json.display())?;
+    }
+    Ok(())
+}
+
+/// The checkpoint groups (see [`BenchArgs::checkpoint`]): `input` is the synthetic file, or
+/// the user's checkpoint folder.
+fn checkpoints(args: &BenchArgs, input: &Path, tmp: &Path) -> Result<()> {
+    let (one, sharded) = if crate::checkpoint::is_multi_file(input) {
+        let one = tmp.join("one.safetensors");
+        crate::save_file(&crate::load_file(input, Device::Cpu)?, &one, None)?;
+        (one, input.to_path_buf())
+    } else {
+        let sharded = tmp.join("sharded");
+        std::fs::create_dir_all(&sharded).map_err(|e| Error::io("creating", Some(&sharded), e))?;
+        checkpoint::write_sharded(input, &sharded, 8)?;
+        (input.to_path_buf(), sharded)
+    };
+    let ckpt = crate::open(&sharded)?;
+    let bytes = ckpt.data_len();
+    say!(
+        "checkpoint: {} ({} files, {} tensors, {} data bytes) against {}; {} runs after a warm-up, page cache warm",
+        sharded.display(),
+        ckpt.files().len(),
+        ckpt.len(),
+        bytes,
+        one.display(),
+        args.runs
+    )?;
+    if args.cold {
+        say!("note: --cold is not applied to the checkpoint groups")?;
+    }
+    let mut rows = Vec::new();
+    let mut skipped = Vec::new();
+    for (d, skip) in devices(args)? {
+        if let Some(reason) = skip {
+            say!("skipped {d}: {reason}")?;
+            skipped.push(serde_json::json!({"device": d.to_string(), "reason": reason}));
+            continue;
+        }
+        for mut g in checkpoint::groups(d, &one, &sharded) {
+            let r = measure(&mut g, bytes, args.runs, None);
+            say!("{}", table(&r).trim_end())?;
+            rows.extend(r);
+        }
+    }
+    let many = tmp.join("many");
+    std::fs::create_dir_all(&many).map_err(|e| Error::io("creating", Some(&many), e))?;
+    checkpoint::write_many(&many, 100, 1000)?;
+    let opened = crate::open(&many)?;
+    let header_bytes: u64 = opened
+        .files()
+        .map(|f| std::fs::metadata(f).map_or(0, |m| m.len()))
+        .sum::<u64>()
+        - opened.data_len();
+    say!(
+        "opening: {} files, {} tensors, {header_bytes} header bytes",
+        opened.files().len(),
+        opened.len()
+    )?;
+    let mut g = checkpoint::open_group(&many)?;
+    let r = measure(&mut g, header_bytes, args.runs, None);
+    say!("{}", table(&r).trim_end())?;
+    rows.extend(r);
+    say!("\n{}", table(&rows))?;
+    if let Some(json) = &args.json {
+        let report = serde_json::json!({
+            "date": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            "machine": machine(),
+            "checkpoint": {"path": sharded, "one_file": one, "data_bytes": bytes, "runs": args.runs},
             "results": rows,
             "skipped": skipped,
         });

@@ -40,8 +40,11 @@ pub(crate) const MIX: [Dtype; 6] = [
     Dtype::F8_E4M3,
 ];
 
+/// The row length of the synthetic matrices: a transformer's hidden size.
+const HIDDEN: usize = 4096;
+
 /// Builds the tensors of a synthetic checkpoint (pseudo-random bytes, sizes varying over a
-/// range of 1 to 30, shapes 2-D where they divide by 256).
+/// range of 1 to 30, shapes `[n, 4096]` where they divide by 4096).
 pub fn synthetic_tensors(spec: &Synthetic) -> Result<Tensors> {
     let n = spec.tensors.max(1);
     let weight = |i: usize| 1 + (i * 7919) % 30;
@@ -57,8 +60,8 @@ pub fn synthetic_tensors(spec: &Synthetic) -> Result<Tensors> {
         let elem = (dtype.bits() / 8).max(1);
         let bytes = (spec.size as u128 * weight(i) as u128 / total_weight as u128) as usize;
         let numel = bytes / elem;
-        let shape = if numel >= 256 && numel % 256 == 0 {
-            vec![numel / 256, 256]
+        let shape = if numel >= HIDDEN && numel % HIDDEN == 0 {
+            vec![numel / HIDDEN, HIDDEN]
         } else {
             vec![numel]
         };

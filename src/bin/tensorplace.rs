@@ -134,6 +134,10 @@ struct LoadArgs {
     /// (safetensors' get_slice rules); repeatable. With it, only the tensors named load.
     #[arg(long = "slice", value_name = "NAME[SLICE]", value_parser = parse_named_slice)]
     slices: Vec<(String, Slice)>,
+    /// Tensor parallelism: load part RANK of WORLD of every tensor that has dimension DIM
+    /// (0 unless given), cut as numpy.array_split cuts: `--part 3/8` or `--part 3/8:1`.
+    #[arg(long, value_name = "RANK/WORLD[:DIM]", value_parser = parse_part)]
+    part: Option<(usize, usize, usize)>,
     /// Read every tensor back and compare it with the file.
     #[arg(long)]
     verify: bool,
@@ -326,7 +330,7 @@ fn inspect_file(args: &InspectArgs, path: &Path) -> Result<()> {
     if args.json {
         let mut object = file_json(args, path)?;
         if let Some(o) = object.as_object_mut() {
-            o.remove("file");
+            o.shift_remove("file");
         }
         return out!("{object}");
     }
@@ -355,6 +359,15 @@ fn inspect_file(args: &InspectArgs, path: &Path) -> Result<()> {
         out!("{line}")?;
     }
     Ok(())
+}
+
+/// Parses `RANK/WORLD[:DIM]`, such as `3/8` or `3/8:1`.
+fn parse_part(s: &str) -> std::result::Result<(usize, usize, usize), String> {
+    let bad = || format!("{s:?}: expected RANK/WORLD or RANK/WORLD:DIM, such as 3/8");
+    let (part, dim) = s.split_once(':').unwrap_or((s, "0"));
+    let (rank, world) = part.split_once('/').ok_or_else(bad)?;
+    let n = |t: &str| t.trim().parse::<usize>().map_err(|_| bad());
+    Ok((n(rank)?, n(world)?, n(dim)?))
 }
 
 /// Parses `NAME[SLICE]`, such as `model.embed_tokens.weight[0:128, :]`.
@@ -408,15 +421,7 @@ fn load(args: &LoadArgs) -> Result<()> {
     let bar = progress_bar();
     let started = Instant::now();
     let terminal = std::io::stderr().is_terminal();
-    let mut loader = args.target.loader()?;
-    if !args.slices.is_empty() {
-        let names: Vec<String> = args.slices.iter().map(|(n, _)| n.clone()).collect();
-        loader = loader.filter(move |n| names.iter().any(|m| m == n));
-        for (name, slice) in &args.slices {
-            loader = loader.slice(name.clone(), slice.clone());
-        }
-    }
-    let loader = loader.progress(|p| {
+    let loader = selection(args, args.target.loader()?).progress(|p| {
         bar.set_length(p.total);
         bar.set_position(p.done);
         if terminal && bar.is_hidden() && started.elapsed() > Duration::from_secs(1) {
@@ -459,22 +464,35 @@ fn load(args: &LoadArgs) -> Result<()> {
         }
     }
     if args.verify {
-        let checked = verify(&path, &args.slices, &tensors)?;
+        let reference = selection(args, Loader::new(Device::Cpu).read_mode(ReadMode::Pread));
+        let checked = verify(&path, reference, &tensors)?;
         out!("verified: every tensor read back equals the file ({checked} bytes)")?;
     }
     Ok(())
 }
 
-/// Compares every loaded tensor, read back, with the same tensors (and slices) read on the
-/// CPU with positioned reads, converted on the CPU where the load converted them. Returns
-/// the bytes compared.
-fn verify(path: &Path, slices: &[(String, Slice)], tensors: &Tensors) -> Result<usize> {
-    let mut reference = Loader::new(Device::Cpu)
-        .read_mode(ReadMode::Pread)
-        .filter(|name| tensors.get(name).is_some());
-    for (name, slice) in slices {
-        reference = reference.slice(name.clone(), slice.clone());
+/// The loader with the parts `load` asks for: `--slice` (only the tensors named) and
+/// `--part`.
+fn selection<'a>(args: &LoadArgs, mut loader: Loader<'a>) -> Loader<'a> {
+    if !args.slices.is_empty() {
+        let names: Vec<String> = args.slices.iter().map(|(n, _)| n.clone()).collect();
+        loader = loader.filter(move |n| names.iter().any(|m| m == n));
+        for (name, slice) in &args.slices {
+            loader = loader.slice(name.clone(), slice.clone());
+        }
     }
+    if let Some((rank, world, dim)) = args.part {
+        loader = loader.split(rank, world, move |_, shape| {
+            (shape.len() > dim).then_some(dim)
+        });
+    }
+    loader
+}
+
+/// Compares every loaded tensor, read back, with what `reference` (the same selection, on
+/// the CPU with positioned reads) loads, converted on the CPU where the load converted
+/// them. Returns the bytes compared.
+fn verify(path: &Path, reference: Loader<'_>, tensors: &Tensors) -> Result<usize> {
     let reference = reference.load_file(path)?;
     let mut checked = 0usize;
     for (name, tensor) in tensors.iter() {
