@@ -24,7 +24,7 @@ use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
-use tensorplace::{Device, Dtype, Loader, Metadata, ReadMode, Storage, Tensor, Tensors};
+use tensorplace::{Device, Dtype, Loader, Metadata, ReadMode, Slice, Storage, Tensor, Tensors};
 
 create_exception!(
     _tensorplace,
@@ -283,25 +283,33 @@ fn interruptible<T: Send>(
     })
 }
 
-/// Loads the file at `filename` onto `device` (the tensors named in `names`, or all), with
-/// the GIL released and Ctrl-C honoured.
+/// Loads the file (or sharded checkpoint: a folder or its index) at `filename` onto
+/// `device` (the tensors named in `names`, or all; `slices`: (name, slice text) pairs, each
+/// tensor named loaded as that part of it), with the GIL released and Ctrl-C honoured.
 #[pyfunction]
-#[pyo3(signature = (filename, device = "cpu", names = None, read_mode = "mmap"))]
+#[pyo3(signature = (filename, device = "cpu", names = None, read_mode = "mmap", slices = None))]
 fn load_file(
     py: Python<'_>,
     filename: PathBuf,
     device: &str,
     names: Option<Vec<String>>,
     read_mode: &str,
+    slices: Option<Vec<(String, String)>>,
 ) -> PyResult<Loaded> {
     let names: Option<HashSet<String>> = names.map(|v| v.into_iter().collect());
     let device = device.to_owned();
     let read_mode = read_mode.to_owned();
+    let slices = slices
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(name, text)| Ok((name, text.parse::<Slice>().map_err(py_err)?)))
+        .collect::<PyResult<Vec<_>>>()?;
     let tensors = interruptible(py, |stop| {
-        loader(&device, names.as_ref(), &read_mode)?
-            .interrupt(stop)
-            .load_file(&filename)
-            .map_err(py_err)
+        let mut l = loader(&device, names.as_ref(), &read_mode)?.interrupt(stop);
+        for (name, slice) in &slices {
+            l = l.slice(name.clone(), slice.clone());
+        }
+        l.load_file(&filename).map_err(py_err)
     })?;
     Ok(loaded(tensors))
 }
@@ -320,8 +328,8 @@ fn load(py: Python<'_>, data: &[u8], device: &str) -> PyResult<Loaded> {
     Ok(loaded(tensors))
 }
 
-/// The names, dtypes and shapes of a file's tensors in file order, and its metadata,
-/// without reading any tensor.
+/// The names, dtypes and shapes of the tensors of a file or sharded checkpoint (a folder or
+/// its index) in order, and its metadata, reading headers only.
 #[pyfunction]
 #[allow(clippy::type_complexity)]
 fn inspect(
@@ -330,15 +338,12 @@ fn inspect(
     Vec<(String, &'static str, Vec<usize>)>,
     Option<HashMap<String, String>>,
 )> {
-    let file =
-        tensorplace::internals::HostFile::open(&filename, ReadMode::Pread).map_err(py_err)?;
-    let header = file.header();
-    let tensors = header
-        .tensors()
+    let checkpoint = tensorplace::open(&filename).map_err(py_err)?;
+    let tensors = checkpoint
         .iter()
-        .map(|(n, i)| (n.clone(), i.dtype.name(), i.shape.clone()))
+        .map(|t| (t.name.to_owned(), t.dtype.name(), t.shape.to_vec()))
         .collect();
-    let metadata = header
+    let metadata = checkpoint
         .metadata()
         .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
     Ok((tensors, metadata))

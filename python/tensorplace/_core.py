@@ -37,13 +37,42 @@ def call(fn: Callable, *args, **kwargs):
 _BACKENDS = {"mmap": "mmap", "pread": "pread", "read": "pread", "direct": "direct"}
 
 
-def load_file(filename, device: str = "cpu", names: Optional[List[str]] = None, backend: str = "mmap"):
-    """The tensors of ``filename`` as native views (name, view) in file order, and the
-    metadata. ``backend``: ``"mmap"`` (the default), ``"pread"`` (files that may change) or
-    ``"direct"`` (O_DIRECT, for files not in the page cache)."""
+def load_file(filename, device: str = "cpu", names: Optional[List[str]] = None, backend: str = "mmap",
+              slices: Optional[List[tuple]] = None):
+    """The tensors of ``filename`` (a file, or a sharded checkpoint: a folder or its index)
+    as native views (name, view) in file order, and the metadata. ``backend``: ``"mmap"``
+    (the default), ``"pread"`` (files that may change) or ``"direct"`` (O_DIRECT, for files
+    not in the page cache). ``slices``: (name, slice text) pairs, such as
+    ``("w", "[0:128, :]")``: that tensor is loaded as that part of it, reading only its
+    bytes."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend {backend!r}: expected one of {sorted(_BACKENDS)}")
-    return call(_native.load_file, os.fspath(filename), device, names, _BACKENDS[backend])
+    return call(_native.load_file, os.fspath(filename), device, names, _BACKENDS[backend], slices)
+
+
+def slice_text(index) -> Optional[str]:
+    """The text of a Python index (ints, slices without steps and with bounds of 0 or more,
+    one Ellipsis) in the crate's slice syntax, or None where the crate's rules (those of
+    safetensors' get_slice, without steps) do not cover it."""
+    if not isinstance(index, tuple):
+        index = (index,)
+    parts = []
+    for i in index:
+        if i is Ellipsis:
+            parts.append("...")
+        elif isinstance(i, slice):
+            if i.step not in (None, 1):
+                return None
+            if any(b is not None and (not isinstance(b, int) or b < 0) for b in (i.start, i.stop)):
+                return None
+            start = "" if i.start is None else str(i.start)
+            stop = "" if i.stop is None else str(i.stop)
+            parts.append(f"{start}:{stop}")
+        elif isinstance(i, int) and not isinstance(i, bool):
+            parts.append(str(i))
+        else:
+            return None
+    return "[" + ", ".join(parts) + "]"
 
 
 def load(data: bytes, device: str = "cpu"):
@@ -85,9 +114,10 @@ def _framework(name: str):
 
 
 class safe_open:
-    """Opens a safetensors file lazily, as ``safetensors.safe_open``: ``keys()``,
-    ``metadata()``, ``get_tensor(name)`` and ``get_slice(name)[...]``; usable as a context
-    manager. Only the header is read on opening; each ``get_tensor`` reads that tensor."""
+    """Opens a safetensors file (or a sharded checkpoint: a folder or its index) lazily, as
+    ``safetensors.safe_open``: ``keys()``, ``metadata()``, ``get_tensor(name)`` and
+    ``get_slice(name)[...]``; usable as a context manager. Only headers are read on opening;
+    each ``get_tensor`` reads that tensor, each slice only its part of it."""
 
     def __init__(self, filename, framework: str, device: Any = "cpu"):
         self._filename = os.fspath(filename)
@@ -140,5 +170,9 @@ class _Slice:
         return self._handle._infos[self._name][0]
 
     def __getitem__(self, index):
-        # The slice is taken from the loaded tensor (the crate reads the whole tensor).
-        return self._handle.get_tensor(self._name)[index]
+        handle = self._handle
+        text = slice_text(index)
+        if text is None:
+            # Steps, negative bounds, arrays: numpy's indexing of the whole tensor.
+            return handle.get_tensor(self._name)[index]
+        return handle._module._load_one(handle._filename, self._name, handle._device, text)

@@ -109,6 +109,7 @@ def save_file(
     _core.save_file([spec(k, v) for k, v in tensor_dict.items()], filename, metadata)
 
 
-def _load_one(filename, name, device):
-    views, _ = _core.load_file(filename, "cpu", [name])
+def _load_one(filename, name, device, slice_text=None):
+    slices = None if slice_text is None else [(name, slice_text)]
+    views, _ = _core.load_file(filename, "cpu", [name], slices=slices)
     return to_numpy(views[0][1])
