@@ -610,3 +610,49 @@ fn wgpu_staging_ring_wraps_cuts_and_converts_large_tensors() {
         .unwrap();
     assert_same(Device::Wgpu(None), &again, &want);
 }
+
+/// Conversions on wgpu go through one bounded scratch buffer (256 MiB): a tensor larger than
+/// it is converted in pieces, small ones batched, in place and through the staging ring, and
+/// every output equals the CPU reference.
+#[test]
+fn wgpu_conversions_larger_than_the_scratch_match_the_cpu() {
+    if let Err(e) = Device::Wgpu(None).probe() {
+        println!("SKIPPED wgpu_conversions_larger_than_the_scratch_match_the_cpu: {e}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut want = Tensors::new();
+    // 140M BF16 elements: 280 MB of input, more than the scratch; a 1 MiB pattern repeated.
+    let block = common::bytes(1 << 20, 77);
+    let big: Vec<u8> = block.iter().copied().cycle().take(280_000_002).collect();
+    want.insert(
+        "bf16_big",
+        Tensor::from_bytes(Dtype::BF16, vec![140_000_001], &big).unwrap(),
+    );
+    drop(big);
+    for i in 0..5 {
+        let n = 1000 * i + 7;
+        want.insert(
+            format!("f16_{i}"),
+            Tensor::from_bytes(Dtype::F16, vec![n], &common::bytes(2 * n, 5 + i as u64)).unwrap(),
+        );
+    }
+    want.insert(
+        "i64",
+        Tensor::from_bytes(Dtype::I64, vec![3], &common::bytes(24, 9)).unwrap(),
+    );
+    let path = write(&dir, &want);
+    drop(want);
+    let reference = Loader::new("cpu")
+        .dtype(Dtype::F32)
+        .load_file(&path)
+        .unwrap();
+    for upload in [Upload::Auto, Upload::Staging] {
+        let got = Loader::new("wgpu")
+            .upload(upload)
+            .dtype(Dtype::F32)
+            .load_file(&path)
+            .unwrap();
+        assert_same(Device::Wgpu(None), &got, &reference);
+    }
+}

@@ -161,14 +161,15 @@ impl WgpuBackend {
         Ok(p)
     }
 
-    /// Runs `kernel` over `units` units from `src` into `dst`, in chunks that fit the
-    /// binding and dispatch limits.
+    /// Runs `kernel` over `elements` elements from `src` into `dst` (each a buffer and a
+    /// byte offset in it, a multiple of 256), in chunks that fit the binding and dispatch
+    /// limits.
     pub(super) fn dispatch(
         &self,
         enc: &mut wgpu::CommandEncoder,
         kernel: &Kernel,
-        src: &wgpu::Buffer,
-        dst: &wgpu::Buffer,
+        (src, src_offset): (&wgpu::Buffer, u64),
+        (dst, dst_offset): (&wgpu::Buffer, u64),
         elements: u64,
     ) -> Result<()> {
         let pipeline = self.pipeline(kernel)?;
@@ -198,18 +199,19 @@ impl WgpuBackend {
                     contents: bytemuck::cast_slice(&[n as u32, el as u32, 0, 0]),
                     usage: wgpu::BufferUsages::UNIFORM,
                 });
-            let bind = |buffer, per_unit| binding(buffer, u0 * per_unit, n * per_unit);
+            let bind =
+                |buffer, base: u64, per_unit| binding(buffer, base + u0 * per_unit, n * per_unit);
             let group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
                 label: Some(&label),
                 layout: &layout,
                 entries: &[
                     wgpu::BindGroupEntry {
                         binding: 0,
-                        resource: bind(src, in_bytes),
+                        resource: bind(src, src_offset, in_bytes),
                     },
                     wgpu::BindGroupEntry {
                         binding: 1,
-                        resource: bind(dst, out_bytes),
+                        resource: bind(dst, dst_offset, out_bytes),
                     },
                     wgpu::BindGroupEntry {
                         binding: 2,
@@ -260,7 +262,7 @@ impl WgpuBackend {
             self.queue.write_buffer(&src, 0, &padded);
             let dst = self.new_buffer("tensorplace convert out", pad4(out_len as u64), usage);
             let mut enc = self.device.create_command_encoder(&Default::default());
-            self.dispatch(&mut enc, kernel, &src, &dst, elements)?;
+            self.dispatch(&mut enc, kernel, (&src, 0), (&dst, 0), elements)?;
             let idx = self.queue.submit([enc.finish()]);
             self.wait(Some(idx))?;
             Ok(dst)

@@ -7,12 +7,15 @@
 //!   core) and copied into the tensors' buffers by one batched command buffer each, so that
 //!   the host's writes into one staging buffer overlap the transfers of the others.
 //!
-//! Tensors to convert land in raw input buffers first; the kernels then write the outputs.
+//! Tensors to convert go through one scratch buffer of at most 256 MiB, batch after batch:
+//! their input bytes land there (in place, or through the staging ring), and the kernels
+//! write the outputs from it, so that a load that converts needs its output plus the scratch
+//! on the device, whatever its size.
 
 use std::sync::{Arc, Mutex, OnceLock};
 
 use super::{Kernel, WgpuBackend, WgpuStorage, backend_err, pad4};
-use crate::device::{Device, LoadPlan, Upload};
+use crate::device::{Device, LoadPlan, PlanItem, Upload};
 use crate::error::{Error, ErrorKind, Result};
 use crate::host::HostFile;
 use crate::io::{self, Destination, PIECE, Piece, Source, Span};
@@ -23,6 +26,9 @@ use crate::tensor::{Storage, Tensor};
 const RING: usize = 4;
 /// Size of one staging buffer (less where the device allows less).
 const STAGING: u64 = 64 << 20;
+/// Size of the scratch buffer conversions read their input from (less where the device
+/// allows less): device memory for a load that converts is its output plus this.
+const SCRATCH: u64 = 256 << 20;
 
 /// The outcome of a `map_async`, set by its callback once the device has run the work
 /// queued before it.
@@ -209,9 +215,11 @@ pub(super) fn upload(backend: &Arc<WgpuBackend>, plan: &LoadPlan<'_>) -> Result<
         .iter()
         .map(|i| i.conversion.map(|c| backend.kernel_for(c)))
         .collect();
+    let staging_size = STAGING.min(max) / 256 * 256;
+    let scratch_size = SCRATCH.min(max) / 256 * 256;
     backend.scoped("uploading", || {
-        // Destination buffers, and raw input buffers for the tensors to convert. Where the
-        // adapter shares host memory, the buffers the file's bytes go to are created mapped.
+        // The tensors' buffers. Where the adapter shares host memory, the buffers the file's
+        // bytes go to are created mapped.
         let make = |spec: &BufferSpec<'_>| {
             let mapped = direct && spec.written;
             backend.device.create_buffer(&wgpu::BufferDescriptor {
@@ -260,35 +268,17 @@ pub(super) fn upload(backend: &Arc<WgpuBackend>, plan: &LoadPlan<'_>) -> Result<
                 })
                 .collect(),
         )?;
-        let converted: Vec<usize> = (0..items.len())
-            .filter(|&k| items[k].conversion.is_some())
-            .collect();
-        let mut raw_buffers = create_all(
-            converted
-                .iter()
-                .map(|&k| BufferSpec {
-                    label: "tensorplace raw input",
-                    size: items[k].in_len(),
-                    written: items[k].in_len() > 0,
-                })
-                .collect(),
-        )?
-        .into_iter();
         if let Some(e) = pollster::block_on(oom.pop()) {
             return Err(Error::new(
                 ErrorKind::OutOfMemory,
                 format!("creating the tensors' buffers: {e}"),
             ));
         }
-        let mut raws: Vec<Option<wgpu::Buffer>> = (0..items.len()).map(|_| None).collect();
-        for &k in &converted {
-            raws[k] = raw_buffers.next();
-        }
+        // The tensors kept as they are go straight into their buffers.
         let targets = items
             .iter()
-            .enumerate()
-            .filter(|(_, i)| i.in_len() > 0)
-            .map(|(k, i)| (i, raws[k].as_ref().unwrap_or(&outs[k])));
+            .zip(&outs)
+            .filter(|(i, _)| i.in_len() > 0 && i.conversion.is_none());
         if direct {
             let writes: Vec<Write<'_, '_>> = targets
                 .map(|(item, buffer)| Write {
@@ -304,7 +294,6 @@ pub(super) fn upload(backend: &Arc<WgpuBackend>, plan: &LoadPlan<'_>) -> Result<
                 w.buffer.unmap();
             }
         } else {
-            let staging_size = STAGING.min(max) / 256 * 256;
             let transfers: Vec<Transfer<'_, '_>> = targets
                 .flat_map(|(item, dst)| {
                     let span = item.span();
@@ -321,17 +310,16 @@ pub(super) fn upload(backend: &Arc<WgpuBackend>, plan: &LoadPlan<'_>) -> Result<
                 .collect();
             stream(backend, plan, &transfers, staging_size)?;
         }
-        let mut enc = backend.device.create_command_encoder(&Default::default());
-        let mut any = false;
-        for (k, item) in items.iter().enumerate() {
-            if let (Some(kernel), Some(raw)) = (&kernels[k], &raws[k]) {
-                let elements = (item.in_len() / (item.dtype.bits() / 8)) as u64;
-                backend.dispatch(&mut enc, kernel, raw, &outs[k], elements)?;
-                any = true;
-            }
-        }
-        let idx = any.then(|| backend.queue.submit([enc.finish()]));
-        backend.wait(idx)?;
+        // The tensors to convert go through one bounded scratch buffer, batch after batch.
+        let converts: Vec<Convert<'_, '_>> = items
+            .iter()
+            .zip(&outs)
+            .zip(&kernels)
+            .filter(|((i, _), _)| i.in_len() > 0)
+            .filter_map(|((item, out), kernel)| kernel.map(|kernel| (item, out, kernel)))
+            .flat_map(|(item, out, kernel)| Convert::chunks(item, out, kernel, scratch_size))
+            .collect();
+        convert_through_scratch(backend, plan, &converts, direct, scratch_size, staging_size)?;
         Ok(items
             .iter()
             .zip(outs)
@@ -441,4 +429,146 @@ fn stream(
     }
     backend.wait(last)?;
     Ok(())
+}
+
+/// One piece of a tensor to convert: `elements` elements of its input (`src`, a whole
+/// number of elements, a multiple of 256 of them but for its last piece) into its output
+/// buffer at `out_offset` (a multiple of 256 bytes).
+struct Convert<'n, 'b> {
+    tensor: &'n str,
+    file: &'n HostFile<'n>,
+    src: Span<'n>,
+    elements: u64,
+    out: &'b wgpu::Buffer,
+    out_offset: u64,
+    kernel: Kernel,
+}
+
+impl<'n, 'b> Convert<'n, 'b> {
+    /// The pieces of `item` that fit a scratch buffer of `scratch` bytes.
+    fn chunks(
+        item: &'n PlanItem<'n>,
+        out: &'b wgpu::Buffer,
+        kernel: Kernel,
+        scratch: u64,
+    ) -> Vec<Convert<'n, 'b>> {
+        let (from, to) = (kernel.conversion.from(), kernel.conversion.to());
+        let (in_size, out_size) = (from.bits() / 8, to.bits() / 8);
+        // Pieces of whole multiples of 256 elements, so that every output offset is a
+        // multiple of 256 bytes (the binding alignment).
+        let per = ((scratch as usize / in_size) / 256 * 256).max(256);
+        let span = item.span();
+        let total = span.len() / in_size;
+        (0..total)
+            .step_by(per)
+            .map(|first| {
+                let n = per.min(total - first);
+                Convert {
+                    tensor: item.name,
+                    file: item.file,
+                    src: span.part(first * in_size..(first + n) * in_size),
+                    elements: n as u64,
+                    out,
+                    out_offset: (first * out_size) as u64,
+                    kernel,
+                }
+            })
+            .collect()
+    }
+}
+
+/// Converts `converts` through one scratch buffer of `size` bytes: each batch's inputs
+/// written into it (in place where the adapter shares host memory, else through the staging
+/// ring), then the kernels from it into the outputs. In place, the next batch waits for the
+/// kernels of the last; through the ring, the queue's order keeps the copies of the next
+/// batch after them.
+fn convert_through_scratch(
+    backend: &WgpuBackend,
+    plan: &LoadPlan<'_>,
+    converts: &[Convert<'_, '_>],
+    direct: bool,
+    size: u64,
+    staging_size: u64,
+) -> Result<()> {
+    if converts.is_empty() {
+        return Ok(());
+    }
+    let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
+    let scratch = backend.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("tensorplace conversion scratch"),
+        size,
+        usage: if direct {
+            usage | wgpu::BufferUsages::MAP_WRITE
+        } else {
+            usage
+        },
+        mapped_at_creation: direct,
+    });
+    let mut remap: Option<(MapState, wgpu::SubmissionIndex)> = None;
+    let mut last = None;
+    let mut start = 0;
+    while start < converts.len() {
+        // A batch: the pieces that fit, each at a 256-byte aligned offset.
+        let mut offsets = Vec::new();
+        let mut used = 0u64;
+        let mut end = start;
+        while let Some(c) = converts.get(end) {
+            let len = pad4(c.src.len() as u64);
+            if end > start && used + len > size {
+                break;
+            }
+            offsets.push(used);
+            used = (used + len).next_multiple_of(256);
+            end += 1;
+        }
+        let batch = &converts[start..end];
+        if direct {
+            if let Some((state, after)) = remap.take() {
+                wait_mapped(backend, &state, Some(after))?;
+            }
+            let writes: Vec<Write<'_, '_>> = batch
+                .iter()
+                .zip(&offsets)
+                .map(|(c, &offset)| Write {
+                    tensor: c.tensor,
+                    file: c.file,
+                    buffer: &scratch,
+                    offset,
+                    src: c.src.clone(),
+                })
+                .collect();
+            fill(&writes, &|n| plan.advance(n))?;
+            scratch.unmap();
+        } else {
+            let transfers: Vec<Transfer<'_, '_>> = batch
+                .iter()
+                .zip(&offsets)
+                .map(|(c, &offset)| Transfer {
+                    tensor: c.tensor,
+                    file: c.file,
+                    src: c.src.clone(),
+                    dst: &scratch,
+                    dst_offset: offset,
+                })
+                .collect();
+            stream(backend, plan, &transfers, staging_size)?;
+        }
+        let mut enc = backend.device.create_command_encoder(&Default::default());
+        for (c, &offset) in batch.iter().zip(&offsets) {
+            backend.dispatch(
+                &mut enc,
+                &c.kernel,
+                (&scratch, offset),
+                (c.out, c.out_offset),
+                c.elements,
+            )?;
+        }
+        let index = backend.queue.submit([enc.finish()]);
+        if direct && end < converts.len() {
+            remap = Some((map_async(&scratch, wgpu::MapMode::Write), index.clone()));
+        }
+        last = Some(index);
+        start = end;
+    }
+    backend.wait(last)
 }
