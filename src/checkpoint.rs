@@ -89,7 +89,7 @@ pub fn open(path: impl AsRef<Path>) -> Result<Checkpoint> {
 }
 
 /// Whether `path` names a checkpoint of several files: a folder, or an index (`.json`).
-pub(crate) fn is_multi_file(path: &Path) -> bool {
+pub fn is_multi_file(path: &Path) -> bool {
     path.is_dir() || path.extension().is_some_and(|e| e == "json")
 }
 

@@ -114,6 +114,7 @@ pub use tensor::{CpuStorage, Element, Storage, Tensor, Tensors};
 #[doc(hidden)]
 pub mod internals {
     pub use crate::atomic::{remove_temporaries, write_atomically};
+    pub use crate::checkpoint::is_multi_file;
     pub use crate::convert::Conversion;
     #[cfg(feature = "cuda")]
     pub use crate::device::cuda::{CONVERT_PTX, CudaBackend};

@@ -5,7 +5,6 @@
 //! an open and a tensor-parallel load read (counted by the kernel, in a child process).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use tensorplace::internals::Conversion;
 use tensorplace::{Device, Dtype, ErrorKind, Loader, ReadMode, Slice, Tensor, Tensors};
@@ -429,24 +428,13 @@ fn bytes_read() -> Option<u64> {
 /// Runs `test` (an ignored test of this module) in a child process, so that no other
 /// test's reads count, and prints its report lines.
 fn in_child(test: &str) {
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", test, "--ignored", "--nocapture"])
-        .env("TENSORPLACE_CHECKPOINT_CHILD", "1")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = common::in_child(test, "TENSORPLACE_CHECKPOINT_CHILD");
     for line in text
         .lines()
         .filter(|l| l.starts_with("read ") || l.starts_with("SKIPPED"))
     {
         println!("{line}");
     }
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(text.contains("1 passed"), "{text}");
 }
 
 #[test]

@@ -68,6 +68,24 @@ impl Drop for Mount {
     }
 }
 
+/// Runs the ignored test `test` of this binary in a child process with `env` set (so that
+/// no other test's memory or reads count), asserts that it passed, and returns its stdout.
+pub fn in_child(test: &str, env: &str) -> String {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--ignored", "--nocapture"])
+        .env(env, "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("1 passed"), "{text}");
+    text
+}
+
 /// Pseudo-random bytes.
 pub fn bytes(n: usize, seed: u64) -> Vec<u8> {
     let mut s = seed | 1;

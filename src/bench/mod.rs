@@ -295,20 +295,32 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         }
     }
     say!("\n{}", table(&rows))?;
-    if let Some(json) = &args.json {
-        let report = serde_json::json!({
-            "date": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
-            "machine": machine(),
-            "file": {"path": path, "data_bytes": bytes, "runs": args.runs, "cold": args.cold},
-            "results": rows,
-            "skipped": skipped,
-        });
-        let text = serde_json::to_string_pretty(&report)
-            .map_err(|e| Error::new(ErrorKind::Io, e.to_string()))?;
-        std::fs::write(json, text).map_err(|e| Error::io("writing", Some(json), e))?;
-        say!("wrote {}", json.display())?;
-    }
-    Ok(())
+    let input = serde_json::json!({"path": path, "data_bytes": bytes, "runs": args.runs, "cold": args.cold});
+    write_report(args, ("file", input), &rows, &skipped)
+}
+
+/// With `--json`, writes the report: the date, the machine, what was measured (`input`,
+/// under its key), the rows and the devices skipped.
+fn write_report(
+    args: &BenchArgs,
+    (key, input): (&str, serde_json::Value),
+    rows: &[Row],
+    skipped: &[serde_json::Value],
+) -> Result<()> {
+    let Some(json) = &args.json else {
+        return Ok(());
+    };
+    let report = serde_json::json!({
+        "date": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        "machine": machine(),
+        key: input,
+        "results": rows,
+        "skipped": skipped,
+    });
+    let text = serde_json::to_string_pretty(&report)
+        .map_err(|e| Error::new(ErrorKind::Io, e.to_string()))?;
+    std::fs::write(json, text).map_err(|e| Error::io("writing", Some(json), e))?;
+    say!("wrote {}", json.display())
 }
 
 /// The checkpoint groups (see [`BenchArgs::checkpoint`]): `input` is the synthetic file, or
@@ -371,20 +383,8 @@ fn checkpoints(args: &BenchArgs, input: &Path, tmp: &Path) -> Result<()> {
     say!("{}", table(&r).trim_end())?;
     rows.extend(r);
     say!("\n{}", table(&rows))?;
-    if let Some(json) = &args.json {
-        let report = serde_json::json!({
-            "date": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
-            "machine": machine(),
-            "checkpoint": {"path": sharded, "one_file": one, "data_bytes": bytes, "runs": args.runs},
-            "results": rows,
-            "skipped": skipped,
-        });
-        let text = serde_json::to_string_pretty(&report)
-            .map_err(|e| Error::new(ErrorKind::Io, e.to_string()))?;
-        std::fs::write(json, text).map_err(|e| Error::io("writing", Some(json), e))?;
-        say!("wrote {}", json.display())?;
-    }
-    Ok(())
+    let input = serde_json::json!({"path": sharded, "one_file": one, "data_bytes": bytes, "runs": args.runs});
+    write_report(args, ("checkpoint", input), &rows, &skipped)
 }
 
 /// Load time against size and against tensor count, for our load on each device.

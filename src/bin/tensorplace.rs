@@ -15,7 +15,9 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use sha2::{Digest, Sha256};
 
 use tensorplace::bench::{self, BenchArgs};
-use tensorplace::internals::{Conversion, HostFile, TensorInfo, list_devices, write_atomically};
+use tensorplace::internals::{
+    Conversion, HostFile, TensorInfo, is_multi_file, list_devices, write_atomically,
+};
 use tensorplace::{
     Device, Dtype, Error, ErrorKind, Loader, ReadMode, ReadPath, Result, Slice, Tensors, Upload,
 };
@@ -239,7 +241,7 @@ fn devices() -> Result<()> {
 }
 
 fn inspect(args: &InspectArgs) -> Result<()> {
-    if !is_checkpoint(&args.file) {
+    if !is_multi_file(&args.file) {
         return inspect_file(args, &args.file);
     }
     let ckpt = tensorplace::open(&args.file)?;
@@ -280,11 +282,6 @@ fn inspect(args: &InspectArgs) -> Result<()> {
         inspect_file(args, file)?;
     }
     Ok(())
-}
-
-/// Whether `path` is a checkpoint of several files: a folder, or an index.
-fn is_checkpoint(path: &Path) -> bool {
-    path.is_dir() || path.extension().is_some_and(|e| e == "json")
 }
 
 /// Each tensor's SHA-256, hashed in 8 MiB pieces so that a tensor of any size needs no
@@ -518,7 +515,7 @@ fn verify(path: &Path, reference: Loader<'_>, tensors: &Tensors) -> Result<usize
 }
 
 fn convert(args: &ConvertArgs) -> Result<()> {
-    if !is_checkpoint(&args.input) {
+    if !is_multi_file(&args.input) {
         remove_partial_output_on_interrupt(vec![args.output.clone()])?;
         let tensors = args.target.loader()?.load_file(&args.input)?;
         return tensorplace::save_file(&tensors, &args.output, None);
