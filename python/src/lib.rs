@@ -328,20 +328,23 @@ fn load(py: Python<'_>, data: &[u8], device: &str) -> PyResult<Loaded> {
     Ok(loaded(tensors))
 }
 
-/// The names, dtypes and shapes of the tensors of a file or sharded checkpoint (a folder or
-/// its index) in order, and its metadata, reading headers only.
+/// The names, dtypes, shapes and files of the tensors of a file or sharded checkpoint (a
+/// folder or its index) in order, and its metadata, reading headers only.
 #[pyfunction]
 #[allow(clippy::type_complexity)]
 fn inspect(
     filename: PathBuf,
 ) -> PyResult<(
-    Vec<(String, &'static str, Vec<usize>)>,
+    Vec<(String, &'static str, Vec<usize>, PathBuf)>,
     Option<HashMap<String, String>>,
 )> {
     let checkpoint = tensorplace::open(&filename).map_err(py_err)?;
     let tensors = checkpoint
         .iter()
-        .map(|t| (t.name.to_owned(), t.dtype.name(), t.shape.to_vec()))
+        .map(|t| {
+            let file = t.file.to_path_buf();
+            (t.name.to_owned(), t.dtype.name(), t.shape.to_vec(), file)
+        })
         .collect();
     let metadata = checkpoint
         .metadata()

@@ -124,8 +124,8 @@ class safe_open:
         self._module = _framework(framework)
         self._device = device
         infos, self._metadata = call(_native.inspect, self._filename)
-        self._infos = {name: (dtype, shape) for name, dtype, shape in infos}
-        self._keys = [name for name, _, _ in infos]
+        self._infos = {name: (dtype, shape, file) for name, dtype, shape, file in infos}
+        self._keys = [name for name, _, _, _ in infos]
 
     def __enter__(self):
         return self
@@ -149,7 +149,7 @@ class safe_open:
         """The tensor ``name``, loaded alone."""
         if name not in self._infos:
             raise TensorplaceError("TensorNotFound", f"tensor {name!r} not found", self._filename, name)
-        return self._module._load_one(self._filename, name, self._device)
+        return self._module._load_one(self._infos[name][2], name, self._device)
 
     def get_slice(self, name: str) -> "_Slice":
         """A lazy slice: ``get_shape()``, ``get_dtype()``, and ``[...]`` indexing."""
@@ -175,4 +175,5 @@ class _Slice:
         if text is None:
             # Steps, negative bounds, arrays: numpy's indexing of the whole tensor.
             return handle.get_tensor(self._name)[index]
-        return handle._module._load_one(handle._filename, self._name, handle._device, text)
+        file = handle._infos[self._name][2]
+        return handle._module._load_one(file, self._name, handle._device, text)
