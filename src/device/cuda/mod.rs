@@ -95,30 +95,47 @@ pub(crate) fn device_count() -> Result<usize> {
     })
 }
 
-/// One line per CUDA device.
+/// One line per CUDA device, from the device's attributes alone: listing creates no context
+/// (which would take memory on every GPU of a node).
 pub(crate) fn list() -> Result<Vec<String>> {
     let n = device_count()?;
     if n == 0 {
         return Err(Error::new(ErrorKind::DeviceUnavailable, "no CUDA device"));
     }
+    let version = guarded(0, || driver_version(0))?;
     (0..n)
         .map(|i| {
-            let b = CudaBackend::open(i)?;
-            let (free, total) = guarded(i, || {
-                b.ctx
-                    .mem_get_info()
-                    .map_err(|e| driver_err(i, "cuMemGetInfo", e))
-            })?;
-            Ok(format!(
-                "cuda:{i}: {} (driver {}), {} of {} bytes free, read-only host register {}",
-                b.name,
-                b.driver_version,
-                free,
-                total,
-                if b.register_supported { "yes" } else { "no" }
-            ))
+            guarded(i, || {
+                let ordinal = i32::try_from(i).map_err(|_| unavailable(i, "ordinal too large"))?;
+                let dev = result::device::get(ordinal)
+                    .map_err(|e| driver_err(i, "cuDeviceGet", e))?;
+                let name = result::device::get_name(dev)
+                    .map_err(|e| driver_err(i, "cuDeviceGetName", e))?;
+                // SAFETY: `dev` was returned by cuDeviceGet above.
+                let total = unsafe { result::device::total_mem(dev) }
+                    .map_err(|e| driver_err(i, "cuDeviceTotalMem", e))?;
+                let attr =
+                    sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED;
+                // SAFETY: as above.
+                let register = unsafe { result::device::get_attribute(dev, attr) }
+                    .is_ok_and(|v| v != 0);
+                Ok(format!(
+                    "cuda:{i}: {name} (driver {version}), {total} bytes, read-only host register {}",
+                    if register { "yes" } else { "no" }
+                ))
+            })
         })
         .collect()
+}
+
+/// The CUDA version the driver supports (`cuDriverGetVersion`, such as 12080).
+fn driver_version(ordinal: usize) -> Result<i32> {
+    let mut version = 0i32;
+    // SAFETY: cuDriverGetVersion writes one int through a valid pointer.
+    unsafe { sys::cuDriverGetVersion(&mut version) }
+        .result()
+        .map_err(|e| unavailable(ordinal, &format!("cuDriverGetVersion: {e}")))?;
+    Ok(version)
 }
 
 /// The path a load's bytes take to the device.
@@ -178,11 +195,7 @@ impl CudaBackend {
     }
 
     fn create(ordinal: usize) -> Result<CudaBackend> {
-        let mut version = 0i32;
-        // SAFETY: cuDriverGetVersion writes one int through a valid pointer.
-        unsafe { sys::cuDriverGetVersion(&mut version) }
-            .result()
-            .map_err(|e| unavailable(ordinal, &format!("cuDriverGetVersion: {e}")))?;
+        let version = driver_version(ordinal)?;
         if version < 11000 {
             return Err(unavailable(
                 ordinal,
