@@ -267,12 +267,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     let cold = args.cold.then_some(path.as_path());
     let out = dir.path().join("saved.safetensors");
-    let mut rows = Vec::new();
-    let mut skipped = Vec::new();
+    let mut report = Report::default();
     for (d, skip) in devices(args)? {
         if let Some(reason) = skip {
-            say!("skipped {d}: {reason}")?;
-            skipped.push(serde_json::json!({"device": d.to_string(), "reason": reason}));
+            report.skip(d, &reason)?;
             continue;
         }
         let groups = if d == Device::Cpu {
@@ -282,45 +280,65 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         };
         match groups {
             Ok(groups) => {
-                for mut g in groups {
-                    let r = measure(&mut g, bytes, args.runs, cold);
-                    say!("{}", table(&r).trim_end())?;
-                    rows.extend(r);
+                for g in groups {
+                    report.measure(g, bytes, args.runs, cold)?;
                 }
             }
-            Err(e) => {
-                say!("skipped {d}: {e}")?;
-                skipped.push(serde_json::json!({"device": d.to_string(), "reason": e.to_string()}));
-            }
+            Err(e) => report.skip(d, &e.to_string())?,
         }
     }
-    say!("\n{}", table(&rows))?;
     let input = serde_json::json!({"path": path, "data_bytes": bytes, "runs": args.runs, "cold": args.cold});
-    write_report(args, ("file", input), &rows, &skipped)
+    report.finish(args, ("file", input))
 }
 
-/// With `--json`, writes the report: the date, the machine, what was measured (`input`,
-/// under its key), the rows and the devices skipped.
-fn write_report(
-    args: &BenchArgs,
-    (key, input): (&str, serde_json::Value),
-    rows: &[Row],
-    skipped: &[serde_json::Value],
-) -> Result<()> {
-    let Some(json) = &args.json else {
-        return Ok(());
-    };
-    let report = serde_json::json!({
-        "date": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
-        "machine": machine(),
-        key: input,
-        "results": rows,
-        "skipped": skipped,
-    });
-    let text = serde_json::to_string_pretty(&report)
-        .map_err(|e| Error::new(ErrorKind::Io, e.to_string()))?;
-    std::fs::write(json, text).map_err(|e| Error::io("writing", Some(json), e))?;
-    say!("wrote {}", json.display())
+/// What a harness run gathers: the rows measured, and the devices skipped with the reason.
+#[derive(Default)]
+struct Report {
+    rows: Vec<Row>,
+    skipped: Vec<serde_json::Value>,
+}
+
+impl Report {
+    /// Records (and prints) a device left out, and why.
+    fn skip(&mut self, device: Device, reason: &str) -> Result<()> {
+        self.skipped
+            .push(serde_json::json!({"device": device.to_string(), "reason": reason}));
+        say!("skipped {device}: {reason}")
+    }
+
+    /// Times `group` (see [`measure`]), prints its table and keeps its rows.
+    fn measure(
+        &mut self,
+        mut group: Group<'_>,
+        bytes: u64,
+        runs: usize,
+        cold: Option<&Path>,
+    ) -> Result<()> {
+        let rows = measure(&mut group, bytes, runs, cold);
+        say!("{}", table(&rows).trim_end())?;
+        self.rows.extend(rows);
+        Ok(())
+    }
+
+    /// Prints every row in one table and, with `--json`, writes the report: the date, the
+    /// machine, what was measured (`input`, under its key), the rows and the devices skipped.
+    fn finish(self, args: &BenchArgs, (key, input): (&str, serde_json::Value)) -> Result<()> {
+        say!("\n{}", table(&self.rows))?;
+        let Some(json) = &args.json else {
+            return Ok(());
+        };
+        let report = serde_json::json!({
+            "date": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            "machine": machine(),
+            key: input,
+            "results": self.rows,
+            "skipped": self.skipped,
+        });
+        let text = serde_json::to_string_pretty(&report)
+            .map_err(|e| Error::new(ErrorKind::Io, e.to_string()))?;
+        std::fs::write(json, text).map_err(|e| Error::io("writing", Some(json), e))?;
+        say!("wrote {}", json.display())
+    }
 }
 
 /// The checkpoint groups (see [`BenchArgs::checkpoint`]): `input` is the synthetic file, or
@@ -350,18 +368,14 @@ fn checkpoints(args: &BenchArgs, input: &Path, tmp: &Path) -> Result<()> {
     if args.cold {
         say!("note: --cold is not applied to the checkpoint groups")?;
     }
-    let mut rows = Vec::new();
-    let mut skipped = Vec::new();
+    let mut report = Report::default();
     for (d, skip) in devices(args)? {
         if let Some(reason) = skip {
-            say!("skipped {d}: {reason}")?;
-            skipped.push(serde_json::json!({"device": d.to_string(), "reason": reason}));
+            report.skip(d, &reason)?;
             continue;
         }
-        for mut g in checkpoint::groups(d, &one, &sharded) {
-            let r = measure(&mut g, bytes, args.runs, None);
-            say!("{}", table(&r).trim_end())?;
-            rows.extend(r);
+        for g in checkpoint::groups(d, &one, &sharded) {
+            report.measure(g, bytes, args.runs, None)?;
         }
     }
     let many = tmp.join("many");
@@ -378,13 +392,14 @@ fn checkpoints(args: &BenchArgs, input: &Path, tmp: &Path) -> Result<()> {
         opened.files().len(),
         opened.len()
     )?;
-    let mut g = checkpoint::open_group(&many)?;
-    let r = measure(&mut g, header_bytes, args.runs, None);
-    say!("{}", table(&r).trim_end())?;
-    rows.extend(r);
-    say!("\n{}", table(&rows))?;
+    report.measure(
+        checkpoint::open_group(&many)?,
+        header_bytes,
+        args.runs,
+        None,
+    )?;
     let input = serde_json::json!({"path": sharded, "one_file": one, "data_bytes": bytes, "runs": args.runs});
-    write_report(args, ("checkpoint", input), &rows, &skipped)
+    report.finish(args, ("checkpoint", input))
 }
 
 /// Load time against size and against tensor count, for our load on each device.
