@@ -6,7 +6,6 @@
 
 use std::path::{Path, PathBuf};
 
-use tensorplace::internals::Conversion;
 use tensorplace::{Device, Dtype, ErrorKind, Loader, ReadMode, Slice, Tensor, Tensors};
 
 use crate::common;
@@ -184,16 +183,7 @@ fn parts_of_many_tensors_in_one_load_with_a_conversion() {
         for (name, part) in cpu.iter() {
             let t = got.tensor(name).unwrap();
             assert_eq!(t.shape(), part.shape(), "{name}");
-            let raw = host(part);
-            let want = match Conversion::between(part.dtype(), Dtype::F32) {
-                Some(c) => {
-                    let mut out = vec![0u8; c.output_len(raw.len()).unwrap()];
-                    c.convert(&raw, &mut out);
-                    out
-                }
-                None => raw,
-            };
-            assert_eq!(host(t), want, "{device} {name}");
+            assert_eq!(host(t), common::cast(part, Dtype::F32), "{device} {name}");
         }
         // The CPU's parts are numpy's.
         let q = "model.layers.0.self_attn.q_proj.weight";

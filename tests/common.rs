@@ -68,6 +68,20 @@ impl Drop for Mount {
     }
 }
 
+/// The bytes of `t` as a load casting floating tensors to `to` gives them: converted by the
+/// CPU reference where there is a conversion, unchanged where not.
+pub fn cast(t: &Tensor, to: Dtype) -> Vec<u8> {
+    let bytes = t.host_bytes().unwrap();
+    match tensorplace::internals::Conversion::between(t.dtype(), to) {
+        Some(c) => {
+            let mut out = vec![0u8; c.output_len(bytes.len()).unwrap()];
+            c.convert(&bytes, &mut out);
+            out
+        }
+        None => bytes.into_owned(),
+    }
+}
+
 /// Runs the ignored test `test` of this binary in a child process with `env` set (so that
 /// no other test's memory or reads count), asserts that it passed, and returns its stdout.
 pub fn in_child(test: &str, env: &str) -> String {
