@@ -179,6 +179,9 @@ fn main() -> ExitCode {
 }
 
 fn try_main() -> Result<()> {
+    // Blocked from the first instant, so that a Ctrl-C during start-up cannot kill a
+    // `convert` before it can clean up; every other command unblocks them at once.
+    let interrupts = Interrupts::block()?;
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
@@ -189,11 +192,11 @@ fn try_main() -> Result<()> {
         Err(e) => return Err(usage_error(e)),
     };
     match cli.command {
-        Command::Inspect(args) => inspect(&args),
-        Command::Load(args) => load(&args),
-        Command::Convert(args) => convert(&args),
-        Command::Bench(args) => bench::run(&args),
-        Command::Devices => devices(),
+        Command::Convert(args) => convert(&args, interrupts),
+        Command::Inspect(args) => interrupts.unblock().and_then(|()| inspect(&args)),
+        Command::Load(args) => interrupts.unblock().and_then(|()| load(&args)),
+        Command::Bench(args) => interrupts.unblock().and_then(|()| bench::run(&args)),
+        Command::Devices => interrupts.unblock().and_then(|()| devices()),
     }
 }
 
@@ -514,9 +517,9 @@ fn verify(path: &Path, reference: Loader<'_>, tensors: &Tensors) -> Result<usize
     Ok(checked)
 }
 
-fn convert(args: &ConvertArgs) -> Result<()> {
+fn convert(args: &ConvertArgs, interrupts: Interrupts) -> Result<()> {
     if !is_multi_file(&args.input) {
-        remove_partial_output_on_interrupt(vec![args.output.clone()])?;
+        interrupts.clean_up_on_interrupt(vec![args.output.clone()]);
         let tensors = args.target.loader()?.load_file(&args.input)?;
         return tensorplace::save_file(&tensors, &args.output, None);
     }
@@ -528,7 +531,7 @@ fn convert(args: &ConvertArgs) -> Result<()> {
     let names: Vec<&std::ffi::OsStr> = ckpt.files().filter_map(|f| f.file_name()).collect();
     let mut targets: Vec<PathBuf> = names.iter().map(|n| out_dir.join(n)).collect();
     targets.push(index_path.clone());
-    remove_partial_output_on_interrupt(targets)?;
+    interrupts.clean_up_on_interrupt(targets);
     let loader = args.target.loader()?;
     // One shard at a time, so that memory holds one shard; the index last.
     let mut weight_map = serde_json::Map::new();
@@ -558,42 +561,60 @@ fn convert(args: &ConvertArgs) -> Result<()> {
     .map_err(|e| e.with_file(&index_path))
 }
 
-/// On Ctrl-C (SIGINT) or SIGTERM, removes the temporaries this process is writing beside
-/// the `outputs` (each output itself is only ever replaced whole, by a rename) and exits
-/// with status 130. Call it before any other thread starts: the signals are blocked in this
-/// thread, every thread started later inherits that, and one thread waits for them.
-fn remove_partial_output_on_interrupt(outputs: Vec<PathBuf>) -> Result<()> {
-    // SAFETY: `sigset_t` is plain data that sigemptyset initializes before any other use.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t; these calls only write to it and to this thread's
-    // signal mask.
-    let rc = unsafe {
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
-    };
-    if rc != 0 {
-        return Err(Error::io(
-            "blocking SIGINT",
-            None,
-            std::io::Error::from_raw_os_error(rc),
-        ));
+/// SIGINT and SIGTERM, blocked in the main thread (and so in every thread it starts later).
+struct Interrupts(libc::sigset_t);
+
+impl Interrupts {
+    /// Blocks SIGINT and SIGTERM in this thread; call it before any other thread starts.
+    fn block() -> Result<Interrupts> {
+        // SAFETY: `sigset_t` is plain data that sigemptyset initializes before any other use.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a valid sigset_t; these calls only write to it and to this
+        // thread's signal mask.
+        let rc = unsafe {
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
+        };
+        Interrupts::check(rc, "blocking SIGINT")?;
+        Ok(Interrupts(set))
     }
-    std::thread::spawn(move || {
-        let mut signal = 0;
-        // SAFETY: `set` holds the blocked signals; sigwait writes the one received.
-        if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
-            for output in &outputs {
-                tensorplace::internals::remove_temporaries(output, std::process::id());
-            }
-            let names: Vec<String> = outputs.iter().map(|p| p.display().to_string()).collect();
-            eprintln!(
-                "tensorplace: interrupted; {} left as it was",
-                names.join(", ")
-            );
-            std::process::exit(130);
+
+    /// Unblocks them: their default action (ending the process) applies again, at once to
+    /// one that arrived meanwhile.
+    fn unblock(self) -> Result<()> {
+        // SAFETY: `self.0` is a valid sigset_t; the call only changes this thread's mask.
+        let rc = unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &self.0, std::ptr::null_mut()) };
+        Interrupts::check(rc, "unblocking SIGINT")
+    }
+
+    fn check(rc: i32, what: &str) -> Result<()> {
+        match rc {
+            0 => Ok(()),
+            rc => Err(Error::io(what, None, std::io::Error::from_raw_os_error(rc))),
         }
-    });
-    Ok(())
+    }
+
+    /// On Ctrl-C (SIGINT) or SIGTERM, one arrived already included, removes the temporaries
+    /// this process is writing beside the `outputs` (each output itself is only ever
+    /// replaced whole, by a rename) and exits with status 130.
+    fn clean_up_on_interrupt(self, outputs: Vec<PathBuf>) {
+        let set = self.0;
+        std::thread::spawn(move || {
+            let mut signal = 0;
+            // SAFETY: `set` holds the blocked signals; sigwait writes the one received.
+            if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
+                for output in &outputs {
+                    tensorplace::internals::remove_temporaries(output, std::process::id());
+                }
+                let names: Vec<String> = outputs.iter().map(|p| p.display().to_string()).collect();
+                eprintln!(
+                    "tensorplace: interrupted; {} left as it was",
+                    names.join(", ")
+                );
+                std::process::exit(130);
+            }
+        });
+    }
 }
