@@ -277,8 +277,20 @@ fn wgpu_staging_ring_matches_the_cpu() {
                 assert_same(Device::Wgpu(None), &loaded, &want);
             }
         });
+        // The imported ring from a third thread, where the driver can import.
+        let imported = s.spawn(|| {
+            let rings = staging_rings("wgpu_staging_ring_matches_the_cpu");
+            for upload in rings.into_iter().filter(|&u| u == Upload::HostImport) {
+                for _ in 0..3 {
+                    let loaded = Loader::new("wgpu").upload(upload).load_file(&path).unwrap();
+                    assert_eq!(loaded.report().unwrap().upload, Some(upload));
+                    assert_same(Device::Wgpu(None), &loaded, &want);
+                }
+            }
+        });
         staged.join().unwrap();
         auto.join().unwrap();
+        imported.join().unwrap();
     });
 }
 
@@ -289,23 +301,30 @@ fn upload_strategies_that_do_not_apply_are_errors() {
     let dir = tempfile::tempdir().unwrap();
     let want = common::mixed_tensors(14);
     let path = write(&dir, &want);
-    for upload in [Upload::Register, Upload::InPlace, Upload::Staging] {
+    for upload in [
+        Upload::Register,
+        Upload::InPlace,
+        Upload::Staging,
+        Upload::HostImport,
+    ] {
         let cpu = Loader::new("cpu").upload(upload).load_file(&path).unwrap();
         assert_same(Device::Cpu, &cpu, &want);
     }
     for device in common::devices("upload_strategies_that_do_not_apply_are_errors") {
-        let refused = match device {
-            Device::Wgpu(_) => Upload::Register,
-            Device::Cuda(_) => Upload::InPlace,
+        let refused: &[Upload] = match device {
+            Device::Wgpu(_) => &[Upload::Register],
+            Device::Cuda(_) => &[Upload::InPlace, Upload::HostImport],
             _ => continue,
         };
-        let e = Loader::new(device)
-            .upload(refused)
-            .load_file(&path)
-            .unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::Unsupported, "{device}: {e}");
-        assert!(e.to_string().contains(&refused.to_string()), "{e}");
-        assert_eq!(e.file(), Some(path.as_path()));
+        for &refused in refused {
+            let e = Loader::new(device)
+                .upload(refused)
+                .load_file(&path)
+                .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Unsupported, "{device}: {e}");
+            assert!(e.to_string().contains(&refused.to_string()), "{e}");
+            assert_eq!(e.file(), Some(path.as_path()));
+        }
     }
     #[cfg(feature = "cuda")]
     if Device::Cuda(0).probe().is_ok() {
@@ -570,44 +589,58 @@ fn wgpu_staging_ring_wraps_cuts_and_converts_large_tensors() {
     }
     let path = write(&dir, &want);
     assert!(std::fs::metadata(&path).unwrap().len() > 256 << 20);
-    let staged = Loader::new("wgpu")
-        .upload(Upload::Staging)
-        .load_file(&path)
-        .unwrap();
-    assert_eq!(staged.report().unwrap().upload, Some(Upload::Staging));
-    assert_same(Device::Wgpu(None), &staged, &want);
-    drop(staged);
     let only_bf16 = |n: &str| n == "bf16_big";
-    let cast = Loader::new("wgpu")
-        .upload(Upload::Staging)
-        .dtype(Dtype::F32)
-        .filter(only_bf16)
-        .load_file(&path)
-        .unwrap();
     let reference = Loader::new("cpu")
         .dtype(Dtype::F32)
         .filter(only_bf16)
         .load_file(&path)
         .unwrap();
-    assert_same(Device::Wgpu(None), &cast, &reference);
-    let stop = AtomicBool::new(false);
-    let e = Loader::new("wgpu")
-        .upload(Upload::Staging)
-        .interrupt(&stop)
-        .progress(|p| stop.store(p.done > 0, Ordering::Relaxed))
-        .load_file(&path)
-        .unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Interrupted, "{e}");
-    let again = Loader::new("wgpu")
-        .upload(Upload::Staging)
-        .load_file(&path)
-        .unwrap();
-    assert_same(Device::Wgpu(None), &again, &want);
+    for upload in staging_rings("wgpu_staging_ring_wraps_cuts_and_converts_large_tensors") {
+        let staged = Loader::new("wgpu").upload(upload).load_file(&path).unwrap();
+        assert_eq!(staged.report().unwrap().upload, Some(upload));
+        assert_same(Device::Wgpu(None), &staged, &want);
+        drop(staged);
+        let cast = Loader::new("wgpu")
+            .upload(upload)
+            .dtype(Dtype::F32)
+            .filter(only_bf16)
+            .load_file(&path)
+            .unwrap();
+        assert_same(Device::Wgpu(None), &cast, &reference);
+        let stop = AtomicBool::new(false);
+        let e = Loader::new("wgpu")
+            .upload(upload)
+            .interrupt(&stop)
+            .progress(|p| stop.store(p.done > 0, Ordering::Relaxed))
+            .load_file(&path)
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Interrupted, "{upload}: {e}");
+        let again = Loader::new("wgpu").upload(upload).load_file(&path).unwrap();
+        assert_same(Device::Wgpu(None), &again, &want);
+    }
+}
+
+/// The staging rings the first wgpu adapter has: the mapped ring always, the ring of
+/// imported host memory where the driver can import (Mesa's lavapipe can); prints why not.
+#[cfg(feature = "wgpu")]
+fn staging_rings(test: &str) -> Vec<Upload> {
+    let backend = tensorplace::internals::WgpuBackend::open(None, None).unwrap();
+    match backend.host_import_alignment() {
+        Some(_) => vec![Upload::Staging, Upload::HostImport],
+        None => {
+            println!(
+                "SKIPPED the host-import ring in {test}: {} cannot import host memory",
+                backend.info().name
+            );
+            vec![Upload::Staging]
+        }
+    }
 }
 
 /// Conversions on wgpu go through one bounded scratch buffer (256 MiB): a tensor larger than
 /// it is converted in pieces, small ones batched, in place and through the staging ring, and
 /// every output equals the CPU reference.
+#[cfg(feature = "wgpu")]
 #[test]
 fn wgpu_conversions_larger_than_the_scratch_match_the_cpu() {
     if let Err(e) = Device::Wgpu(None).probe() {
@@ -641,7 +674,11 @@ fn wgpu_conversions_larger_than_the_scratch_match_the_cpu() {
         .dtype(Dtype::F32)
         .load_file(&path)
         .unwrap();
-    for upload in [Upload::Auto, Upload::Staging] {
+    let mut uploads = vec![Upload::Auto];
+    uploads.extend(staging_rings(
+        "wgpu_conversions_larger_than_the_scratch_match_the_cpu",
+    ));
+    for upload in uploads {
         let got = Loader::new("wgpu")
             .upload(upload)
             .dtype(Dtype::F32)

@@ -16,6 +16,9 @@ pub enum Role {
     Baseline,
     /// What the hardware allows, for the ratio.
     Ceiling,
+    /// One stage of our load alone (a fill without the copies, say), for diagnosis: no
+    /// ratio.
+    Stage,
 }
 
 /// A timed path: a closure that does the whole operation once.
@@ -148,6 +151,7 @@ pub fn measure(group: &mut Group<'_>, bytes: u64, runs: usize, cold: Option<&Pat
                 Role::Ours => "ours",
                 Role::Baseline => "baseline",
                 Role::Ceiling => "ceiling",
+                Role::Stage => "stage",
             };
             let name = match f {
                 Some(e) => format!("{} (failed: {e})", p.name),

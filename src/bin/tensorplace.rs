@@ -67,7 +67,7 @@ struct DeviceArgs {
     /// cpu, cuda, cuda:N, gpu, gpu:N, wgpu, wgpu:N or auto.
     #[arg(long, short, default_value = "auto")]
     device: Device,
-    /// How tensors go up to a GPU: auto, register, staging or in-place. Default: the
+    /// How tensors go up to a GPU: auto, register, staging, in-place or host-import. Default: the
     /// device's variable, TENSORPLACE_CUDA_UPLOAD or TENSORPLACE_WGPU_UPLOAD, else auto.
     #[arg(long)]
     upload: Option<Upload>,

@@ -129,17 +129,22 @@ impl IntoDevice for &String {
 pub enum Upload {
     /// The fastest way the device and the file allow: on CUDA, register a mapped file in
     /// the page cache, else staging; on wgpu, in place on adapters that share host memory,
-    /// else staging.
+    /// else host import where the driver allows it, else staging.
     #[default]
     Auto,
     /// CUDA: page-lock the read-only mapping of the file in place and copy from it (a
     /// registration the driver refuses falls back to staging for the rest of the load).
     Register,
-    /// CUDA and wgpu: copy through a ring of host staging buffers.
+    /// CUDA and wgpu: copy through a ring of host staging buffers (CUDA: page-locked host
+    /// memory; wgpu: buffers the driver allocates for mapping, which on a large-BAR GPU
+    /// live in device memory written across the bus).
     Staging,
     /// wgpu, on adapters that share host memory (integrated and software GPUs): create the
     /// tensors' buffers mapped and write them in place.
     InPlace,
+    /// wgpu on Vulkan: copy through a ring of page-locked host memory imported into the
+    /// device (`VK_EXT_external_memory_host`), read by the GPU's copy engines.
+    HostImport,
 }
 
 impl FromStr for Upload {
@@ -151,9 +156,10 @@ impl FromStr for Upload {
             "register" => Ok(Upload::Register),
             "staging" => Ok(Upload::Staging),
             "in-place" | "in_place" | "inplace" => Ok(Upload::InPlace),
+            "host-import" | "host_import" | "hostimport" => Ok(Upload::HostImport),
             _ => Err(Error::new(
                 ErrorKind::Unsupported,
-                format!("{s:?}: expected auto, register, staging or in-place"),
+                format!("{s:?}: expected auto, register, staging, in-place or host-import"),
             )),
         }
     }
@@ -166,6 +172,7 @@ impl fmt::Display for Upload {
             Upload::Register => "register",
             Upload::Staging => "staging",
             Upload::InPlace => "in-place",
+            Upload::HostImport => "host-import",
         })
     }
 }
@@ -573,6 +580,7 @@ mod tests {
             Upload::Register,
             Upload::Staging,
             Upload::InPlace,
+            Upload::HostImport,
         ] {
             assert_eq!(u.to_string().parse::<Upload>().unwrap(), u);
         }

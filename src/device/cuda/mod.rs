@@ -290,6 +290,10 @@ impl CudaBackend {
             Upload::Auto if can_register.is_ok() && !file.is_cold() => Ok(UploadPath::Register),
             Upload::Auto => Ok(UploadPath::Staging),
             Upload::InPlace => Err("in-place writes are a wgpu strategy".to_owned()),
+            Upload::HostImport => Err(
+                "host import is a wgpu strategy (CUDA's staging ring is page-locked already)"
+                    .to_owned(),
+            ),
         }
     }
 

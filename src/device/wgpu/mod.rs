@@ -11,8 +11,12 @@
 //! the [`Loader::adapter`](crate::Loader::adapter) option. Every backend wgpu was built with
 //! is enumerated; nothing is read from the environment.
 
+mod host_import;
 mod kernels;
 mod upload;
+
+pub(crate) use host_import::HostRegion;
+pub(crate) use upload::{RING, STAGING};
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -98,8 +102,13 @@ pub struct WgpuBackend {
     lost: Arc<Mutex<Option<String>>>,
     /// The last error reported outside any error scope (not ours), for diagnosis.
     uncaptured: Arc<Mutex<Option<String>>>,
-    /// The staging ring, kept between loads (a load that finds it in use makes its own).
+    /// Imports host memory into the device, where the driver allows it.
+    importer: Option<host_import::Importer>,
+    /// The mapped staging ring, kept between loads (a load that finds it in use makes its
+    /// own).
     ring: Mutex<Vec<upload::Staging>>,
+    /// The ring of imported host memory, kept the same way (imported once: importing pins).
+    imported_ring: Mutex<Vec<upload::Staging>>,
 }
 
 impl std::fmt::Debug for WgpuBackend {
@@ -112,10 +121,20 @@ impl std::fmt::Debug for WgpuBackend {
     }
 }
 
+/// The process's wgpu instance: every backend wgpu was built with, and the build's default
+/// flags less `VALIDATION_INDIRECT_CALL`. That flag (on by default, release builds too)
+/// makes wgpu-core cap `max_buffer_size` and the storage binding size at `u32::MAX`
+/// (`Instance::adjust_limits_for_indirect_validation` in wgpu-core 30), the ~4.29e9 seen
+/// on NVIDIA, so that tensors over 4 GiB would not load. It validates indirect draws and
+/// dispatches, which this crate never issues.
 fn instance() -> &'static wgpu::Instance {
     static INSTANCE: OnceLock<wgpu::Instance> = OnceLock::new();
-    INSTANCE
-        .get_or_init(|| wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle()))
+    INSTANCE.get_or_init(|| {
+        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+        desc.flags
+            .remove(wgpu::InstanceFlags::VALIDATION_INDIRECT_CALL);
+        wgpu::Instance::new(desc)
+    })
 }
 
 fn type_rank(t: wgpu::DeviceType) -> u8 {
@@ -271,14 +290,24 @@ impl WgpuBackend {
             if in_place {
                 features |= wgpu::Features::MAPPABLE_PRIMARY_BUFFERS;
             }
-            let (device, queue) =
-                pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-                    label: Some("tensorplace"),
-                    required_features: features,
-                    required_limits: limits.clone(),
-                    ..Default::default()
-                }))
-                .map_err(|e| backend_err(format!("requesting a device from {}: {e}", info.name)))?;
+            // Vulkan devices that can import host memory are opened with that extension
+            // (the staging ring then lives in page-locked host memory); others as usual.
+            let (device, queue, importer) = match host_import::open(adapter, features) {
+                Some((device, queue, importer)) => (device, queue, Some(importer)),
+                None => {
+                    let (device, queue) =
+                        pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+                            label: Some("tensorplace"),
+                            required_features: features,
+                            required_limits: limits.clone(),
+                            ..Default::default()
+                        }))
+                        .map_err(|e| {
+                            backend_err(format!("requesting a device from {}: {e}", info.name))
+                        })?;
+                    (device, queue, None)
+                }
+            };
             let lost = Arc::new(Mutex::new(None));
             // Errors outside every error scope are not ours (each of our operations runs in
             // scopes): a user's own use of the device, say. They are kept for diagnosis and
@@ -305,7 +334,9 @@ impl WgpuBackend {
                 pipelines: Mutex::new(HashMap::new()),
                 lost,
                 uncaptured,
+                importer,
                 ring: Mutex::new(Vec::new()),
+                imported_ring: Mutex::new(Vec::new()),
             })
         })
     }
@@ -340,6 +371,23 @@ impl WgpuBackend {
     /// automatic choice there); otherwise uploads go through the staging ring.
     pub fn in_place_supported(&self) -> bool {
         self.in_place_supported
+    }
+
+    /// Whether host memory can be imported into the device as the staging ring's memory
+    /// ([`Upload::HostImport`](crate::Upload::HostImport), the automatic choice on adapters
+    /// that do not share host memory), and the import alignment.
+    pub fn host_import_alignment(&self) -> Option<usize> {
+        self.importer.as_ref().map(|i| i.align())
+    }
+
+    /// `len` bytes of fresh host memory imported as a `COPY_SRC` buffer, as the staging
+    /// ring's are (`None` where the device cannot import host memory).
+    pub(crate) fn import_host(
+        &self,
+        len: usize,
+    ) -> Option<Result<(wgpu::Buffer, Arc<HostRegion>)>> {
+        let importer = self.importer.as_ref()?;
+        Some(importer.import(&self.device, len))
     }
 
     /// Whether SHADER_F16 is enabled.
@@ -384,7 +432,7 @@ impl WgpuBackend {
         Ok(out)
     }
 
-    pub(super) fn wait(&self, index: Option<wgpu::SubmissionIndex>) -> Result<()> {
+    pub(crate) fn wait(&self, index: Option<wgpu::SubmissionIndex>) -> Result<()> {
         self.device
             .poll(wgpu::PollType::Wait {
                 submission_index: index,
@@ -394,7 +442,7 @@ impl WgpuBackend {
             .map_err(|e| backend_err(format!("waiting for the device: {e}")))
     }
 
-    pub(super) fn new_buffer(
+    pub(crate) fn new_buffer(
         &self,
         label: &str,
         size: u64,

@@ -14,6 +14,7 @@
 
 use std::sync::{Arc, Mutex, OnceLock};
 
+use super::host_import::HostRegion;
 use super::{Kernel, WgpuBackend, WgpuStorage, backend_err, pad4};
 use crate::device::{Device, LoadPlan, PlanItem, Upload};
 use crate::error::{Error, ErrorKind, Result};
@@ -23,9 +24,9 @@ use crate::parallel::{self, Threads};
 use crate::tensor::{Storage, Tensor};
 
 /// Staging buffers in the ring.
-const RING: usize = 4;
+pub(crate) const RING: usize = 4;
 /// Size of one staging buffer (less where the device allows less).
-const STAGING: u64 = 64 << 20;
+pub(crate) const STAGING: u64 = 64 << 20;
 /// Size of the scratch buffer conversions read their input from (less where the device
 /// allows less): device memory for a load that converts is its output plus this.
 const SCRATCH: u64 = 256 << 20;
@@ -160,43 +161,195 @@ impl<'n, 'b> Transfer<'n, 'b> {
     }
 }
 
-/// One buffer of the ring, and its pending re-mapping with the submission it waits for.
-pub(super) struct Staging {
-    buffer: wgpu::Buffer,
-    remap: Option<(MapState, wgpu::SubmissionIndex)>,
+/// One buffer of the ring.
+pub(super) enum Staging {
+    /// A buffer the driver allocates, written while mapped, with its pending re-mapping
+    /// and the submission that re-mapping waits for.
+    Mapped {
+        buffer: wgpu::Buffer,
+        remap: Option<(MapState, wgpu::SubmissionIndex)>,
+    },
+    /// Host memory imported into the device, written directly once the last submission
+    /// that read it is done.
+    Imported {
+        buffer: wgpu::Buffer,
+        host: Arc<HostRegion>,
+        last: Option<wgpu::SubmissionIndex>,
+    },
 }
 
 impl Staging {
-    /// Waits until the buffer is mapped for writing again. Without a pending re-mapping it
-    /// is mapped already: created mapped, or re-mapped by an earlier wait (a buffer whose
-    /// re-mapping failed fails its next write with an error, never a panic).
+    /// A new buffer of `size` bytes of the ring `kind`.
+    fn new(backend: &WgpuBackend, kind: Ring, size: u64) -> Result<Staging> {
+        match (kind, &backend.importer) {
+            (Ring::Imported, Some(importer)) => {
+                let (buffer, host) = importer.import(&backend.device, size as usize)?;
+                Ok(Staging::Imported {
+                    buffer,
+                    host,
+                    last: None,
+                })
+            }
+            (Ring::Imported, None) => Err(backend_err("the device cannot import host memory")),
+            (Ring::Mapped, _) => Ok(Staging::Mapped {
+                buffer: backend.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("tensorplace staging"),
+                    size,
+                    usage: wgpu::BufferUsages::MAP_WRITE | wgpu::BufferUsages::COPY_SRC,
+                    mapped_at_creation: true,
+                }),
+                remap: None,
+            }),
+        }
+    }
+
+    /// The wgpu buffer copies read from.
+    fn buffer(&self) -> &wgpu::Buffer {
+        match self {
+            Staging::Mapped { buffer, .. } | Staging::Imported { buffer, .. } => buffer,
+        }
+    }
+
+    /// Its usable size in bytes.
+    fn size(&self) -> u64 {
+        match self {
+            Staging::Mapped { buffer, .. } => buffer.size(),
+            Staging::Imported { host, .. } => host.len() as u64,
+        }
+    }
+
+    /// Waits until the host may write the buffer again. A mapped buffer without a pending
+    /// re-mapping is mapped already: created mapped, or re-mapped by an earlier wait (one
+    /// whose re-mapping failed fails its next write with an error, never a panic).
     fn ready(&mut self, backend: &WgpuBackend) -> Result<()> {
-        match self.remap.take() {
-            Some((state, after)) => wait_mapped(backend, &state, Some(after)),
-            None => Ok(()),
+        match self {
+            Staging::Mapped { remap, .. } => match remap.take() {
+                Some((state, after)) => wait_mapped(backend, &state, Some(after)),
+                None => Ok(()),
+            },
+            Staging::Imported { last, .. } => match last.take() {
+                Some(index) => backend.wait(Some(index)),
+                None => Ok(()),
+            },
+        }
+    }
+
+    /// Writes the `batch` of transfers at `offsets` (increasing, 4-aligned, each transfer
+    /// padded to 4 bytes with zeros), through the host I/O engine on every core.
+    fn fill(
+        &mut self,
+        batch: &[Transfer<'_, '_>],
+        offsets: &[u64],
+        plan: &LoadPlan<'_>,
+    ) -> Result<()> {
+        match self {
+            Staging::Mapped { buffer, .. } => {
+                let writes: Vec<Write<'_, '_>> = batch
+                    .iter()
+                    .zip(offsets)
+                    .map(|(t, &offset)| Write {
+                        tensor: t.tensor,
+                        file: t.file,
+                        buffer,
+                        offset,
+                        src: t.src.clone(),
+                    })
+                    .collect();
+                fill(&writes, &|_| plan.advance(0))?;
+                buffer.unmap();
+                Ok(())
+            }
+            Staging::Imported { host, .. } => {
+                // SAFETY: `ready` waited for the last submission that read this memory, the
+                // ring is borrowed mutably (no other writer), and the drop callback that
+                // also holds the region only frees it: these bytes are ours until the next
+                // submission.
+                let bytes = unsafe { std::slice::from_raw_parts_mut(host.as_ptr(), host.len()) };
+                let mut rest = bytes;
+                let mut at = 0usize;
+                let mut pieces = Vec::new();
+                for (t, &offset) in batch.iter().zip(offsets) {
+                    let len = t.src.len();
+                    let padded = pad4(len as u64) as usize;
+                    let (_, tail) = std::mem::take(&mut rest).split_at_mut(offset as usize - at);
+                    let (dst, tail) = tail.split_at_mut(padded);
+                    rest = tail;
+                    at = offset as usize + padded;
+                    let (dst, pad) = dst.split_at_mut(len);
+                    pad.fill(0);
+                    for (r, dst) in io::chunks(0..len, PIECE).zip(dst.chunks_mut(PIECE)) {
+                        pieces.push(Piece {
+                            tensor: t.tensor,
+                            file: t.file,
+                            src: t.src.part(r),
+                            dst,
+                        });
+                    }
+                }
+                io::read_pieces(pieces, &|_| plan.advance(0))
+            }
+        }
+    }
+
+    /// Records `index`, the submission that copies out of the buffer, before the next fill.
+    fn submitted(&mut self, index: wgpu::SubmissionIndex) {
+        match self {
+            Staging::Mapped { buffer, remap } => {
+                *remap = Some((map_async(buffer, wgpu::MapMode::Write), index));
+            }
+            Staging::Imported { last, .. } => *last = Some(index),
         }
     }
 }
 
-/// Whether this load writes in place, or why the strategy asked for cannot be used.
-fn in_place(backend: &WgpuBackend, upload: Upload) -> std::result::Result<bool, &'static str> {
+/// The kind of staging ring a load streams through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ring {
+    /// Buffers the driver allocates, written mapped.
+    Mapped,
+    /// Host memory imported into the device.
+    Imported,
+}
+
+/// How a load's bytes reach the device's buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// Written into the tensors' own buffers, mapped.
+    InPlace,
+    /// Through a staging ring.
+    Staged(Ring),
+}
+
+/// The path this load takes, or why the strategy asked for cannot be used.
+fn path(backend: &WgpuBackend, upload: Upload) -> std::result::Result<Path, &'static str> {
+    let import = backend.importer.is_some();
     match upload {
-        Upload::Auto => Ok(backend.in_place_supported),
-        Upload::Staging => Ok(false),
-        Upload::InPlace if backend.in_place_supported => Ok(true),
+        Upload::Auto if backend.in_place_supported => Ok(Path::InPlace),
+        Upload::Auto if import => Ok(Path::Staged(Ring::Imported)),
+        Upload::Auto | Upload::Staging => Ok(Path::Staged(Ring::Mapped)),
+        Upload::InPlace if backend.in_place_supported => Ok(Path::InPlace),
         Upload::InPlace => Err("the adapter does not share host memory"),
+        Upload::HostImport if import => Ok(Path::Staged(Ring::Imported)),
+        Upload::HostImport => Err(
+            "the device cannot import host memory (not Vulkan, or no VK_EXT_external_memory_host)",
+        ),
         Upload::Register => Err("registering host memory is a CUDA strategy"),
     }
 }
 
 pub(super) fn upload(backend: &Arc<WgpuBackend>, plan: &LoadPlan<'_>) -> Result<Vec<Tensor>> {
-    let direct = in_place(backend, plan.upload())
+    let path = path(backend, plan.upload())
         .map_err(|why| plan.unsupported_upload(Device::Wgpu(Some(backend.index)), why))?;
-    plan.note_upload(if direct {
-        Upload::InPlace
-    } else {
-        Upload::Staging
+    plan.note_upload(match path {
+        Path::InPlace => Upload::InPlace,
+        Path::Staged(Ring::Mapped) => Upload::Staging,
+        Path::Staged(Ring::Imported) => Upload::HostImport,
     });
+    let direct = path == Path::InPlace;
+    let ring = match path {
+        Path::Staged(ring) => ring,
+        Path::InPlace => Ring::Mapped,
+    };
     let items = plan.items();
     let max = backend.limits.max_buffer_size;
     let usage =
@@ -308,7 +461,7 @@ pub(super) fn upload(backend: &Arc<WgpuBackend>, plan: &LoadPlan<'_>) -> Result<
                         .collect::<Vec<_>>()
                 })
                 .collect();
-            stream(backend, plan, &transfers, staging_size)?;
+            stream(backend, plan, &transfers, ring, staging_size)?;
         }
         // The tensors to convert go through one bounded scratch buffer, batch after batch.
         let converts: Vec<Convert<'_, '_>> = items
@@ -319,7 +472,7 @@ pub(super) fn upload(backend: &Arc<WgpuBackend>, plan: &LoadPlan<'_>) -> Result<
             .filter_map(|((item, out), kernel)| kernel.map(|kernel| (item, out, kernel)))
             .flat_map(|(item, out, kernel)| Convert::chunks(item, out, kernel, scratch_size))
             .collect();
-        convert_through_scratch(backend, plan, &converts, direct, scratch_size, staging_size)?;
+        convert_through_scratch(backend, plan, &converts, path, scratch_size, staging_size)?;
         Ok(items
             .iter()
             .zip(outs)
@@ -335,21 +488,27 @@ pub(super) fn upload(backend: &Arc<WgpuBackend>, plan: &LoadPlan<'_>) -> Result<
     })
 }
 
-/// Streams `transfers` through the staging ring: fill one buffer while mapped (on every
-/// core), unmap, copy into the destinations, submit, map it again for reuse. Each buffer is
-/// filled to the brim: a transfer that does not fit is cut at the room left (4-byte
-/// boundaries), its rest going first into the next buffer. The ring is the backend's, kept
-/// between loads; a load that finds it in use by another makes its own.
+/// Streams `transfers` through the staging ring of kind `ring`: fill one buffer (on every
+/// core), copy from it into the destinations, submit, and go on with the next buffer while
+/// the copies run; a buffer is filled again once its copies are done. Each buffer is filled
+/// to the brim: a transfer that does not fit is cut at the room left (4-byte boundaries),
+/// its rest going first into the next buffer. The ring is the backend's, kept between
+/// loads; a load that finds it in use by another makes its own.
 fn stream(
     backend: &WgpuBackend,
     plan: &LoadPlan<'_>,
     transfers: &[Transfer<'_, '_>],
+    kind: Ring,
     size: u64,
 ) -> Result<()> {
-    let mut shared = backend.ring.try_lock().ok();
+    let shared = match kind {
+        Ring::Mapped => &backend.ring,
+        Ring::Imported => &backend.imported_ring,
+    };
+    let mut shared = shared.try_lock().ok();
     let mut own = Vec::new();
     let ring: &mut Vec<Staging> = match shared.as_deref_mut() {
-        Some(r) if r.first().is_none_or(|s| s.buffer.size() == size) => r,
+        Some(r) if r.first().is_none_or(|s| s.size() == size) => r,
         _ => &mut own,
     };
     let mut queue: std::collections::VecDeque<Transfer<'_, '_>> =
@@ -373,7 +532,6 @@ fn stream(
             if room >= 4 {
                 let (head, tail) = t.split_at(room as usize);
                 offsets.push(used);
-
                 batch.push(head);
                 queue.push_front(tail);
             } else {
@@ -382,37 +540,17 @@ fn stream(
             break;
         }
         if ring.len() < RING {
-            ring.push(Staging {
-                buffer: backend.device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some("tensorplace staging"),
-                    size,
-                    usage: wgpu::BufferUsages::MAP_WRITE | wgpu::BufferUsages::COPY_SRC,
-                    mapped_at_creation: true,
-                }),
-                remap: None,
-            });
+            ring.push(Staging::new(backend, kind, size)?);
         }
         let slot = next % ring.len().max(1);
         next += 1;
         let staging = &mut ring[slot];
         staging.ready(backend)?;
-        let writes: Vec<Write<'_, '_>> = batch
-            .iter()
-            .zip(&offsets)
-            .map(|(t, &offset)| Write {
-                tensor: t.tensor,
-                file: t.file,
-                buffer: &staging.buffer,
-                offset,
-                src: t.src.clone(),
-            })
-            .collect();
-        fill(&writes, &|_| plan.advance(0))?;
-        staging.buffer.unmap();
+        staging.fill(&batch, &offsets, plan)?;
         let mut enc = backend.device.create_command_encoder(&Default::default());
         for (t, &off) in batch.iter().zip(&offsets) {
             enc.copy_buffer_to_buffer(
-                &staging.buffer,
+                staging.buffer(),
                 off,
                 t.dst,
                 t.dst_offset,
@@ -420,10 +558,7 @@ fn stream(
             );
         }
         let index = backend.queue.submit([enc.finish()]);
-        staging.remap = Some((
-            map_async(&staging.buffer, wgpu::MapMode::Write),
-            index.clone(),
-        ));
+        staging.submitted(index.clone());
         last = Some(index);
         plan.advance(batch.iter().map(|t| t.src.len() as u64).sum())?;
     }
@@ -486,13 +621,14 @@ fn convert_through_scratch(
     backend: &WgpuBackend,
     plan: &LoadPlan<'_>,
     converts: &[Convert<'_, '_>],
-    direct: bool,
+    path: Path,
     size: u64,
     staging_size: u64,
 ) -> Result<()> {
     if converts.is_empty() {
         return Ok(());
     }
+    let direct = path == Path::InPlace;
     let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
     let scratch = backend.device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("tensorplace conversion scratch"),
@@ -522,36 +658,39 @@ fn convert_through_scratch(
             end += 1;
         }
         let batch = &converts[start..end];
-        if direct {
-            if let Some((state, after)) = remap.take() {
-                wait_mapped(backend, &state, Some(after))?;
+        match path {
+            Path::InPlace => {
+                if let Some((state, after)) = remap.take() {
+                    wait_mapped(backend, &state, Some(after))?;
+                }
+                let writes: Vec<Write<'_, '_>> = batch
+                    .iter()
+                    .zip(&offsets)
+                    .map(|(c, &offset)| Write {
+                        tensor: c.tensor,
+                        file: c.file,
+                        buffer: &scratch,
+                        offset,
+                        src: c.src.clone(),
+                    })
+                    .collect();
+                fill(&writes, &|n| plan.advance(n))?;
+                scratch.unmap();
             }
-            let writes: Vec<Write<'_, '_>> = batch
-                .iter()
-                .zip(&offsets)
-                .map(|(c, &offset)| Write {
-                    tensor: c.tensor,
-                    file: c.file,
-                    buffer: &scratch,
-                    offset,
-                    src: c.src.clone(),
-                })
-                .collect();
-            fill(&writes, &|n| plan.advance(n))?;
-            scratch.unmap();
-        } else {
-            let transfers: Vec<Transfer<'_, '_>> = batch
-                .iter()
-                .zip(&offsets)
-                .map(|(c, &offset)| Transfer {
-                    tensor: c.tensor,
-                    file: c.file,
-                    src: c.src.clone(),
-                    dst: &scratch,
-                    dst_offset: offset,
-                })
-                .collect();
-            stream(backend, plan, &transfers, staging_size)?;
+            Path::Staged(ring) => {
+                let transfers: Vec<Transfer<'_, '_>> = batch
+                    .iter()
+                    .zip(&offsets)
+                    .map(|(c, &offset)| Transfer {
+                        tensor: c.tensor,
+                        file: c.file,
+                        src: c.src.clone(),
+                        dst: &scratch,
+                        dst_offset: offset,
+                    })
+                    .collect();
+                stream(backend, plan, &transfers, ring, staging_size)?;
+            }
         }
         let mut enc = backend.device.create_command_encoder(&Default::default());
         for (c, &offset) in batch.iter().zip(&offsets) {
