@@ -1,7 +1,10 @@
 //! Direct reads (`O_DIRECT`): the disk's blocks straight into this process's memory, past
 //! the page cache. Requests must be aligned (offset, length and buffer) to the logical
-//! block size; a range of the file at any offset and length is read as the aligned blocks
-//! around it into a per-thread bounce buffer, then copied out.
+//! block size. Where the destination's address is congruent to the file offset modulo
+//! [`BLOCK`] (staging buffers place large pieces so), the whole blocks inside the range are
+//! read straight into it and only its unaligned edges go through a per-thread bounce
+//! buffer; any other range is read as the aligned blocks around it into the bounce buffer,
+//! then copied out.
 
 use std::cell::RefCell;
 use std::fs::File;
@@ -33,8 +36,9 @@ pub(crate) fn open(path: &Path) -> std::io::Result<File> {
         .open(path)
 }
 
-/// Reads `dst.len()` bytes at `offset` of `file` (opened with [`open`]) into `dst`, in
-/// aligned requests of up to [`BOUNCE`] bytes.
+/// Reads `dst.len()` bytes at `offset` of `file` (opened with [`open`]) into `dst`: the
+/// whole blocks straight into `dst` where its address allows (see the module), the rest in
+/// aligned requests of up to [`BOUNCE`] bytes through the bounce buffer.
 pub(crate) fn read(file: &File, offset: usize, dst: &mut [u8]) -> Result<()> {
     BOUNCE_BUFFER.with(|cell| {
         let mut cell = cell.borrow_mut();
@@ -42,8 +46,72 @@ pub(crate) fn read(file: &File, offset: usize, dst: &mut [u8]) -> Result<()> {
             Some(b) => b,
             empty => empty.insert(HostBuffer::page_aligned(BOUNCE)?),
         };
-        read_via(file, offset, dst, bounce.as_mut_bytes())
+        let bounce = bounce.as_mut_bytes();
+        let (head, middle) = in_place_blocks(offset, dst);
+        if middle == 0 {
+            return read_via(file, offset, dst, bounce);
+        }
+        let (edge, rest) = dst.split_at_mut(head);
+        let (blocks, tail) = rest.split_at_mut(middle);
+        read_via(file, offset, edge, bounce)?;
+        read_blocks(file, offset + head, blocks)?;
+        read_via(file, offset + head + middle, tail, bounce)
     })
+}
+
+/// Where a read of `dst.len()` bytes at `offset` into `dst` can take whole blocks straight
+/// into `dst`: `(head, middle)`, the bytes before the first whole block and the bytes of
+/// whole blocks after them; `middle` is 0 where `dst`'s address is not congruent to
+/// `offset` modulo [`BLOCK`] or the range holds no whole block.
+fn in_place_blocks(offset: usize, dst: &[u8]) -> (usize, usize) {
+    let head = offset.next_multiple_of(BLOCK) - offset;
+    let congruent = (dst.as_ptr() as usize).wrapping_add(head) % BLOCK == 0;
+    match dst.len().checked_sub(head) {
+        Some(rest) if congruent => (head, rest / BLOCK * BLOCK),
+        _ => (0, 0),
+    }
+}
+
+/// Reads `dst.len()` bytes (whole blocks) at `offset` (block-aligned) into `dst` (block-
+/// aligned), with no bounce buffer, in requests of at most [`BOUNCE`] bytes.
+fn read_blocks(file: &File, offset: usize, dst: &mut [u8]) -> Result<()> {
+    let mut done = 0usize;
+    while done < dst.len() {
+        let want = (dst.len() - done).min(BOUNCE / BLOCK * BLOCK);
+        let at = offset + done;
+        match file.read_at(&mut dst[done..done + want], at as u64) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                return Err(Error::io(
+                    &format!("reading {want} bytes at {at} directly (O_DIRECT)"),
+                    None,
+                    e,
+                ));
+            }
+            // A short read of whole blocks goes on; none at all is the end of the file.
+            Ok(0) => {
+                return Err(Error::new(
+                    ErrorKind::Io,
+                    format!(
+                        "the file ends at byte {at}, before byte {}",
+                        offset + dst.len()
+                    ),
+                ));
+            }
+            Ok(n) if n % BLOCK != 0 && done + n < dst.len() => {
+                return Err(Error::new(
+                    ErrorKind::Io,
+                    format!(
+                        "the file ends at byte {}, before byte {}",
+                        at + n,
+                        offset + dst.len()
+                    ),
+                ));
+            }
+            Ok(n) => done += n,
+        }
+    }
+    Ok(())
 }
 
 fn read_via(file: &File, offset: usize, dst: &mut [u8], bounce: &mut [u8]) -> Result<()> {
@@ -134,6 +202,56 @@ mod tests {
         }
         let mut past = vec![0u8; 10];
         let e = read(&file, data.len() - 5, &mut past).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+    }
+
+    /// Destinations congruent to the file offset take whole blocks in place, at every
+    /// offset and length (edges before, after, both, none), and the bytes are the file's;
+    /// a file shorter than the range is an error.
+    #[test]
+    fn congruent_destinations_take_whole_blocks_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let data: Vec<u8> = (0..40 * BLOCK as u32 + 333)
+            .map(|i| (i * 13 % 253) as u8)
+            .collect();
+        std::fs::write(&path, &data).unwrap();
+        let file = match open(&path) {
+            Ok(f) => f,
+            Err(e) => {
+                println!("SKIPPED direct reads in place: this file system refuses O_DIRECT: {e}");
+                return;
+            }
+        };
+        let mut arena = HostBuffer::page_aligned(48 * BLOCK).unwrap();
+        for (offset, len) in [
+            (0, BLOCK),
+            (0, 3 * BLOCK + 1),
+            (7, 5 * BLOCK),
+            (BLOCK - 1, 2 * BLOCK + 2),
+            (3 * BLOCK + 100, 33 * BLOCK + 5),
+            (13, BLOCK - 20),
+            (100, data.len() - 100),
+        ] {
+            let at = offset % BLOCK;
+            let dst = &mut arena.as_mut_bytes()[at..at + len];
+            dst.fill(0);
+            let (head, middle) = in_place_blocks(offset, dst);
+            let first_block = offset.next_multiple_of(BLOCK) - offset;
+            assert_eq!(middle > 0, len >= first_block + BLOCK, "{offset} {len}");
+            if middle > 0 {
+                assert_eq!((head, (head + middle + offset) % BLOCK), (first_block, 0));
+            }
+            read(&file, offset, dst).unwrap();
+            assert!(dst == &data[offset..offset + len], "{offset} {len}");
+            // One byte off: not congruent, read through the bounce buffer, same bytes.
+            let dst = &mut arena.as_mut_bytes()[at + 1..at + 1 + len];
+            assert_eq!(in_place_blocks(offset, dst).1, 0);
+            read(&file, offset, dst).unwrap();
+            assert!(dst == &data[offset..offset + len], "{offset} {len} (moved)");
+        }
+        let dst = &mut arena.as_mut_bytes()[5..5 + 42 * BLOCK];
+        let e = read(&file, 5, dst).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Io, "{e}");
     }
 }

@@ -331,6 +331,26 @@ fn read(file: &HostFile<'_>, fetch: Fetch, at: usize, dst: &mut [u8]) -> Result<
     }
 }
 
+/// Where a staging buffer (page-aligned) should take `src` of `file`, at or after `at` (a
+/// multiple of `align`): where direct reads will fetch it, a long contiguous run whose file
+/// offset is a multiple of `align` goes at the first offset congruent to its file offset
+/// modulo the direct-read block, so that its whole blocks are read straight into the buffer
+/// with no bounce copy (at most one block of the buffer left unused); anything else at `at`.
+pub(crate) fn staging_offset(
+    at: usize,
+    file: &HostFile<'_>,
+    src: &Span<'_>,
+    align: usize,
+) -> usize {
+    let block = crate::direct::BLOCK;
+    match src.as_range() {
+        Some(r) if r.len() >= LONG_RUN && r.start % align == 0 && file.fetch() == Fetch::Direct => {
+            at.saturating_add((r.start % block + block - at % block) % block)
+        }
+        _ => at,
+    }
+}
+
 /// Reads every piece into its destination, calling `advance` with each piece's length once
 /// it is done (and with 0 before it starts): an error from `advance` (an interrupted load)
 /// stops the reading. Errors name the file and the tensor. Pieces may come from many files,

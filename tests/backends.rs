@@ -499,6 +499,97 @@ fn direct_reads_give_the_same_bytes_at_every_alignment() {
     }
 }
 
+/// Direct reads land straight in the destination where its address allows (whole blocks of
+/// long tensors whose file offset is 64-aligned on the CPU, 4-aligned in wgpu's imported
+/// ring, any in CUDA's staging ring): a file whose data starts on a 4096-byte boundary holds
+/// long tensors at offsets 0 and 64 mod 4096, 4 mod 64, odd, and across the engine's 4 MiB
+/// pieces, between short ones; every device and staging ring gives the file's bytes.
+#[test]
+fn direct_reads_into_congruent_destinations_give_the_file_bytes() {
+    let test = "direct_reads_into_congruent_destinations_give_the_file_bytes";
+    // (name, length): each long tensor's start is set by the short one before it.
+    let mut tensors: Vec<(String, usize)> = Vec::new();
+    let mut at = 0usize;
+    let mut push = |name: &str, len: usize, at: &mut usize| {
+        tensors.push((name.to_owned(), len));
+        *at += len;
+    };
+    push("a_block", 300_032, &mut at);
+    push("b_pad", 4096 - at % 4096 + 64, &mut at);
+    push("c_64", 5_000_000, &mut at);
+    push("d_pad", 64 - at % 64 + 4, &mut at);
+    push("e_4", 262_145, &mut at);
+    push("f_pad", 2, &mut at);
+    push("g_odd", 200_001, &mut at);
+    push("h_tail", 65_536 + 100, &mut at);
+    let mut json = String::from("{");
+    let mut offset = 0usize;
+    let mut data = Vec::new();
+    for (k, (name, len)) in tensors.iter().enumerate() {
+        if k > 0 {
+            json.push(',');
+        }
+        json.push_str(&format!(
+            r#""{name}":{{"dtype":"U8","shape":[{len}],"data_offsets":[{offset},{}]}}"#,
+            offset + len
+        ));
+        data.extend(common::bytes(*len, 40 + k as u64));
+        offset += len;
+    }
+    json.push('}');
+    // Spaces pad the header so that the data starts on a 4096-byte boundary.
+    let padded = (8 + json.len()).next_multiple_of(4096) - 8;
+    let mut file = (padded as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(json.as_bytes());
+    file.resize(8 + padded, b' ');
+    let start = file.len();
+    file.extend_from_slice(&data);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("blocks.safetensors");
+    std::fs::write(&path, &file).unwrap();
+    let check = |device: Device, upload: Upload| {
+        drop_cache(&path);
+        let loaded = Loader::new(device)
+            .upload(upload)
+            .read_mode(ReadMode::Direct)
+            .load_file(&path)
+            .unwrap();
+        let mut offset = start;
+        for (name, len) in &tensors {
+            let got = loaded.tensor(name).unwrap().host_bytes().unwrap();
+            assert!(
+                got[..] == file[offset..offset + len],
+                "{device} ({upload}): {name}"
+            );
+            offset += len;
+        }
+    };
+    for device in common::devices(test) {
+        let uploads: &[Upload] = match device {
+            Device::Cuda(_) => &[Upload::Auto, Upload::Staging],
+            Device::Wgpu(_) => &[Upload::Auto, Upload::Staging, Upload::HostImport],
+            _ => &[Upload::Auto],
+        };
+        for &upload in uploads {
+            if upload == Upload::HostImport && !can_import(test) {
+                continue;
+            }
+            check(device, upload);
+        }
+    }
+}
+
+/// Whether the first wgpu adapter can import host memory; prints why not.
+fn can_import(test: &str) -> bool {
+    #[cfg(feature = "wgpu")]
+    if staging_rings(test).contains(&Upload::HostImport) {
+        return true;
+    }
+    #[cfg(not(feature = "wgpu"))]
+    println!("SKIPPED the host-import ring in {test}: built without wgpu");
+    false
+}
+
 /// A file system that refuses `O_DIRECT` (ramfs) falls back to positioned reads, and the
 /// load's report says so.
 #[test]

@@ -65,8 +65,14 @@ impl Backend for CpuBackend {
                 placements.push(Placement::View(map, range));
                 continue;
             }
-            placements.push(Placement::Arena(total));
-            total = total
+            // A long tensor read directly whose file offset is 64-aligned goes where its
+            // blocks land in place (the arena is page-aligned when that large).
+            let at = match item.conversion {
+                None => io::staging_offset(total, item.file, &item.span(), ALIGN),
+                Some(_) => total,
+            };
+            placements.push(Placement::Arena(at));
+            total = at
                 .checked_add(item.out_len)
                 .and_then(|t| t.checked_next_multiple_of(ALIGN))
                 .ok_or_else(|| {

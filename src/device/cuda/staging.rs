@@ -35,9 +35,20 @@ fn batches<'t, 'n>(pieces: &'t [Transfer<'n>]) -> Vec<Batch<'t, 'n>> {
         let mut end = start;
         let mut used = 0usize;
         let mut offsets = Vec::new();
-        while end < pieces.len() && (end == start || used + pieces[end].src.len() <= STAGING) {
-            offsets.push(used);
-            used = (used + pieces[end].src.len()).next_multiple_of(ALIGN);
+        while let Some(t) = pieces.get(end) {
+            let len = t.src.len();
+            // Long pieces read directly go where their blocks land in place.
+            let placed = io::staging_offset(used, t.file, &t.src, ALIGN);
+            let at = if placed + len <= STAGING {
+                placed
+            } else {
+                used
+            };
+            if end > start && at + len > STAGING {
+                break;
+            }
+            offsets.push(at);
+            used = (at + len).next_multiple_of(ALIGN);
             end += 1;
         }
         out.push(Batch {

@@ -521,14 +521,20 @@ fn stream(
         let mut offsets = Vec::new();
         let mut used = 0u64;
         while let Some(t) = queue.pop_front() {
-            let room = size.saturating_sub(used) / 4 * 4;
             let len = t.src.len() as u64;
-            if pad4(len) <= room {
-                offsets.push(used);
-                used = (used + pad4(len)).next_multiple_of(256);
+            // Into imported memory, long pieces read directly go where their blocks land in
+            // place (a mapped buffer's host address is the driver's).
+            let placed = match kind {
+                Ring::Imported => io::staging_offset(used as usize, t.file, &t.src, 4) as u64,
+                Ring::Mapped => used,
+            };
+            if placed + pad4(len) <= size {
+                offsets.push(placed);
+                used = (placed + pad4(len)).next_multiple_of(256);
                 batch.push(t);
                 continue;
             }
+            let room = size.saturating_sub(used) / 4 * 4;
             if room >= 4 {
                 let (head, tail) = t.split_at(room as usize);
                 offsets.push(used);
