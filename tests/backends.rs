@@ -590,6 +590,45 @@ fn can_import(test: &str) -> bool {
     false
 }
 
+/// A CUDA load, a read-back and a drop leave the caller's current context as they found it
+/// (none here: torch or candle would have their own), on both upload paths, even when the
+/// progress callback unbinds the context mid-load.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_loads_restore_the_callers_context() {
+    use cudarc::driver::result::ctx;
+    if let Err(e) = Device::Cuda(0).probe() {
+        println!("SKIPPED cuda_loads_restore_the_callers_context: {e}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let want = common::mixed_tensors(5);
+    let path = write(&dir, &want);
+    let unbind = || {
+        // SAFETY: makes no context current on this thread; nothing else is touched.
+        unsafe { ctx::set_current(std::ptr::null_mut()) }.unwrap();
+    };
+    for upload in [Upload::Register, Upload::Staging] {
+        unbind();
+        let loaded = Loader::new("cuda")
+            .upload(upload)
+            .progress(|_| unbind())
+            .load_file(&path);
+        let loaded = match loaded {
+            Err(e) if e.kind() == ErrorKind::Unsupported => {
+                println!("SKIPPED {upload} in cuda_loads_restore_the_callers_context: {e}");
+                continue;
+            }
+            other => other.unwrap(),
+        };
+        assert_eq!(ctx::get_current().unwrap(), None, "{upload}: after the load");
+        assert_same(Device::Cuda(0), &loaded, &want);
+        assert_eq!(ctx::get_current().unwrap(), None, "{upload}: after reading back");
+        drop(loaded);
+        assert_eq!(ctx::get_current().unwrap(), None, "{upload}: after the drop");
+    }
+}
+
 /// A file system that refuses `O_DIRECT` (ramfs) falls back to positioned reads, and the
 /// load's report says so.
 #[test]

@@ -61,7 +61,7 @@ pub(super) fn group(ordinal: usize, path: &Path) -> Result<Group<'_>> {
                 "one pinned host-to-device copy (ceiling)",
                 Role::Ceiling,
                 move || {
-                    ceiling.bind()?;
+                    let _current = ceiling.current()?;
                     let stream = ceiling.stream();
                     let src: *const c_void = pinned.device_source(0);
                     // SAFETY: both buffers hold `bytes` bytes and outlive the copy, which is

@@ -10,7 +10,7 @@ use cudarc::driver::sys::{self, CUdeviceptr};
 use cudarc::driver::{CudaContext, CudaStream, result};
 
 use super::driver_err;
-use super::memory::Arena;
+use super::memory::{Arena, Current};
 use crate::convert::Conversion;
 use crate::error::{Error, ErrorKind, Result};
 
@@ -35,7 +35,7 @@ unsafe impl Sync for Kernels {}
 
 impl Drop for Kernels {
     fn drop(&mut self) {
-        let _ = self.ctx.bind_to_thread();
+        let _current = Current::push(&self.ctx);
         // SAFETY: the module was loaded by `Kernels::load` and is unloaded only here.
         let _ = unsafe { result::module::unload(self.module) };
     }
@@ -46,8 +46,7 @@ impl Kernels {
     pub(crate) fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
         let ordinal = ctx.ordinal();
         let fail = |what: String| Error::new(ErrorKind::Backend, format!("cuda:{ordinal}: {what}"));
-        ctx.bind_to_thread()
-            .map_err(|e| driver_err(ordinal, "binding the context", e))?;
+        let _current = Current::push(ctx)?;
         let ptx = CString::new(CONVERT_PTX).map_err(|e| fail(e.to_string()))?;
         let mut log = vec![0u8; JIT_LOG];
         let mut options = [

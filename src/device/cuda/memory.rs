@@ -1,13 +1,59 @@
 //! CUDA memory that the backend owns: device allocations ([`Arena`]) and page-locked host
-//! buffers ([`Pinned`]), each freed exactly once on drop.
+//! buffers ([`Pinned`]), each freed exactly once on drop, in its own context ([`Current`]).
 
 use std::sync::Arc;
 
-use cudarc::driver::sys::CUdeviceptr;
+use std::marker::PhantomData;
+
+use cudarc::driver::sys::{self, CUdeviceptr};
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream, result};
 
 use super::driver_err;
 use crate::error::{Error, ErrorKind, Result};
+
+/// A context made current on this thread for a scope: pushed on the thread's context stack
+/// (`cuCtxPushCurrent`) and popped when dropped (`cuCtxPopCurrent`), so that whatever context
+/// the caller had current (torch's or candle's, perhaps on another GPU) is current again
+/// afterwards. Pushing reads no error cudarc recorded on the context, so clean-up (frees,
+/// unregistering) always runs in the right context. Tied to its thread.
+pub(crate) struct Current {
+    _thread: PhantomData<*const ()>,
+}
+
+impl Current {
+    /// Makes `ctx` current until the guard drops.
+    pub(crate) fn push(ctx: &CudaContext) -> Result<Current> {
+        // SAFETY: `cu_ctx` is the context `ctx` keeps alive (retained by cudarc); pushing it
+        // changes only this thread's context stack, popped once by Drop.
+        unsafe { sys::cuCtxPushCurrent_v2(ctx.cu_ctx()) }
+            .result()
+            .map_err(|e| driver_err(ctx.ordinal(), "making the context current", e))?;
+        Ok(Current {
+            _thread: PhantomData,
+        })
+    }
+
+    /// Makes `ctx` current again, in the pushed entry's place, after code that is not ours
+    /// (a progress callback) may have changed the thread's current context.
+    pub(crate) fn restore(&self, ctx: &CudaContext) -> Result<()> {
+        let current = result::ctx::get_current()
+            .map_err(|e| driver_err(ctx.ordinal(), "reading the current context", e))?;
+        if current != Some(ctx.cu_ctx()) {
+            // SAFETY: as in `push`; it replaces the top of this thread's stack, which Drop pops.
+            unsafe { result::ctx::set_current(ctx.cu_ctx()) }
+                .map_err(|e| driver_err(ctx.ordinal(), "making the context current", e))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Current {
+    fn drop(&mut self) {
+        let mut popped: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: pops the entry `push` pushed (or what replaced it), restoring the caller's.
+        let _ = unsafe { sys::cuCtxPopCurrent_v2(&mut popped) };
+    }
+}
 
 /// A device allocation, freed on drop.
 #[derive(Debug)]
@@ -20,9 +66,8 @@ impl Arena {
     /// Allocates `len` bytes (at least one) on the context's device.
     pub(crate) fn alloc(ctx: &Arc<CudaContext>, len: usize) -> Result<Arena> {
         let ordinal = ctx.ordinal();
-        ctx.bind_to_thread()
-            .map_err(|e| driver_err(ordinal, "binding the context", e))?;
-        // SAFETY: the context is bound to this thread; the pointer is freed exactly once, by Drop.
+        let _current = Current::push(ctx)?;
+        // SAFETY: the context is current on this thread; the pointer is freed exactly once, by Drop.
         let ptr = unsafe { result::malloc_sync(len.max(1)) }.map_err(|e| {
             Error::new(
                 ErrorKind::OutOfMemory,
@@ -49,7 +94,7 @@ impl Arena {
 
 impl Drop for Arena {
     fn drop(&mut self) {
-        let _ = self.ctx.bind_to_thread();
+        let _current = Current::push(&self.ctx);
         // SAFETY: `ptr` came from `malloc_sync` on this context and is freed only here; every
         // copy or kernel that used it was synchronized before its owner dropped it (the
         // load's stream guard, or the synchronized load that handed out its tensors).
@@ -75,9 +120,8 @@ impl Pinned {
     /// Allocates `len` bytes of page-locked host memory.
     pub(crate) fn alloc(ctx: &Arc<CudaContext>, len: usize) -> Result<Pinned> {
         let ordinal = ctx.ordinal();
-        ctx.bind_to_thread()
-            .map_err(|e| driver_err(ordinal, "binding the context", e))?;
-        // SAFETY: the context is bound; the pointer is freed exactly once, by Drop.
+        let _current = Current::push(ctx)?;
+        // SAFETY: the context is current; the pointer is freed exactly once, by Drop.
         let ptr = unsafe { result::malloc_host(len.max(1), 0) }.map_err(|e| {
             Error::new(
                 ErrorKind::OutOfMemory,
@@ -136,7 +180,7 @@ impl Drop for Pinned {
         if let Some(e) = self.last_copy.take() {
             let _ = e.synchronize();
         }
-        let _ = self.ctx.bind_to_thread();
+        let _current = Current::push(&self.ctx);
         // SAFETY: `ptr` came from `malloc_host` and is freed only here, after its last copy.
         let _ = unsafe { result::free_host(self.ptr.cast()) };
     }

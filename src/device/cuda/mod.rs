@@ -35,7 +35,7 @@ use crate::tensor::{Storage, Tensor};
 
 pub use kernels::CONVERT_PTX;
 use kernels::Kernels;
-pub(crate) use memory::Arena;
+pub(crate) use memory::{Arena, Current};
 #[cfg(feature = "cli")]
 pub(crate) use memory::Pinned;
 
@@ -189,7 +189,13 @@ impl CudaBackend {
                 &format!("there are {count} CUDA devices, numbered from 0"),
             ));
         }
-        let b = Arc::new(guarded(ordinal, || CudaBackend::create(ordinal))?);
+        // cudarc makes a new context current (cuCtxSetCurrent): the caller's is put back.
+        let before = result::ctx::get_current().ok().flatten();
+        let created = guarded(ordinal, || CudaBackend::create(ordinal));
+        // SAFETY: `before` was current on this thread a moment ago (or none was); setting it
+        // back only changes this thread's current context.
+        let _ = unsafe { result::ctx::set_current(before.unwrap_or(std::ptr::null_mut())) };
+        let b = Arc::new(created?);
         open.insert(ordinal, b.clone());
         Ok(b)
     }
@@ -244,10 +250,10 @@ impl CudaBackend {
         &self.streams[0]
     }
 
-    pub(crate) fn bind(&self) -> Result<()> {
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| driver_err(self.ordinal, "binding the context", e))
+    /// Makes the device's context current on this thread until the guard drops, when the
+    /// caller's is restored.
+    pub(crate) fn current(&self) -> Result<Current> {
+        Current::push(&self.ctx)
     }
 
     /// Waits for every stream, each on its own; the first error is returned.
@@ -310,7 +316,7 @@ impl CudaBackend {
 
     /// Converts a host buffer on the device (for tests and tools).
     pub fn convert(&self, c: Conversion, input: &[u8]) -> Result<Vec<u8>> {
-        self.bind()?;
+        let _current = self.current()?;
         self.kernels()?.convert(c, input, self.stream())
     }
 }
@@ -321,7 +327,7 @@ struct StreamGuard<'a>(&'a CudaBackend);
 
 impl Drop for StreamGuard<'_> {
     fn drop(&mut self) {
-        let _ = self.0.bind();
+        let _current = self.0.current();
         // On success the load has synchronized (and reported errors) already; on an error
         // path the load's own error is the one returned.
         let _ = self.0.sync_all();
@@ -375,7 +381,7 @@ impl CudaStorage {
             return Ok(out);
         }
         let ordinal = self.backend.ordinal;
-        self.backend.bind()?;
+        let _current = self.backend.current()?;
         let stream = self.stream();
         // SAFETY: the arena holds offset + len bytes; the copy is ordered after the work on
         // the tensors' stream and synchronized below, before `out` is read or dropped.
@@ -449,7 +455,8 @@ fn upload(backend: &Arc<CudaBackend>, plan: &LoadPlan<'_>) -> Result<Vec<Tensor>
             paths.push((item.file, path));
         }
     }
-    backend.bind()?;
+    // The device's context is current for the load; the caller's again when it returns.
+    let current = backend.current()?;
     let items = plan.items();
     let overflow = || Error::new(ErrorKind::SizeOverflow, "the load's size in device memory");
     let (mut out_total, mut raw_total) = (0usize, 0usize);
@@ -518,6 +525,7 @@ fn upload(backend: &Arc<CudaBackend>, plan: &LoadPlan<'_>) -> Result<Vec<Tensor>
                 plan.note_upload(Upload::Register);
                 rest.extend(register::register_and_copy(
                     backend,
+                    &current,
                     plan,
                     file,
                     &contiguous,
@@ -531,7 +539,7 @@ fn upload(backend: &Arc<CudaBackend>, plan: &LoadPlan<'_>) -> Result<Vec<Tensor>
         plan.note_upload(Upload::Staging);
     }
     if !rest.is_empty() {
-        staging::stage_and_copy(backend, plan, &rest)?;
+        staging::stage_and_copy(backend, &current, plan, &rest)?;
     }
     backend.sync_all()?;
     if let Some(raw) = &raw {

@@ -10,7 +10,7 @@ use std::ffi::c_void;
 use cudarc::driver::CudaEvent;
 use cudarc::driver::sys;
 
-use super::{CudaBackend, STREAMS, Transfer, driver_err};
+use super::{CudaBackend, Current, STREAMS, Transfer, driver_err};
 use crate::device::LoadPlan;
 use crate::error::Result;
 use crate::host::HostFile;
@@ -57,7 +57,7 @@ impl Registered<'_> {
 
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
-        let _ = self.backend.bind();
+        let _current = self.backend.current();
         // Copies from the chunks must finish before the pages are unlocked.
         let _ = self.backend.sync_all();
         for chunk in self.chunks.drain(..) {
@@ -73,6 +73,7 @@ impl Drop for Registered<'_> {
 /// refused onward), for the staging path.
 pub(crate) fn register_and_copy<'n>(
     backend: &CudaBackend,
+    current: &Current,
     plan: &LoadPlan<'_>,
     file: &HostFile<'_>,
     transfers: &[Transfer<'n>],
@@ -166,6 +167,8 @@ pub(crate) fn register_and_copy<'n>(
             }
         }
         plan.advance(queued?)?;
+        // The progress callback is the caller's code: it may have changed the context.
+        current.restore(&backend.ctx)?;
     }
     drop(registered);
     Ok(Vec::new())

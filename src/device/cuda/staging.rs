@@ -6,7 +6,7 @@ use std::ffi::c_void;
 
 use cudarc::driver::sys;
 
-use super::memory::Pinned;
+use super::memory::{Current, Pinned};
 use super::{ALIGN, CudaBackend, STREAMS, Transfer, driver_err};
 use crate::device::LoadPlan;
 use crate::error::{Error, ErrorKind, Result};
@@ -63,6 +63,7 @@ fn batches<'t, 'n>(pieces: &'t [Transfer<'n>]) -> Vec<Batch<'t, 'n>> {
 /// Copies `transfers` through the device's ring of pinned staging buffers.
 pub(crate) fn stage_and_copy(
     backend: &CudaBackend,
+    current: &Current,
     plan: &LoadPlan<'_>,
     transfers: &[Transfer<'_>],
 ) -> Result<()> {
@@ -119,6 +120,8 @@ pub(crate) fn stage_and_copy(
         }
         buffer.copied_on(stream)?;
         plan.advance(bytes)?;
+        // The progress callback is the caller's code: it may have changed the context.
+        current.restore(&backend.ctx)?;
     }
     backend.sync_all()
 }
