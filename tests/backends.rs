@@ -621,11 +621,23 @@ fn cuda_loads_restore_the_callers_context() {
             }
             other => other.unwrap(),
         };
-        assert_eq!(ctx::get_current().unwrap(), None, "{upload}: after the load");
+        assert_eq!(
+            ctx::get_current().unwrap(),
+            None,
+            "{upload}: after the load"
+        );
         assert_same(Device::Cuda(0), &loaded, &want);
-        assert_eq!(ctx::get_current().unwrap(), None, "{upload}: after reading back");
+        assert_eq!(
+            ctx::get_current().unwrap(),
+            None,
+            "{upload}: after reading back"
+        );
         drop(loaded);
-        assert_eq!(ctx::get_current().unwrap(), None, "{upload}: after the drop");
+        assert_eq!(
+            ctx::get_current().unwrap(),
+            None,
+            "{upload}: after the drop"
+        );
     }
 }
 
@@ -767,24 +779,15 @@ fn staging_rings(test: &str) -> Vec<Upload> {
     }
 }
 
-/// Conversions on wgpu go through one bounded scratch buffer (256 MiB): a tensor larger than
-/// it is converted in pieces, small ones batched, in place and through the staging ring, and
-/// every output equals the CPU reference.
-#[cfg(feature = "wgpu")]
-#[test]
-fn wgpu_conversions_larger_than_the_scratch_match_the_cpu() {
-    if let Err(e) = Device::Wgpu(None).probe() {
-        println!("SKIPPED wgpu_conversions_larger_than_the_scratch_match_the_cpu: {e}");
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
+/// A file of one BF16 tensor of `elements` elements (a 1 MiB pattern repeated), small F16
+/// ones and an I64, and its CPU load cast to F32: for the bounded-scratch tests.
+fn big_conversion_file(dir: &tempfile::TempDir, elements: usize) -> (std::path::PathBuf, Tensors) {
     let mut want = Tensors::new();
-    // 140M BF16 elements: 280 MB of input, more than the scratch; a 1 MiB pattern repeated.
     let block = common::bytes(1 << 20, 77);
-    let big: Vec<u8> = block.iter().copied().cycle().take(280_000_002).collect();
+    let big: Vec<u8> = block.iter().copied().cycle().take(2 * elements).collect();
     want.insert(
         "bf16_big",
-        Tensor::from_bytes(Dtype::BF16, vec![140_000_001], &big).unwrap(),
+        Tensor::from_bytes(Dtype::BF16, vec![elements], &big).unwrap(),
     );
     drop(big);
     for i in 0..5 {
@@ -798,12 +801,27 @@ fn wgpu_conversions_larger_than_the_scratch_match_the_cpu() {
         "i64",
         Tensor::from_bytes(Dtype::I64, vec![3], &common::bytes(24, 9)).unwrap(),
     );
-    let path = write(&dir, &want);
+    let path = write(dir, &want);
     drop(want);
     let reference = Loader::new("cpu")
         .dtype(Dtype::F32)
         .load_file(&path)
         .unwrap();
+    (path, reference)
+}
+
+/// Conversions on wgpu go through one bounded scratch buffer (256 MiB): a tensor larger than
+/// it (280 MB of BF16) is converted in pieces, small ones batched, in place and through each
+/// staging ring, and every output equals the CPU reference.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_conversions_larger_than_the_scratch_match_the_cpu() {
+    if let Err(e) = Device::Wgpu(None).probe() {
+        println!("SKIPPED wgpu_conversions_larger_than_the_scratch_match_the_cpu: {e}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (path, reference) = big_conversion_file(&dir, 140_000_001);
     let mut uploads = vec![Upload::Auto];
     uploads.extend(staging_rings(
         "wgpu_conversions_larger_than_the_scratch_match_the_cpu",
@@ -815,5 +833,31 @@ fn wgpu_conversions_larger_than_the_scratch_match_the_cpu() {
             .load_file(&path)
             .unwrap();
         assert_same(Device::Wgpu(None), &got, &reference);
+    }
+}
+
+/// Conversions on CUDA go through one bounded scratch buffer (512 MiB): a tensor larger than
+/// it (600 MB of BF16) is converted in pieces, small ones batched, on both upload paths, and
+/// every output equals the CPU reference.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_conversions_larger_than_the_scratch_match_the_cpu() {
+    if let Err(e) = Device::Cuda(0).probe() {
+        println!("SKIPPED cuda_conversions_larger_than_the_scratch_match_the_cpu: {e}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (path, reference) = big_conversion_file(&dir, 300_000_001);
+    for upload in [Upload::Auto, Upload::Register, Upload::Staging] {
+        let got = Loader::new("cuda")
+            .upload(upload)
+            .dtype(Dtype::F32)
+            .load_file(&path);
+        match got {
+            Err(e) if e.kind() == ErrorKind::Unsupported => {
+                println!("SKIPPED {upload} in cuda_conversions_larger_than_the_scratch: {e}")
+            }
+            got => assert_same(Device::Cuda(0), &got.unwrap(), &reference),
+        }
     }
 }

@@ -27,7 +27,7 @@ use cudarc::driver::sys::{self, CUdeviceptr};
 use cudarc::driver::{CudaContext, CudaStream, DriverError, result};
 
 use crate::convert::Conversion;
-use crate::device::{Backend, Device, LoadPlan, Upload};
+use crate::device::{Backend, Device, LoadPlan, PlanItem, Upload};
 use crate::error::{Error, ErrorKind, Result};
 use crate::host::HostFile;
 use crate::io::Span;
@@ -35,14 +35,17 @@ use crate::tensor::{Storage, Tensor};
 
 pub use kernels::CONVERT_PTX;
 use kernels::Kernels;
-pub(crate) use memory::{Arena, Current};
 #[cfg(feature = "cli")]
 pub(crate) use memory::Pinned;
+pub(crate) use memory::{Arena, Current};
 
 /// Alignment of each tensor's start in the arena.
 pub(crate) const ALIGN: usize = 256;
 /// Streams the copies are spread over.
 const STREAMS: usize = 4;
+/// Device memory a load's conversions read their inputs from, at most: a load that converts
+/// needs its output plus this.
+const SCRATCH: usize = 512 << 20;
 /// The first driver whose READ_ONLY registrations leave the page cache clean (R570, CUDA
 /// 12.8): older ones mark every unregistered page dirty, a write-back of the whole file.
 const CLEAN_REGISTER_DRIVER: i32 = 12080;
@@ -420,12 +423,48 @@ impl<'n> Transfer<'n> {
     }
 }
 
-/// Where one tensor of a load goes: its offset in the output arena, and, for a tensor to
-/// convert, the offset of its raw input in the scratch arena.
-#[derive(Debug, Clone, Copy)]
-struct Slot {
+/// A piece of a tensor to convert: `elements` elements of its input (`src`, a multiple of
+/// 256 elements but for its last piece) into the output arena at `out`.
+struct Convert<'n> {
+    tensor: &'n str,
+    file: &'n HostFile<'n>,
+    src: Span<'n>,
+    conversion: Conversion,
+    elements: u64,
     out: usize,
-    raw: Option<usize>,
+}
+
+impl<'n> Convert<'n> {
+    /// The pieces of `item` (placed at `out` in the arena) whose inputs fit `scratch` bytes
+    /// with their padding.
+    fn pieces(item: &'n PlanItem<'n>, out: usize, scratch: usize) -> Vec<Convert<'n>> {
+        let Some(conversion) = item.conversion else {
+            return Vec::new();
+        };
+        let (in_size, out_size) = (item.dtype.bits() / 8, item.out_dtype.bits() / 8);
+        let per = ((scratch - ALIGN) / in_size / 256 * 256).max(256);
+        let span = item.span();
+        let total = span.len() / in_size;
+        (0..total)
+            .step_by(per)
+            .map(|first| {
+                let n = per.min(total - first);
+                Convert {
+                    tensor: item.name,
+                    file: item.file,
+                    src: span.part(first * in_size..(first + n) * in_size),
+                    conversion,
+                    elements: n as u64,
+                    out: out + first * out_size,
+                }
+            })
+            .collect()
+    }
+
+    /// Its input's room in the scratch buffer: padded to 4 bytes, the next start aligned.
+    fn room(&self) -> usize {
+        (self.src.len() + 4).next_multiple_of(ALIGN)
+    }
 }
 
 impl Backend for CudaBackend {
@@ -459,25 +498,30 @@ fn upload(backend: &Arc<CudaBackend>, plan: &LoadPlan<'_>) -> Result<Vec<Tensor>
     let current = backend.current()?;
     let items = plan.items();
     let overflow = || Error::new(ErrorKind::SizeOverflow, "the load's size in device memory");
-    let (mut out_total, mut raw_total) = (0usize, 0usize);
+    let mut out_total = 0usize;
     let mut slots = Vec::with_capacity(items.len());
     for item in items {
-        let out = out_total;
+        slots.push(out_total);
         // Room for the kernels' 4-byte padding, then the next start aligned.
         out_total = out_total
             .checked_add(item.out_len + 4)
             .and_then(|t| t.checked_next_multiple_of(ALIGN))
             .ok_or_else(overflow)?;
-        let raw = item.conversion.map(|_| raw_total);
-        if item.conversion.is_some() {
-            raw_total = raw_total
-                .checked_add(item.in_len() + 4)
-                .and_then(|t| t.checked_next_multiple_of(ALIGN))
-                .ok_or_else(overflow)?;
-        }
-        slots.push(Slot { out, raw });
     }
-    let need = out_total.checked_add(raw_total).ok_or_else(overflow)?;
+    // Conversions read their inputs from one bounded scratch buffer, batch after batch: a
+    // load needs its output plus at most SCRATCH bytes of device memory.
+    let converts: Vec<Convert<'_>> = items
+        .iter()
+        .zip(&slots)
+        .filter(|(item, _)| item.in_len() > 0)
+        .flat_map(|(item, &out)| Convert::pieces(item, out, SCRATCH))
+        .collect();
+    let scratch_len = converts
+        .iter()
+        .try_fold(0usize, |sum, c| sum.checked_add(c.room()))
+        .ok_or_else(overflow)?
+        .min(SCRATCH);
+    let need = out_total.checked_add(scratch_len).ok_or_else(overflow)?;
     let (free, _) = backend
         .ctx
         .mem_get_info()
@@ -491,7 +535,7 @@ fn upload(backend: &Arc<CudaBackend>, plan: &LoadPlan<'_>) -> Result<Vec<Tensor>
         ));
     }
     let arena = Arc::new(Arena::alloc(&backend.ctx, out_total)?);
-    let raw = match raw_total {
+    let scratch = match scratch_len {
         0 => None,
         n => Some(Arena::alloc(&backend.ctx, n)?),
     };
@@ -500,74 +544,100 @@ fn upload(backend: &Arc<CudaBackend>, plan: &LoadPlan<'_>) -> Result<Vec<Tensor>
     let transfers: Vec<Transfer<'_>> = items
         .iter()
         .zip(&slots)
-        .filter(|(i, _)| i.in_len() > 0)
-        .map(|(item, slot)| Transfer {
+        .filter(|(i, _)| i.in_len() > 0 && i.conversion.is_none())
+        .map(|(item, &out)| Transfer {
             tensor: item.name,
             file: item.file,
             src: item.span(),
-            dst: match (slot.raw, &raw) {
-                (Some(r), Some(raw)) => raw.ptr() + r as u64,
-                _ => arena.ptr() + slot.out as u64,
-            },
+            dst: arena.ptr() + out as u64,
         })
         .collect();
-    // Registered files: their tensors contiguous in the file are copied from the mapping;
-    // parts of tensors (slices, splits) are gathered on the host through the staging ring.
+    copy_up(backend, &current, plan, &paths, &transfers)?;
+    if let Some(scratch) = &scratch {
+        let kernels = backend.kernels()?;
+        let mut start = 0;
+        while start < converts.len() {
+            // A batch: the pieces whose inputs fit the scratch buffer together.
+            let mut end = start;
+            let mut used = 0usize;
+            let mut batch = Vec::new();
+            while let Some(c) = converts.get(end) {
+                if end > start && used + c.room() > scratch_len {
+                    break;
+                }
+                batch.push(Transfer {
+                    tensor: c.tensor,
+                    file: c.file,
+                    src: c.src.clone(),
+                    dst: scratch.ptr() + used as u64,
+                });
+                used += c.room();
+                end += 1;
+            }
+            copy_up(backend, &current, plan, &paths, &batch)?;
+            backend.sync_all()?;
+            for (c, t) in converts[start..end].iter().zip(&batch) {
+                let dst = arena.ptr() + c.out as u64;
+                kernels.launch(c.conversion, t.dst, dst, c.elements, backend.stream())?;
+            }
+            // The next batch's copies overwrite the scratch the kernels read.
+            backend.sync_all()?;
+            start = end;
+        }
+    }
+    backend.sync_all()?;
+    drop(guard);
+    drop(scratch);
+    Ok(items
+        .iter()
+        .zip(&slots)
+        .map(|(item, &out)| {
+            let storage = CudaStorage {
+                backend: backend.clone(),
+                arena: arena.clone(),
+                offset: out,
+                len: item.out_len,
+            };
+            Tensor::from_parts(item.out_dtype, item.shape.clone(), Storage::Cuda(storage))
+        })
+        .collect())
+}
+
+/// Copies `transfers` up, each file the way `paths` says: contiguous ones of registered files
+/// from the registered mapping; parts of tensors (slices, splits), files that stage, and what
+/// registering refused through the staging ring.
+fn copy_up(
+    backend: &CudaBackend,
+    current: &Current,
+    plan: &LoadPlan<'_>,
+    paths: &[(&HostFile<'_>, UploadPath)],
+    transfers: &[Transfer<'_>],
+) -> Result<()> {
     let mut rest = Vec::new();
-    for (file, path) in &paths {
+    for (file, path) in paths {
         let (contiguous, parts): (Vec<Transfer<'_>>, Vec<Transfer<'_>>) = transfers
             .iter()
             .filter(|t| std::ptr::eq(t.file, *file))
             .cloned()
             .partition(|t| t.src.as_range().is_some());
         match path {
-            UploadPath::Register => {
+            UploadPath::Register if !contiguous.is_empty() => {
                 plan.note_upload(Upload::Register);
                 rest.extend(register::register_and_copy(
                     backend,
-                    &current,
+                    current,
                     plan,
                     file,
                     &contiguous,
                 )?);
             }
-            UploadPath::Staging => rest.extend(contiguous),
+            _ => rest.extend(contiguous),
         }
         rest.extend(parts);
     }
     if !rest.is_empty() {
         plan.note_upload(Upload::Staging);
+        staging::stage_and_copy(backend, current, plan, &rest)?;
     }
-    if !rest.is_empty() {
-        staging::stage_and_copy(backend, &current, plan, &rest)?;
-    }
-    backend.sync_all()?;
-    if let Some(raw) = &raw {
-        let kernels = backend.kernels()?;
-        for (item, slot) in items.iter().zip(&slots) {
-            if let (Some(c), Some(r)) = (item.conversion, slot.raw) {
-                let elements = (item.in_len() / (item.dtype.bits() / 8)) as u64;
-                if elements > 0 {
-                    let (src, dst) = (raw.ptr() + r as u64, arena.ptr() + slot.out as u64);
-                    kernels.launch(c, src, dst, elements, backend.stream())?;
-                }
-            }
-        }
-    }
-    backend.sync_all()?;
-    drop(guard);
-    drop(raw);
-    Ok(items
-        .iter()
-        .zip(&slots)
-        .map(|(item, slot)| {
-            let storage = CudaStorage {
-                backend: backend.clone(),
-                arena: arena.clone(),
-                offset: slot.out,
-                len: item.out_len,
-            };
-            Tensor::from_parts(item.out_dtype, item.shape.clone(), Storage::Cuda(storage))
-        })
-        .collect())
+    Ok(())
 }
