@@ -30,7 +30,7 @@ use crate::convert::Conversion;
 use crate::device::{Backend, Device, LoadPlan, PlanItem, Upload};
 use crate::error::{Error, ErrorKind, Result};
 use crate::host::HostFile;
-use crate::io::Span;
+use crate::io::{LONG_RUN, Span};
 use crate::tensor::{Storage, Tensor};
 
 pub use kernels::CONVERT_PTX;
@@ -603,9 +603,11 @@ fn upload(backend: &Arc<CudaBackend>, plan: &LoadPlan<'_>) -> Result<Vec<Tensor>
         .collect())
 }
 
-/// Copies `transfers` up, each file the way `paths` says: contiguous ones of registered files
-/// from the registered mapping; parts of tensors (slices, splits), files that stage, and what
-/// registering refused through the staging ring.
+/// Copies `transfers` up, each file the way `paths` says: long contiguous ones of registered
+/// files from the registered mapping; short ones (which the staging ring coalesces into one
+/// copy per run of neighbours, where each would be a copy of its own from the mapping), parts
+/// of tensors (slices, splits), files that stage, and what registering refused through the
+/// staging ring.
 fn copy_up(
     backend: &CudaBackend,
     current: &Current,
@@ -614,29 +616,31 @@ fn copy_up(
     transfers: &[Transfer<'_>],
 ) -> Result<()> {
     let mut rest = Vec::new();
+    let mut registered = false;
     for (file, path) in paths {
-        let (contiguous, parts): (Vec<Transfer<'_>>, Vec<Transfer<'_>>) = transfers
+        let (contiguous, staged): (Vec<Transfer<'_>>, Vec<Transfer<'_>>) = transfers
             .iter()
             .filter(|t| std::ptr::eq(t.file, *file))
             .cloned()
-            .partition(|t| t.src.as_range().is_some());
+            .partition(|t| t.src.as_range().is_some_and(|r| r.len() >= LONG_RUN));
         match path {
             UploadPath::Register if !contiguous.is_empty() => {
-                plan.note_upload(Upload::Register);
-                rest.extend(register::register_and_copy(
-                    backend,
-                    current,
-                    plan,
-                    file,
-                    &contiguous,
-                )?);
+                let refused =
+                    register::register_and_copy(backend, current, plan, file, &contiguous)?;
+                registered |= refused.len() < contiguous.len();
+                rest.extend(refused);
             }
             _ => rest.extend(contiguous),
         }
-        rest.extend(parts);
+        rest.extend(staged);
+    }
+    // The report names the register path where any bytes took it.
+    if registered {
+        plan.note_upload(Upload::Register);
+    } else if !rest.is_empty() {
+        plan.note_upload(Upload::Staging);
     }
     if !rest.is_empty() {
-        plan.note_upload(Upload::Staging);
         staging::stage_and_copy(backend, current, plan, &rest)?;
     }
     Ok(())

@@ -4,13 +4,13 @@
 
 use std::ffi::c_void;
 
-use cudarc::driver::sys;
+use cudarc::driver::sys::{self, CUdeviceptr};
 
 use super::memory::{Current, Pinned};
 use super::{ALIGN, CudaBackend, STREAMS, Transfer, driver_err};
 use crate::device::LoadPlan;
 use crate::error::{Error, ErrorKind, Result};
-use crate::io::{self, PIECE, Piece};
+use crate::io::{self, LONG_RUN, PIECE, Piece};
 
 /// Pinned staging buffers in the ring, and the size of each.
 const RING: usize = 4;
@@ -21,13 +21,30 @@ pub(crate) struct Ring {
     buffers: Vec<Pinned>,
 }
 
-/// One batch: the transfers that fill one staging buffer, each at its offset there.
+/// One batch: the transfers that fill one staging buffer, each at its offset there, and the
+/// copies that take them up.
 struct Batch<'t, 'n> {
     transfers: &'t [Transfer<'n>],
     offsets: Vec<usize>,
+    copies: Vec<Copy>,
+}
+
+/// One host-to-device copy of a batch: `len` bytes at `offset` of the staging buffer to `dst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Copy {
+    offset: usize,
+    dst: CUdeviceptr,
+    len: usize,
 }
 
 /// Cuts `transfers` at [`STAGING`] bytes and groups them into batches of one buffer each.
+///
+/// Neighbouring tensors become one copy: a short transfer whose destination follows the last
+/// one's end by less than one slot's padding (the arena packs tensors in plan order, each
+/// start [`ALIGN`]ed, so no other tensor's bytes can lie in such a gap) is staged at the same
+/// distance from it, and the copy grows over both (the padding between them carries whatever
+/// the staging buffer held: nobody reads it). Long transfers read directly go where their
+/// blocks land in place.
 fn batches<'t, 'n>(pieces: &'t [Transfer<'n>]) -> Vec<Batch<'t, 'n>> {
     let mut out = Vec::new();
     let mut start = 0usize;
@@ -35,25 +52,53 @@ fn batches<'t, 'n>(pieces: &'t [Transfer<'n>]) -> Vec<Batch<'t, 'n>> {
         let mut end = start;
         let mut used = 0usize;
         let mut offsets = Vec::new();
+        let mut copies: Vec<Copy> = Vec::new();
         while let Some(t) = pieces.get(end) {
             let len = t.src.len();
-            // Long pieces read directly go where their blocks land in place.
-            let placed = io::staging_offset(used, t.file, &t.src, ALIGN);
-            let at = if placed + len <= STAGING {
-                placed
-            } else {
-                used
+            let follows = copies.last().copied().and_then(|c| {
+                let last_end = c.dst + c.len as u64;
+                let gap = t.dst.checked_sub(last_end)?;
+                let at = c.offset + usize::try_from(t.dst - c.dst).ok()?;
+                (len < LONG_RUN && gap < (ALIGN + 4) as u64 && at + len <= STAGING)
+                    .then_some((c, at))
+            });
+            let at = match follows {
+                Some((c, at)) => {
+                    let grown = Copy {
+                        len: at + len - c.offset,
+                        ..c
+                    };
+                    if let Some(last) = copies.last_mut() {
+                        *last = grown;
+                    }
+                    at
+                }
+                None => {
+                    let placed = io::staging_offset(used, t.file, &t.src, ALIGN);
+                    let at = if placed + len <= STAGING {
+                        placed
+                    } else {
+                        used
+                    };
+                    if end > start && at + len > STAGING {
+                        break;
+                    }
+                    copies.push(Copy {
+                        offset: at,
+                        dst: t.dst,
+                        len,
+                    });
+                    at
+                }
             };
-            if end > start && at + len > STAGING {
-                break;
-            }
             offsets.push(at);
-            used = (at + len).next_multiple_of(ALIGN);
+            used = used.max((at + len).next_multiple_of(ALIGN));
             end += 1;
         }
         out.push(Batch {
             transfers: &pieces[start..end],
             offsets,
+            copies,
         });
         start = end;
     }
@@ -106,22 +151,95 @@ pub(crate) fn stage_and_copy(
             }
         }
         io::read_pieces(jobs, &|_| plan.advance(0))?;
-        let mut bytes = 0u64;
-        for (t, &off) in batch.transfers.iter().zip(&batch.offsets) {
-            let src: *const c_void = buffer.device_source(off);
+        for c in &batch.copies {
+            let src: *const c_void = buffer.device_source(c.offset);
             // SAFETY: the source is `len` bytes of the pinned buffer, which is not written
             // again before this copy completes (`host_mut` waits for the event recorded
             // below); the destination is inside a device allocation that the load's stream
-            // guard keeps alive until every stream is synchronized.
-            unsafe { sys::cuMemcpyHtoDAsync_v2(t.dst, src, t.src.len(), stream.cu_stream()) }
+            // guard keeps alive until every stream is synchronized (a grown copy ends at its
+            // last transfer's end, inside the same allocation).
+            unsafe { sys::cuMemcpyHtoDAsync_v2(c.dst, src, c.len, stream.cu_stream()) }
                 .result()
                 .map_err(|e| driver_err(backend.ordinal, "copying to the device", e))?;
-            bytes += t.src.len() as u64;
         }
+        let bytes: u64 = batch.transfers.iter().map(|t| t.src.len() as u64).sum();
         buffer.copied_on(stream)?;
         plan.advance(bytes)?;
         // The progress callback is the caller's code: it may have changed the context.
         current.restore(&backend.ctx)?;
     }
     backend.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::HostFile;
+    use crate::io::{Gather, Span};
+
+    /// Neighbouring short transfers become one copy staged at the same distances as their
+    /// destinations; a gap that could hold another tensor, a long transfer, a destination
+    /// that goes back, or a full buffer starts a new copy.
+    #[test]
+    fn neighbouring_tensors_share_one_copy() {
+        let json = br#"{"a":{"dtype":"U8","shape":[200000],"data_offsets":[0,200000]}}"#;
+        let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(json);
+        bytes.resize(bytes.len() + 200_000, 7);
+        let file = HostFile::from_bytes(&bytes).unwrap();
+        let runs: Vec<Gather> = [
+            (0, 100),
+            (100, 100),
+            (200, 10),
+            (210, 100_000),
+            (100_210, 50),
+        ]
+        .iter()
+        .map(|&(at, len)| Gather::contiguous(at..at + len))
+        .collect();
+        let base: CUdeviceptr = 1 << 40;
+        // a; b one slot after a; c past a gap holding a slot; d long; e before d.
+        let dsts = [base, base + 256, base + 1024, base + 4096, base + 2048];
+        let transfers: Vec<Transfer<'_>> = runs
+            .iter()
+            .zip(dsts)
+            .map(|(g, dst)| Transfer {
+                tensor: "a",
+                file: &file,
+                src: Span::all(g),
+                dst,
+            })
+            .collect();
+        let b = batches(&transfers);
+        assert_eq!(b.len(), 1);
+        assert_eq!(b[0].offsets, [0, 256, 512, 768, 100_864]);
+        let copy = |offset, dst, len| Copy { offset, dst, len };
+        assert_eq!(
+            b[0].copies,
+            [
+                copy(0, base, 356),
+                copy(512, base + 1024, 10),
+                copy(768, base + 4096, 100_000),
+                copy(100_864, base + 2048, 50),
+            ]
+        );
+        // A buffer's worth of neighbours: the next one starts a new batch.
+        let g = Gather::contiguous(0..60_000);
+        let many: Vec<Transfer<'_>> = (0..STAGING / 60_000 + 2)
+            .map(|k| Transfer {
+                tensor: "a",
+                file: &file,
+                src: Span::all(&g),
+                dst: base + (k * 60_160) as u64,
+            })
+            .collect();
+        let b = batches(&many);
+        assert_eq!(b.len(), 2);
+        assert_eq!(b[0].copies.len(), 1);
+        assert_eq!(
+            b[0].copies[0].len,
+            (b[0].transfers.len() - 1) * 60_160 + 60_000
+        );
+        assert!(b[0].copies[0].len <= STAGING);
+    }
 }
