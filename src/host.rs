@@ -358,6 +358,12 @@ impl<'a> HostFile<'a> {
         self.resident_fraction() < 0.5
     }
 
+    /// Whether nearly all of the file (90%) is in the page cache: then registering its
+    /// mapping with CUDA faults in few pages (registration faults them one at a time).
+    pub fn is_warm(&self) -> bool {
+        self.resident_fraction() >= 0.9
+    }
+
     /// Like [`read_at`](Self::read_at), but with a positioned read (`pread`) wherever a file
     /// descriptor is open, even for a mapped file: for cold pages, several of these in
     /// parallel read at the disk's speed, where page faults read one readahead at a time.
@@ -440,6 +446,7 @@ mod tests {
         }
         // Just written, so in the page cache: not cold.
         assert!(!HostFile::open(&path, ReadMode::Mmap).unwrap().is_cold());
+        assert!(HostFile::open(&path, ReadMode::Mmap).unwrap().is_warm());
         assert!(!mem.is_cold());
         std::fs::write(&path, [1u8, 2]).unwrap();
         let e = HostFile::open(&path, ReadMode::Pread).unwrap_err();

@@ -294,9 +294,9 @@ impl CudaBackend {
         match upload {
             Upload::Staging => Ok(UploadPath::Staging),
             Upload::Register => can_register.map(|()| UploadPath::Register),
-            // Registering faults cold pages in one readahead at a time: cold files go
-            // through the staging ring, read with pread by several threads.
-            Upload::Auto if can_register.is_ok() && !file.is_cold() => Ok(UploadPath::Register),
+            // Registering faults missing pages in one readahead at a time: files not nearly
+            // all in the page cache go through the staging ring, read by several threads.
+            Upload::Auto if can_register.is_ok() && file.is_warm() => Ok(UploadPath::Register),
             Upload::Auto => Ok(UploadPath::Staging),
             Upload::InPlace => Err("in-place writes are a wgpu strategy".to_owned()),
             Upload::HostImport => Err(

@@ -105,14 +105,9 @@ pub(crate) fn register_and_copy<'n>(
         backend,
         chunks: VecDeque::new(),
     };
-    for (k, chunk) in by_chunk.iter().enumerate() {
-        let Some(first) = chunk.first() else {
-            continue;
-        };
-        if registered.chunks.len() >= IN_FLIGHT {
-            registered.retire_oldest()?;
-        }
-        let start = first.file_range().start / page * page;
+    // The whole pages of the mapping a chunk's transfers cover.
+    let pages = |chunk: &[Transfer<'n>]| {
+        let start = chunk.first()?.file_range().start / page * page;
         let end = chunk
             .iter()
             .map(|t| t.file_range().end)
@@ -120,6 +115,21 @@ pub(crate) fn register_and_copy<'n>(
             .unwrap_or(start)
             .next_multiple_of(page)
             .min(mapped_len);
+        Some((start, end))
+    };
+    for (k, chunk) in by_chunk.iter().enumerate() {
+        let Some((start, end)) = pages(chunk) else {
+            continue;
+        };
+        if registered.chunks.len() >= IN_FLIGHT {
+            registered.retire_oldest()?;
+        }
+        // Pages of the next chunk missing from the page cache are read ahead while this one
+        // registers (the kernel reads them in the background): advice only, so ignored
+        // where refused.
+        if let Some((next, next_end)) = by_chunk.get(k + 1).and_then(|c| pages(c)) {
+            let _ = map.advise_range(memmap2::Advice::WillNeed, next, next_end - next);
+        }
         let ptr = (base + start) as *mut c_void;
         // SAFETY: [ptr, ptr + len) lies inside our read-only MAP_SHARED mapping (rounded to
         // whole pages, which the mapping covers), which outlives this function; READ_ONLY
