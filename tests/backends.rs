@@ -836,6 +836,56 @@ fn wgpu_conversions_larger_than_the_scratch_match_the_cpu() {
     }
 }
 
+/// A file over 1 GiB of odd-length tensors, long ones that cross the 512 MiB register chunks
+/// and wrap the 4 x 64 MiB staging ring and short ones the staging ring coalesces, through
+/// both CUDA upload paths, from the page cache and read directly: bytes equal to the file.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_large_files_load_through_both_paths() {
+    if let Err(e) = Device::Cuda(0).probe() {
+        println!("SKIPPED cuda_large_files_load_through_both_paths: {e}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut want = Tensors::new();
+    for i in 0..5u64 {
+        let n = (230 << 20) + 2 * i as usize + 1;
+        want.insert(
+            format!("long_{i}"),
+            Tensor::from_bytes(Dtype::U8, vec![n], &common::bytes(n, 60 + i)).unwrap(),
+        );
+        for j in 0..300u64 {
+            let n = 1 + (j as usize * 37) % 3000;
+            want.insert(
+                format!("short_{i}_{j:03}"),
+                Tensor::from_bytes(Dtype::U8, vec![n], &common::bytes(n, 1000 * i + j)).unwrap(),
+            );
+        }
+    }
+    let path = write(&dir, &want);
+    assert!(std::fs::metadata(&path).unwrap().len() > 1 << 30);
+    for upload in [Upload::Register, Upload::Staging] {
+        for mode in [ReadMode::Mmap, ReadMode::Direct] {
+            let got = Loader::new("cuda")
+                .upload(upload)
+                .read_mode(mode)
+                .load_file(&path);
+            match got {
+                Err(e) if e.kind() == ErrorKind::Unsupported => {
+                    println!(
+                        "SKIPPED {upload} {mode:?} in cuda_large_files_load_through_both_paths: {e}"
+                    )
+                }
+                got => {
+                    let got = got.unwrap();
+                    println!("{upload} {mode:?}: {:?}", got.report().unwrap());
+                    assert_same(Device::Cuda(0), &got, &want);
+                }
+            }
+        }
+    }
+}
+
 /// Conversions on CUDA go through one bounded scratch buffer (512 MiB): a tensor larger than
 /// it (600 MB of BF16) is converted in pieces, small ones batched, on both upload paths, and
 /// every output equals the CPU reference.
