@@ -886,6 +886,93 @@ fn cuda_large_files_load_through_both_paths() {
     }
 }
 
+/// Tensors over 4 GiB on wgpu (where the adapter allows buffers that large: not on the
+/// software driver): a U8 tensor of 4 GiB + 3 bytes loaded as it is, and an F16 tensor of
+/// 2^31 + 5 elements cast to F32, whose kernels bind outputs past 4 GiB. The file is sparse
+/// (zeros) but for patterns at its start, across the 4 GiB boundaries and at its end, which
+/// are compared with the file and with the CPU's cast.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_tensors_over_4_gib_load_and_convert() {
+    let test = "wgpu_tensors_over_4_gib_load_and_convert";
+    let backend = match tensorplace::internals::WgpuBackend::open(None, None) {
+        Ok(b) => b,
+        Err(e) => {
+            println!("SKIPPED {test}: {e}");
+            return;
+        }
+    };
+    let (u8_len, f16_elems) = ((4usize << 30) + 3, (1usize << 31) + 5);
+    let max = backend.limits().max_buffer_size;
+    if max < 4 * f16_elems as u64 + 8 {
+        println!(
+            "SKIPPED {test}: max_buffer_size is {max} on {}",
+            backend.info().name
+        );
+        return;
+    }
+    use std::io::{Seek, SeekFrom, Write};
+    let json = format!(
+        r#"{{"big_u8":{{"dtype":"U8","shape":[{u8_len}],"data_offsets":[0,{u8_len}]}},"big_f16":{{"dtype":"F16","shape":[{f16_elems}],"data_offsets":[{u8_len},{}]}}}}"#,
+        u8_len + 2 * f16_elems
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("huge.safetensors");
+    let mut f = std::fs::File::create(&path).unwrap();
+    f.write_all(&(json.len() as u64).to_le_bytes()).unwrap();
+    f.write_all(json.as_bytes()).unwrap();
+    let start = 8 + json.len();
+    let data_len = u8_len + 2 * f16_elems;
+    f.set_len((start + data_len) as u64).unwrap();
+    // Patterns (1 MiB each) at the start, at 4 GiB of each tensor, and at the end.
+    let f16_start = u8_len;
+    let spots = [
+        0,
+        (4 << 30) - (1 << 19),
+        u8_len - (1 << 20),
+        f16_start,
+        f16_start + (4 << 30) - (1 << 19),
+        data_len - (1 << 20),
+    ];
+    for (k, &at) in spots.iter().enumerate() {
+        f.seek(SeekFrom::Start((start + at) as u64)).unwrap();
+        f.write_all(&common::bytes(1 << 20, 90 + k as u64)).unwrap();
+    }
+    drop(f);
+    let file = std::fs::File::open(&path).unwrap();
+    let read = |at: usize, len: usize| {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, (start + at) as u64).unwrap();
+        buf
+    };
+    let loaded = Loader::new("wgpu").load_file(&path).unwrap();
+    let u8_got = loaded.tensor("big_u8").unwrap().host_bytes().unwrap();
+    assert_eq!(u8_got.len(), u8_len);
+    for &at in &spots[..3] {
+        assert!(
+            u8_got[at..at + (1 << 20)] == read(at, 1 << 20)[..],
+            "big_u8 at {at}"
+        );
+    }
+    drop(loaded);
+    let cast = Loader::new("wgpu")
+        .dtype(Dtype::F32)
+        .filter(|n| n == "big_f16")
+        .load_file(&path)
+        .unwrap();
+    let got = cast.tensor("big_f16").unwrap().host_bytes().unwrap();
+    assert_eq!(got.len(), 4 * f16_elems);
+    let c = Conversion::between(Dtype::F16, Dtype::F32).unwrap();
+    for &at in &spots[3..] {
+        let input = read(at, 1 << 20);
+        let mut want = vec![0u8; 2 << 20];
+        c.convert(&input, &mut want);
+        let out = 2 * (at - f16_start);
+        assert!(got[out..out + (2 << 20)] == want[..], "big_f16 at {at}");
+    }
+}
+
 /// Conversions on CUDA go through one bounded scratch buffer (512 MiB): a tensor larger than
 /// it (600 MB of BF16) is converted in pieces, small ones batched, on both upload paths, and
 /// every output equals the CPU reference.

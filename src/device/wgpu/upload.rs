@@ -81,6 +81,10 @@ struct MappedRange<'b> {
     buffer: &'b wgpu::Buffer,
     offset: u64,
     len: usize,
+    /// Whether the mapping is plain host memory (an adapter that shares it): then the bytes
+    /// are read straight into it. Elsewhere it may be write-combined device memory behind
+    /// the bus, which is only ever copied into.
+    host_memory: bool,
 }
 
 impl Destination for MappedRange<'_> {
@@ -90,8 +94,20 @@ impl Destination for MappedRange<'_> {
             .buffer
             .get_mapped_range_mut(self.offset..self.offset + padded)
             .map_err(|e| backend_err(format!("mapping a buffer: {e}")))?;
-        let bytes = src.bytes()?;
         let whole = self.len / 4 * 4;
+        if self.host_memory {
+            let ptr = view.slice(..).as_raw_ptr();
+            // SAFETY: the view maps `padded` bytes of host memory for writing, held until
+            // the end of this scope, and no other view of them exists (each piece maps its
+            // own range); the engine only writes through the slice.
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(ptr.as_ptr().cast::<u8>(), padded as usize)
+            };
+            let (bytes, pad) = dst.split_at_mut(self.len);
+            pad.fill(0);
+            return src.read_into(bytes);
+        }
+        let bytes = src.bytes()?;
         view.slice(..whole).copy_from_slice(&bytes[..whole]);
         if whole < padded as usize {
             let mut tail = [0u8; 4];
@@ -114,7 +130,11 @@ struct Write<'n, 'b> {
 
 /// Writes file bytes into mapped buffers through the host I/O engine, in pieces of
 /// [`PIECE`] bytes (8-aligned, wgpu's MAP_ALIGNMENT) spread over every core.
-fn fill(writes: &[Write<'_, '_>], advance: &(dyn Fn(u64) -> Result<()> + Sync)) -> Result<()> {
+fn fill(
+    writes: &[Write<'_, '_>],
+    host_memory: bool,
+    advance: &(dyn Fn(u64) -> Result<()> + Sync),
+) -> Result<()> {
     let pieces = writes
         .iter()
         .flat_map(|w| {
@@ -125,6 +145,7 @@ fn fill(writes: &[Write<'_, '_>], advance: &(dyn Fn(u64) -> Result<()> + Sync)) 
                     buffer: w.buffer,
                     offset: w.offset + r.start as u64,
                     len: r.len(),
+                    host_memory,
                 },
                 src: w.src.part(r),
             })
@@ -255,7 +276,7 @@ impl Staging {
                         src: t.src.clone(),
                     })
                     .collect();
-                fill(&writes, &|_| plan.advance(0))?;
+                fill(&writes, false, &|_| plan.advance(0))?;
                 buffer.unmap();
                 Ok(())
             }
@@ -442,7 +463,7 @@ pub(super) fn upload(backend: &Arc<WgpuBackend>, plan: &LoadPlan<'_>) -> Result<
                     src: item.span(),
                 })
                 .collect();
-            fill(&writes, &|n| plan.advance(n))?;
+            fill(&writes, true, &|n| plan.advance(n))?;
             for w in &writes {
                 w.buffer.unmap();
             }
@@ -680,7 +701,7 @@ fn convert_through_scratch(
                         src: c.src.clone(),
                     })
                     .collect();
-                fill(&writes, &|n| plan.advance(n))?;
+                fill(&writes, true, &|n| plan.advance(n))?;
                 scratch.unmap();
             }
             Path::Staged(ring) => {
