@@ -641,6 +641,81 @@ fn cuda_loads_restore_the_callers_context() {
     }
 }
 
+/// A read failure injected mid-load (the file truncated under a positioned-read load by the
+/// first progress callback: in the staging rings, once the first 64 MiB buffer is full), on
+/// every device and staging path: an I/O error naming the file and a tensor; the next load
+/// of the restored file gives its bytes; on CUDA, the device's free memory is back where it
+/// was (nothing leaked).
+#[test]
+fn read_failures_mid_load_are_errors_and_the_next_load_works() {
+    let test = "read_failures_mid_load_are_errors_and_the_next_load_works";
+    let dir = tempfile::tempdir().unwrap();
+    let mut want = Tensors::new();
+    for i in 0..8 {
+        want.insert(
+            format!("w{i}"),
+            Tensor::from_bytes(Dtype::U8, vec![12 << 20], &common::bytes(12 << 20, 20 + i))
+                .unwrap(),
+        );
+    }
+    let path = write(&dir, &want);
+    let original = std::fs::read(&path).unwrap();
+    let header = 8 + u64::from_le_bytes(original[..8].try_into().unwrap());
+    for device in common::devices(test) {
+        let uploads: Vec<Upload> = match device {
+            Device::Wgpu(_) => {
+                let mut u = vec![Upload::Auto, Upload::Staging];
+                if can_import(test) {
+                    u.push(Upload::HostImport);
+                }
+                u
+            }
+            _ => vec![Upload::Auto],
+        };
+        for upload in uploads {
+            // Warm up (rings, kernels), so that what stays allocated is not counted.
+            drop(Loader::new(device).upload(upload).load_file(&path).unwrap());
+            let free = || device_free_memory(device);
+            let before = free();
+            let truncated = std::sync::atomic::AtomicBool::new(false);
+            let e = Loader::new(device)
+                .upload(upload)
+                .read_mode(ReadMode::Pread)
+                .progress(|_| {
+                    if !truncated.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+                        f.set_len(header).unwrap();
+                    }
+                })
+                .load_file(&path)
+                .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Io, "{device} ({upload}): {e}");
+            assert_eq!(e.file(), Some(path.as_path()), "{device} ({upload})");
+            assert!(e.tensor().is_some(), "{device} ({upload}): {e}");
+            assert_eq!(
+                free(),
+                before,
+                "{device} ({upload}): device memory after the failure"
+            );
+            std::fs::write(&path, &original).unwrap();
+            let again = Loader::new(device).upload(upload).load_file(&path).unwrap();
+            assert_same(device, &again, &want);
+        }
+    }
+}
+
+/// The free memory of a CUDA device (`None` for other devices).
+fn device_free_memory(device: Device) -> Option<usize> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(i) => {
+            let backend = tensorplace::internals::CudaBackend::open(i).unwrap();
+            Some(backend.context().mem_get_info().unwrap().0)
+        }
+        _ => None,
+    }
+}
+
 /// A file system that refuses `O_DIRECT` (ramfs) falls back to positioned reads, and the
 /// load's report says so.
 #[test]
