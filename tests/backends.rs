@@ -692,11 +692,13 @@ fn read_failures_mid_load_are_errors_and_the_next_load_works() {
             assert_eq!(e.kind(), ErrorKind::Io, "{device} ({upload}): {e}");
             assert_eq!(e.file(), Some(path.as_path()), "{device} ({upload})");
             assert!(e.tensor().is_some(), "{device} ({upload}): {e}");
-            assert_eq!(
-                free(),
-                before,
-                "{device} ({upload}): device memory after the failure"
-            );
+            // The load's arena (96 MiB) is freed: allow the driver a little slack.
+            if let (Some(before), Some(after)) = (before, free()) {
+                assert!(
+                    after + (16 << 20) >= before,
+                    "{device} ({upload}): {before} bytes free before the failure, {after} after"
+                );
+            }
             std::fs::write(&path, &original).unwrap();
             let again = Loader::new(device).upload(upload).load_file(&path).unwrap();
             assert_same(device, &again, &want);
