@@ -677,16 +677,10 @@ fn read_failures_mid_load_are_errors_and_the_next_load_works() {
             drop(Loader::new(device).upload(upload).load_file(&path).unwrap());
             let free = || device_free_memory(device);
             let before = free();
-            let truncated = std::sync::atomic::AtomicBool::new(false);
             let e = Loader::new(device)
                 .upload(upload)
                 .read_mode(ReadMode::Pread)
-                .progress(|_| {
-                    if !truncated.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-                        f.set_len(header).unwrap();
-                    }
-                })
+                .progress(common::truncate_once(&path, header))
                 .load_file(&path)
                 .unwrap_err();
             assert_eq!(e.kind(), ErrorKind::Io, "{device} ({upload}): {e}");
@@ -858,6 +852,7 @@ fn staging_rings(test: &str) -> Vec<Upload> {
 
 /// A file of one BF16 tensor of `elements` elements (a 1 MiB pattern repeated), small F16
 /// ones and an I64, and its CPU load cast to F32: for the bounded-scratch tests.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 fn big_conversion_file(dir: &tempfile::TempDir, elements: usize) -> (std::path::PathBuf, Tensors) {
     let mut want = Tensors::new();
     let block = common::bytes(1 << 20, 77);

@@ -82,6 +82,18 @@ pub fn cast(t: &Tensor, to: Dtype) -> Vec<u8> {
     }
 }
 
+/// A progress callback that truncates `path` to `len` bytes the first time it runs: a read
+/// failure injected mid-load.
+pub fn truncate_once(path: &Path, len: u64) -> impl Fn(tensorplace::Progress) + Sync + '_ {
+    let done = std::sync::atomic::AtomicBool::new(false);
+    move |_| {
+        if !done.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+            f.set_len(len).unwrap();
+        }
+    }
+}
+
 /// Runs the ignored test `test` of this binary in a child process with `env` set (so that
 /// no other test's memory or reads count), asserts that it passed, and returns its stdout.
 pub fn in_child(test: &str, env: &str) -> String {

@@ -356,15 +356,9 @@ fn pread_loads_survive_a_truncation_as_an_error() {
         let raw = std::fs::read(&path).unwrap();
         8 + u64::from_le_bytes(raw[..8].try_into().unwrap())
     };
-    let truncated = std::sync::atomic::AtomicBool::new(false);
     let e = Loader::new(Device::Cpu)
         .read_mode(ReadMode::Pread)
-        .progress(|_| {
-            if !truncated.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-                f.set_len(header).unwrap();
-            }
-        })
+        .progress(common::truncate_once(&path, header))
         .load_file(&path)
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Io, "{e}");

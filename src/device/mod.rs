@@ -193,9 +193,6 @@ pub(crate) struct PlanItem<'f> {
     pub name: &'f str,
     /// The file that holds it.
     pub file: &'f HostFile<'f>,
-    /// Its dtype in the file.
-    #[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
-    pub dtype: Dtype,
     /// The shape of what is loaded (the part's, for a slice or a split).
     pub shape: Vec<usize>,
     /// The file bytes to read, in order.
@@ -218,6 +215,43 @@ impl PlanItem<'_> {
     pub fn in_len(&self) -> usize {
         self.input.len()
     }
+
+    /// Its conversion cut into pieces of at most `max` input bytes, for a bounded scratch
+    /// buffer: each a whole number of elements, a multiple of 256 of them but for the last
+    /// (so that kernels working on 4-byte units never share one, and output offsets stay
+    /// 256-aligned for elements of 1 byte or more). Empty without a conversion.
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    pub fn conversion_pieces(&self, max: usize) -> Vec<ConversionPiece<'_>> {
+        let Some(conversion) = self.conversion else {
+            return Vec::new();
+        };
+        let (in_size, out_size) = (conversion.from().bits() / 8, conversion.to().bits() / 8);
+        let per = (max / in_size / 256 * 256).max(256);
+        let span = self.span();
+        let total = span.len() / in_size;
+        (0..total)
+            .step_by(per)
+            .map(|first| {
+                let n = per.min(total - first);
+                ConversionPiece {
+                    src: span.part(first * in_size..(first + n) * in_size),
+                    elements: n as u64,
+                    out_offset: first * out_size,
+                }
+            })
+            .collect()
+    }
+}
+
+/// A piece of a tensor's conversion ([`PlanItem::conversion_pieces`]).
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub(crate) struct ConversionPiece<'a> {
+    /// Its input bytes.
+    pub src: Span<'a>,
+    /// Its number of elements.
+    pub elements: u64,
+    /// Where its output starts in the tensor's output, in bytes.
+    pub out_offset: usize,
 }
 
 /// A tensor to place: where it is, and what of it to take.
@@ -310,7 +344,6 @@ impl<'f> LoadPlan<'f> {
             items.push(PlanItem {
                 name,
                 file,
-                dtype: info.dtype,
                 shape,
                 input,
                 conversion,

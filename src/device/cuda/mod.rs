@@ -441,22 +441,15 @@ impl<'n> Convert<'n> {
         let Some(conversion) = item.conversion else {
             return Vec::new();
         };
-        let (in_size, out_size) = (item.dtype.bits() / 8, item.out_dtype.bits() / 8);
-        let per = ((scratch - ALIGN) / in_size / 256 * 256).max(256);
-        let span = item.span();
-        let total = span.len() / in_size;
-        (0..total)
-            .step_by(per)
-            .map(|first| {
-                let n = per.min(total - first);
-                Convert {
-                    tensor: item.name,
-                    file: item.file,
-                    src: span.part(first * in_size..(first + n) * in_size),
-                    conversion,
-                    elements: n as u64,
-                    out: out + first * out_size,
-                }
+        item.conversion_pieces(scratch - ALIGN)
+            .into_iter()
+            .map(|p| Convert {
+                tensor: item.name,
+                file: item.file,
+                src: p.src,
+                conversion,
+                elements: p.elements,
+                out: out + p.out_offset,
             })
             .collect()
     }

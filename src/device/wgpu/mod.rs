@@ -15,7 +15,9 @@ mod host_import;
 mod kernels;
 mod upload;
 
+#[cfg(feature = "cli")]
 pub(crate) use host_import::HostRegion;
+#[cfg(feature = "cli")]
 pub(crate) use upload::{RING, STAGING};
 
 use std::collections::HashMap;
@@ -381,7 +383,8 @@ impl WgpuBackend {
     }
 
     /// `len` bytes of fresh host memory imported as a `COPY_SRC` buffer, as the staging
-    /// ring's are (`None` where the device cannot import host memory).
+    /// ring's are (`None` where the device cannot import host memory): for the harness.
+    #[cfg(feature = "cli")]
     pub(crate) fn import_host(
         &self,
         len: usize,

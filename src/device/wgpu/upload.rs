@@ -607,33 +607,24 @@ struct Convert<'n, 'b> {
 }
 
 impl<'n, 'b> Convert<'n, 'b> {
-    /// The pieces of `item` that fit a scratch buffer of `scratch` bytes.
+    /// The pieces of `item` that fit a scratch buffer of `scratch` bytes (output offsets
+    /// 256-aligned: the binding alignment).
     fn chunks(
         item: &'n PlanItem<'n>,
         out: &'b wgpu::Buffer,
         kernel: Kernel,
         scratch: u64,
     ) -> Vec<Convert<'n, 'b>> {
-        let (from, to) = (kernel.conversion.from(), kernel.conversion.to());
-        let (in_size, out_size) = (from.bits() / 8, to.bits() / 8);
-        // Pieces of whole multiples of 256 elements, so that every output offset is a
-        // multiple of 256 bytes (the binding alignment).
-        let per = ((scratch as usize / in_size) / 256 * 256).max(256);
-        let span = item.span();
-        let total = span.len() / in_size;
-        (0..total)
-            .step_by(per)
-            .map(|first| {
-                let n = per.min(total - first);
-                Convert {
-                    tensor: item.name,
-                    file: item.file,
-                    src: span.part(first * in_size..(first + n) * in_size),
-                    elements: n as u64,
-                    out,
-                    out_offset: (first * out_size) as u64,
-                    kernel,
-                }
+        item.conversion_pieces(scratch as usize)
+            .into_iter()
+            .map(|p| Convert {
+                tensor: item.name,
+                file: item.file,
+                src: p.src,
+                elements: p.elements,
+                out,
+                out_offset: p.out_offset as u64,
+                kernel,
             })
             .collect()
     }
