@@ -163,20 +163,26 @@ fn read_via(file: &File, offset: usize, dst: &mut [u8], bounce: &mut [u8]) -> Re
 mod tests {
     use super::*;
 
-    #[test]
-    fn unaligned_ranges_read_the_same_bytes() {
+    /// A file of `len` patterned bytes opened for direct reads (with its folder and bytes),
+    /// or `None`, said, where the file system refuses `O_DIRECT`.
+    fn patterned(len: usize, test: &str) -> Option<(tempfile::TempDir, Vec<u8>, File)> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
-        let data: Vec<u8> = (0..3 * BLOCK as u32 + 777)
-            .map(|i| (i * 7 % 251) as u8)
-            .collect();
+        let data: Vec<u8> = (0..len as u32).map(|i| (i * 7 % 251) as u8).collect();
         std::fs::write(&path, &data).unwrap();
-        let file = match open(&path) {
-            Ok(f) => f,
+        match open(&path) {
+            Ok(file) => Some((dir, data, file)),
             Err(e) => {
-                println!("SKIPPED direct reads: this file system refuses O_DIRECT: {e}");
-                return;
+                println!("SKIPPED {test}: this file system refuses O_DIRECT: {e}");
+                None
             }
+        }
+    }
+
+    #[test]
+    fn unaligned_ranges_read_the_same_bytes() {
+        let Some((_dir, data, file)) = patterned(3 * BLOCK + 777, "direct reads") else {
+            return;
         };
         // Small bounce buffers force several requests per range.
         let mut small = HostBuffer::page_aligned(2 * BLOCK).unwrap();
@@ -210,18 +216,8 @@ mod tests {
     /// a file shorter than the range is an error.
     #[test]
     fn congruent_destinations_take_whole_blocks_in_place() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
-        let data: Vec<u8> = (0..40 * BLOCK as u32 + 333)
-            .map(|i| (i * 13 % 253) as u8)
-            .collect();
-        std::fs::write(&path, &data).unwrap();
-        let file = match open(&path) {
-            Ok(f) => f,
-            Err(e) => {
-                println!("SKIPPED direct reads in place: this file system refuses O_DIRECT: {e}");
-                return;
-            }
+        let Some((_dir, data, file)) = patterned(40 * BLOCK + 333, "direct reads in place") else {
+            return;
         };
         let mut arena = HostBuffer::page_aligned(48 * BLOCK).unwrap();
         for (offset, len) in [
