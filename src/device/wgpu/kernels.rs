@@ -1,4 +1,4 @@
-//! The conversion kernels of `shaders/` ([`KERNELS`]), their pipelines, and dispatches
+//! The conversion kernels of `shaders/` ([`Kernel::all`]), their pipelines, and dispatches
 //! cut to the device's binding and workgroup limits.
 
 use std::num::NonZeroU64;

@@ -13,12 +13,14 @@
 
 mod host_import;
 mod kernels;
+mod ring;
+mod scratch;
 mod upload;
 
 #[cfg(feature = "cli")]
 pub(crate) use host_import::HostRegion;
 #[cfg(feature = "cli")]
-pub(crate) use upload::{RING, STAGING};
+pub(crate) use ring::{RING, STAGING};
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -108,9 +110,9 @@ pub struct WgpuBackend {
     importer: Option<host_import::Importer>,
     /// The mapped staging ring, kept between loads (a load that finds it in use makes its
     /// own).
-    ring: Mutex<Vec<upload::Staging>>,
+    ring: Mutex<Vec<ring::Staging>>,
     /// The ring of imported host memory, kept the same way (imported once: importing pins).
-    imported_ring: Mutex<Vec<upload::Staging>>,
+    imported_ring: Mutex<Vec<ring::Staging>>,
 }
 
 impl std::fmt::Debug for WgpuBackend {
