@@ -42,6 +42,16 @@ pub(super) struct Importer {
     align: usize,
 }
 
+/// Whether `adapter` is a Vulkan adapter whose device lists `VK_EXT_external_memory_host`
+/// (what [`open`] checks first; the import itself may still be refused).
+pub(super) fn supported(adapter: &wgpu::Adapter) -> bool {
+    // SAFETY: the hal adapter is only read (its capabilities) and released at once.
+    unsafe { adapter.as_hal::<Vulkan>() }.is_some_and(|hal| {
+        hal.physical_device_capabilities()
+            .supports_extension(emh::NAME)
+    })
+}
+
 /// Opens `adapter`'s device with `VK_EXT_external_memory_host` enabled, with `features`
 /// and the adapter's own limits. `None` when the adapter is not Vulkan, the instance or
 /// device predates Vulkan 1.1, the extension is missing, buffers cannot be imported for

@@ -193,9 +193,11 @@ pub fn list() -> Result<Vec<String>> {
         .map(|(i, a)| {
             let info = a.get_info();
             let l = a.limits();
+            let yes = |b: bool| if b { "yes" } else { "no" };
             format!(
                 "wgpu:{i}: {} {:?} {:?} (driver {} {}), max_buffer_size {}, \
-                 max_storage_buffer_binding_size {}, shader-f16 {}",
+                 max_storage_buffer_binding_size {}, shader-f16 {}, \
+                 VK_EXT_external_memory_host {}",
                 info.name,
                 info.backend,
                 info.device_type,
@@ -203,11 +205,8 @@ pub fn list() -> Result<Vec<String>> {
                 info.driver_info,
                 l.max_buffer_size,
                 l.max_storage_buffer_binding_size,
-                if a.features().contains(wgpu::Features::SHADER_F16) {
-                    "yes"
-                } else {
-                    "no"
-                }
+                yes(a.features().contains(wgpu::Features::SHADER_F16)),
+                yes(host_import::supported(a)),
             )
         })
         .collect())
@@ -498,8 +497,16 @@ impl Backend for WgpuBackend {
 
     fn describe(&self) -> String {
         format!(
-            "wgpu:{} ({}, {:?}, {:?})",
-            self.index, self.info.name, self.info.backend, self.info.device_type
+            "wgpu:{} ({}, {:?}, {:?}{})",
+            self.index,
+            self.info.name,
+            self.info.backend,
+            self.info.device_type,
+            if self.importer.is_some() {
+                ", host import"
+            } else {
+                ""
+            }
         )
     }
 
