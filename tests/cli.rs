@@ -407,3 +407,81 @@ fn checkpoints_inspect_load_slice_and_convert_as_folders() {
         );
     }
 }
+
+/// `tensorplace load` of a checkpoint of 1,100 shards (no index: every `*.safetensors` of
+/// the folder) under a soft limit of 1,024 open files: the tool raises its soft limit to the
+/// hard one, since a load keeps a descriptor per shard open. Skips where the hard limit is too
+/// low to show it.
+#[test]
+fn load_of_more_shards_than_the_soft_open_file_limit() {
+    let test = "load_of_more_shards_than_the_soft_open_file_limit";
+    if skip_without_cli(test) {
+        return;
+    }
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit through a valid pointer.
+    assert_eq!(
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+        0
+    );
+    if limit.rlim_max < 2048 {
+        println!(
+            "SKIPPED {test}: the hard open-file limit is {}",
+            limit.rlim_max
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for k in 0..1100u64 {
+        let mut t = tensorplace::Tensors::new();
+        t.insert(
+            format!("w{k:04}"),
+            tensorplace::Tensor::from_bytes(
+                tensorplace::Dtype::U8,
+                vec![64],
+                &common::bytes(64, k),
+            )
+            .unwrap(),
+        );
+        tensorplace::save_file(
+            &t,
+            dir.path().join(format!("part-{k:04}.safetensors")),
+            None,
+        )
+        .unwrap();
+    }
+    let mut cmd = Command::new(exe());
+    cmd.args([
+        "load",
+        dir.path().to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--verify",
+    ]);
+    // SAFETY: setrlimit only changes the child's own limit, between fork and exec.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            let mut l = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
+            l.rlim_cur = 1024;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("1100 tensors"), "{text}");
+    assert!(text.contains("verified"), "{text}");
+}

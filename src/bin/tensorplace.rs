@@ -182,6 +182,7 @@ fn try_main() -> Result<()> {
     // Blocked from the first instant, so that a Ctrl-C during start-up cannot kill a
     // `convert` before it can clean up; every other command unblocks them at once.
     let interrupts = Interrupts::block()?;
+    raise_open_file_limit();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
@@ -197,6 +198,25 @@ fn try_main() -> Result<()> {
         Command::Load(args) => interrupts.unblock().and_then(|()| load(&args)),
         Command::Bench(args) => interrupts.unblock().and_then(|()| bench::run(&args)),
         Command::Devices => interrupts.unblock().and_then(|()| devices()),
+    }
+}
+
+/// Raises this process's soft limit on open files to its hard limit: a load keeps one
+/// descriptor per shard open (two for shards read directly), and checkpoints of more than
+/// about 500 shards pass the common soft limit of 1,024. The library leaves the limit to its
+/// application; this tool is one. Where the kernel refuses, the limit stays as it was.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write one rlimit through valid pointers.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
     }
 }
 
