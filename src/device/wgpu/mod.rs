@@ -325,7 +325,7 @@ impl WgpuBackend {
                 let mut s = sink.lock().unwrap_or_else(|p| p.into_inner());
                 s.get_or_insert_with(|| format!("device lost ({reason:?}): {msg}"));
             });
-            Ok(WgpuBackend {
+            let mut backend = WgpuBackend {
                 index,
                 info,
                 device,
@@ -340,8 +340,43 @@ impl WgpuBackend {
                 importer,
                 ring: Mutex::new(Vec::new()),
                 imported_ring: Mutex::new(Vec::new()),
-            })
+            };
+            // A driver that accepts the import but copies wrong bytes from it must not carry
+            // a load: one small copy through imported memory is checked first.
+            if backend.importer.is_some() && backend.check_import().is_err() {
+                backend.importer = None;
+            }
+            Ok(backend)
         })
+    }
+
+    /// Imports a few pages of host memory holding a pattern, copies them into a device
+    /// buffer at an offset, reads that back and compares.
+    fn check_import(&self) -> Result<()> {
+        const LEN: usize = 1 << 16;
+        let importer = self
+            .importer
+            .as_ref()
+            .ok_or_else(|| backend_err("no importer"))?;
+        let want: Vec<u8> = (0..LEN).map(|i| (i * 31 % 251) as u8).collect();
+        let copied = self.scoped("checking host import", || {
+            let (source, host) = importer.import(&self.device, LEN)?;
+            // SAFETY: fresh memory of at least LEN bytes that no submission reads yet.
+            unsafe { std::ptr::copy_nonoverlapping(want.as_ptr(), host.as_ptr(), LEN) };
+            let usage = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+            let dst = self.new_buffer("tensorplace import check", 2 * LEN as u64, usage);
+            let mut enc = self.device.create_command_encoder(&Default::default());
+            enc.copy_buffer_to_buffer(&source, 256, &dst, 512, (LEN - 256) as u64);
+            let index = self.queue.submit([enc.finish()]);
+            self.wait(Some(index))?;
+            Ok(dst)
+        })?;
+        let got = self.download(&copied, 2 * LEN)?;
+        if got[512..LEN + 256] == want[256..] {
+            Ok(())
+        } else {
+            Err(backend_err("bytes copied from imported host memory differ"))
+        }
     }
 
     /// The adapter's index in the order of `wgpu:N`.

@@ -163,7 +163,7 @@ fn path(backend: &WgpuBackend, upload: Upload) -> std::result::Result<Path, &'st
         Upload::InPlace => Err("the adapter does not share host memory"),
         Upload::HostImport if import => Ok(Path::Staged(Ring::Imported)),
         Upload::HostImport => Err(
-            "the device cannot import host memory (not Vulkan, or no VK_EXT_external_memory_host)",
+            "the device cannot import host memory (not Vulkan, no VK_EXT_external_memory_host, or a copy from imported memory failed its check)",
         ),
         Upload::Register => Err("registering host memory is a CUDA strategy"),
     }
