@@ -176,11 +176,12 @@ impl Pinned {
 
 impl Drop for Pinned {
     fn drop(&mut self) {
+        // Pushed first: cudarc's event calls make the context current themselves.
+        let _current = Current::push(&self.ctx);
         // A copy still reading the buffer must finish before it is freed.
         if let Some(e) = self.last_copy.take() {
             let _ = e.synchronize();
         }
-        let _current = Current::push(&self.ctx);
         // SAFETY: `ptr` came from `malloc_host` and is freed only here, after its last copy.
         let _ = unsafe { result::free_host(self.ptr.cast()) };
     }
