@@ -374,27 +374,60 @@ pub(crate) fn read_pieces<D: Destination>(
         false => Threads::PerCore,
     };
     parallel::for_each(pieces, threads, |piece, scratch| {
-        advance(0)?;
-        let n = piece.src.len() as u64;
-        let file = piece.file;
-        let fetch = match file.fetch() {
-            Fetch::Memory if file.is_partial() && piece.src.gather.width() >= LONG_RUN => {
-                Fetch::Pread
-            }
-            fetch => fetch,
-        };
-        let source = Source {
-            file,
-            span: piece.src,
-            fetch,
-            scratch,
-        };
-        piece
-            .dst
-            .write(source)
-            .map_err(|e| e.with_tensor(piece.tensor).with_opt_file(file.path()))?;
-        advance(n)
+        read_piece(piece, scratch, advance)
     })
+}
+
+/// Reads batches of pieces in order, up to `ahead` batches at once on the reader pool, so
+/// that the disk (or the cores) never wait for the caller between batches: `start(k)` (on
+/// the calling thread, in order) gives batch k's pieces once their destinations may be
+/// written, or `None` when there are no more; `finish(k)` (on the calling thread, in order)
+/// runs once batch k's bytes are all in (to queue its device copies, say) while later batches
+/// are being read. `from_disk`: whether the pieces are read from a disk (the many-thread
+/// pool) rather than copied from memory (a thread per core). Errors as [`read_pieces`]'s; the
+/// first stops the rest, and nothing is being written when this returns.
+pub(crate) fn read_batches<'d, D: Destination + 'd>(
+    from_disk: bool,
+    ahead: usize,
+    start: impl FnMut(usize) -> Result<Option<Vec<Piece<'d, D>>>>,
+    finish: impl FnMut(usize) -> Result<()>,
+    advance: &(dyn Fn(u64) -> Result<()> + Sync),
+) -> Result<()> {
+    let threads = if from_disk {
+        Threads::Io
+    } else {
+        Threads::PerCore
+    };
+    parallel::batches(threads, ahead, start, finish, &|piece, scratch| {
+        read_piece(piece, scratch, advance)
+    })
+}
+
+/// Reads one piece into its destination: `advance(0)` before (an interrupted load stops
+/// here), `advance(len)` after; errors name the file and the tensor.
+fn read_piece<D: Destination>(
+    piece: Piece<'_, D>,
+    scratch: &mut Vec<u8>,
+    advance: &(dyn Fn(u64) -> Result<()> + Sync),
+) -> Result<()> {
+    advance(0)?;
+    let n = piece.src.len() as u64;
+    let file = piece.file;
+    let fetch = match file.fetch() {
+        Fetch::Memory if file.is_partial() && piece.src.gather.width() >= LONG_RUN => Fetch::Pread,
+        fetch => fetch,
+    };
+    let source = Source {
+        file,
+        span: piece.src,
+        fetch,
+        scratch,
+    };
+    piece
+        .dst
+        .write(source)
+        .map_err(|e| e.with_tensor(piece.tensor).with_opt_file(file.path()))?;
+    advance(n)
 }
 
 #[cfg(test)]

@@ -74,6 +74,141 @@ pub(crate) fn for_each<J: Send>(
         .unwrap_or_else(|_| Err(Error::new(ErrorKind::Backend, "a worker thread panicked")))
 }
 
+std::thread_local! {
+    /// The scratch buffer of a pool thread running batch jobs, kept for the thread's life.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A count of a batch's jobs still to end, and its waiters.
+struct Latch {
+    left: std::sync::Mutex<usize>,
+    done: std::sync::Condvar,
+}
+
+impl Latch {
+    fn new(jobs: usize) -> Latch {
+        Latch {
+            left: std::sync::Mutex::new(jobs),
+            done: std::sync::Condvar::new(),
+        }
+    }
+
+    fn count_down(&self) {
+        let mut left = self.left.lock().unwrap_or_else(|p| p.into_inner());
+        *left = left.saturating_sub(1);
+        if *left == 0 {
+            self.done.notify_all();
+        }
+    }
+
+    fn wait(&self) {
+        let mut left = self.left.lock().unwrap_or_else(|p| p.into_inner());
+        while *left > 0 {
+            left = self.done.wait(left).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// Runs batches of jobs in order on the pool `threads` names, up to `ahead` batches at once,
+/// so that the pool never waits for the caller between batches: `start(k)` (on the calling
+/// thread, in order) gives batch k's jobs, or `None` when there are no more; `finish(k)` (on
+/// the calling thread, in order) runs once every job of batch k has ended well, while later
+/// batches are still running. The first error (of a job, `start` or `finish`; a panicking job
+/// is one) stops the queueing, skips the queued jobs not yet started, and is returned once
+/// the running ones have ended: nothing a job writes is in use when this returns.
+pub(crate) fn batches<J: Send>(
+    threads: Threads,
+    ahead: usize,
+    mut start: impl FnMut(usize) -> Result<Option<Vec<J>>>,
+    mut finish: impl FnMut(usize) -> Result<()>,
+    work: &(dyn Fn(J, &mut Vec<u8>) -> Result<()> + Sync),
+) -> Result<()> {
+    let Some(pool) = threads.pool() else {
+        // No pool (the caller's thread, or none could start): each batch here, in order.
+        let mut scratch = Vec::new();
+        let mut k = 0;
+        while let Some(jobs) = start(k)? {
+            jobs.into_iter()
+                .try_for_each(|job| run_guarded(work, job, &mut scratch))?;
+            finish(k)?;
+            k += 1;
+        }
+        return Ok(());
+    };
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let failure: std::sync::Mutex<Option<Error>> = std::sync::Mutex::new(None);
+    let fail = |e: Error| {
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(e);
+    };
+    let stopped = || stop.load(std::sync::atomic::Ordering::SeqCst);
+    pool.in_place_scope(|scope| {
+        let mut running: std::collections::VecDeque<(usize, std::sync::Arc<Latch>)> =
+            std::collections::VecDeque::new();
+        let mut k = 0;
+        let mut more = true;
+        loop {
+            if running.len() >= ahead.max(1) || !more {
+                let Some((j, latch)) = running.pop_front() else {
+                    break;
+                };
+                latch.wait();
+                if stopped() {
+                    break;
+                }
+                if let Err(e) = finish(j) {
+                    fail(e);
+                    break;
+                }
+                continue;
+            }
+            let jobs = match start(k) {
+                Ok(Some(jobs)) => jobs,
+                Ok(None) => {
+                    more = false;
+                    continue;
+                }
+                Err(e) => {
+                    fail(e);
+                    break;
+                }
+            };
+            let latch = std::sync::Arc::new(Latch::new(jobs.len()));
+            for job in jobs {
+                let (latch, fail, stopped) = (latch.clone(), &fail, &stopped);
+                scope.spawn(move |_| {
+                    if !stopped() {
+                        let r = SCRATCH.with(|s| run_guarded(work, job, &mut s.borrow_mut()));
+                        if let Err(e) = r {
+                            fail(e);
+                        }
+                    }
+                    latch.count_down();
+                });
+            }
+            running.push_back((k, latch));
+            k += 1;
+        }
+    });
+    match failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Runs `work` on `job`, a panic becoming an error.
+fn run_guarded<J>(
+    work: &(dyn Fn(J, &mut Vec<u8>) -> Result<()> + Sync),
+    job: J,
+    scratch: &mut Vec<u8>,
+) -> Result<()> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(job, scratch)))
+        .unwrap_or_else(|_| Err(Error::new(ErrorKind::Backend, "a worker thread panicked")))
+}
+
 /// Runs `work` on every job and returns the results in the jobs' order (see [`for_each`]).
 pub(crate) fn map<J: Send, R: Send>(
     jobs: Vec<J>,
@@ -99,6 +234,96 @@ pub(crate) fn map<J: Send, R: Send>(
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Batches finish in order, each after all its jobs and while at most `ahead` run; an
+    /// error from a job, from `start` or from `finish` stops the rest; a panic is an error.
+    #[test]
+    fn batches_run_ahead_and_finish_in_order() {
+        for threads in [Threads::Caller, Threads::PerCore, Threads::Io] {
+            let done: Vec<AtomicUsize> = (0..20).map(|_| AtomicUsize::new(0)).collect();
+            let started = std::sync::Mutex::new(Vec::new());
+            let mut finished = Vec::new();
+            let max_open = AtomicUsize::new(0);
+            let open = AtomicUsize::new(0);
+            let mut starts = 0usize;
+            batches(
+                threads,
+                3,
+                |k| {
+                    starts += 1;
+                    let n = open.fetch_add(1, Ordering::SeqCst) + 1;
+                    max_open.fetch_max(n, Ordering::SeqCst);
+                    started.lock().unwrap().push(k);
+                    Ok((k < 20).then(|| (0..k % 5 + 1).map(|_| k).collect()))
+                },
+                |k| {
+                    assert_eq!(done[k].load(Ordering::SeqCst), k % 5 + 1, "batch {k}");
+                    open.fetch_sub(1, Ordering::SeqCst);
+                    finished.push(k);
+                    Ok(())
+                },
+                &|k: usize, _| {
+                    done[k].fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                },
+            )
+            .unwrap();
+            assert_eq!(finished, (0..20).collect::<Vec<_>>(), "{threads:?}");
+            assert_eq!(starts, 21);
+            // The call that says "no more" counts as one open batch too.
+            assert!(max_open.into_inner() <= 4, "{threads:?}");
+            let e = batches(
+                threads,
+                2,
+                |k| Ok((k < 10).then(|| vec![k])),
+                |_| Ok(()),
+                &|k: usize, _| match k {
+                    4 => Err(Error::new(ErrorKind::Io, "four")),
+                    _ => Ok(()),
+                },
+            )
+            .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Io);
+            let mut finished = Vec::new();
+            let e = batches(
+                threads,
+                2,
+                |k| Ok((k < 10).then(|| vec![k])),
+                |k| {
+                    finished.push(k);
+                    match k {
+                        3 => Err(Error::new(ErrorKind::Interrupted, "three")),
+                        _ => Ok(()),
+                    }
+                },
+                &|_, _| Ok(()),
+            )
+            .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Interrupted);
+            assert_eq!(finished, [0, 1, 2, 3]);
+            let e = batches(
+                threads,
+                2,
+                |k| match k {
+                    2 => Err(Error::new(ErrorKind::OutOfMemory, "two")),
+                    _ => Ok(Some(vec![k])),
+                },
+                |_| Ok(()),
+                &|_, _| Ok(()),
+            )
+            .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::OutOfMemory);
+            let e = batches(
+                threads,
+                2,
+                |k| Ok((k < 3).then(|| vec![k])),
+                |_| Ok(()),
+                &|_: usize, _| -> Result<()> { panic!("a bug") },
+            )
+            .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Backend);
+        }
+    }
 
     #[test]
     fn runs_every_job_and_returns_an_error() {

@@ -153,6 +153,19 @@ impl Pinned {
         Ok(unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) })
     }
 
+    /// [`host_mut`](Self::host_mut) for writers on other threads: the bytes, once the last
+    /// copy reading them has completed, as a slice of no lifetime.
+    ///
+    /// # Safety
+    /// The caller keeps this buffer alive, queues no copy from it and takes no other view of
+    /// its bytes while the slice is in use.
+    pub(crate) unsafe fn host_unbound<'x>(&mut self) -> Result<&'x mut [u8]> {
+        let bytes = self.host_mut()?;
+        // SAFETY: the same bytes `host_mut` lends, waited for; the caller keeps the contract
+        // above in place of the borrow.
+        Ok(unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr(), bytes.len()) })
+    }
+
     /// The address of byte `offset`, for a copy queued on a stream. The caller must call
     /// [`copied_on`](Self::copied_on) after queuing its copies.
     pub(crate) fn device_source(&self, offset: usize) -> *const std::ffi::c_void {

@@ -2,6 +2,7 @@
 //! filled by the host I/O engine (direct or positioned reads when the file is cold or not
 //! mapped, copies from the mapping when warm), each copied up on a stream while the next is filled.
 
+use std::cell::RefCell;
 use std::ffi::c_void;
 
 use cudarc::driver::sys::{self, CUdeviceptr};
@@ -10,6 +11,7 @@ use super::memory::{Current, Pinned};
 use super::{ALIGN, CudaBackend, STREAMS, Transfer, driver_err};
 use crate::device::LoadPlan;
 use crate::error::{Error, ErrorKind, Result};
+use crate::host::Fetch;
 use crate::io::{self, LONG_RUN, PIECE, Piece};
 
 /// Pinned staging buffers in the ring, and the size of each.
@@ -126,12 +128,22 @@ pub(crate) fn stage_and_copy(
         .iter()
         .flat_map(|t| io::chunks(0..t.src.len(), STAGING).map(|r| t.part(r)))
         .collect();
-    for (n, batch) in batches(&pieces).into_iter().enumerate() {
-        let slot = n % RING;
-        let stream = &backend.streams[slot % STREAMS];
-        let buffer = &mut ring.buffers[slot];
+    let batches = batches(&pieces);
+    let from_disk = pieces.iter().any(|t| t.file.fetch() != Fetch::Memory);
+    let ring = RefCell::new(ring);
+    // Up to three buffers are read at once while the fourth's copies run: the readers never
+    // wait for the copies to be queued.
+    let start = |n: usize| {
+        let Some(batch) = batches.get(n) else {
+            return Ok(None);
+        };
+        let mut ring = ring.borrow_mut();
+        // SAFETY: the buffer stays in the ring, which outlives this function; its copies are
+        // queued only in `finish(n)`, after the engine has written (or dropped) every piece,
+        // and it is written again only for batch n + RING, after `read_batches` has finished
+        // batch n (it runs at most RING - 1 batches at once).
+        let mut rest = unsafe { ring.buffers[n % RING].host_unbound()? };
         let mut jobs = Vec::new();
-        let mut rest = buffer.host_mut()?;
         let mut at = 0usize;
         for (t, &off) in batch.transfers.iter().zip(&batch.offsets) {
             let (_, tail) = std::mem::take(&mut rest).split_at_mut(off - at);
@@ -150,11 +162,19 @@ pub(crate) fn stage_and_copy(
                 });
             }
         }
-        io::read_pieces(jobs, &|_| plan.advance(0))?;
+        Ok(Some(jobs))
+    };
+    let finish = |n: usize| {
+        let Some(batch) = batches.get(n) else {
+            return Ok(());
+        };
+        let mut ring = ring.borrow_mut();
+        let buffer = &mut ring.buffers[n % RING];
+        let stream = &backend.streams[n % RING % STREAMS];
         for c in &batch.copies {
             let src: *const c_void = buffer.device_source(c.offset);
             // SAFETY: the source is `len` bytes of the pinned buffer, which is not written
-            // again before this copy completes (`host_mut` waits for the event recorded
+            // again before this copy completes (`host_unbound` waits for the event recorded
             // below); the destination is inside a device allocation that the load's stream
             // guard keeps alive until every stream is synchronized (a grown copy ends at its
             // last transfer's end, inside the same allocation).
@@ -162,12 +182,12 @@ pub(crate) fn stage_and_copy(
                 .result()
                 .map_err(|e| driver_err(backend.ordinal, "copying to the device", e))?;
         }
-        let bytes: u64 = batch.transfers.iter().map(|t| t.src.len() as u64).sum();
         buffer.copied_on(stream)?;
-        plan.advance(bytes)?;
+        plan.advance(batch.transfers.iter().map(|t| t.src.len() as u64).sum())?;
         // The progress callback is the caller's code: it may have changed the context.
-        current.restore(&backend.ctx)?;
-    }
+        current.restore(&backend.ctx)
+    };
+    io::read_batches(from_disk, RING - 1, start, finish, &|_| plan.advance(0))?;
     backend.sync_all()
 }
 

@@ -4,15 +4,17 @@
 //! its own submission is done, so that the host's writes into one buffer overlap the copies
 //! out of the others. The rings are the backend's, kept between loads.
 
+use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use super::host_import::HostRegion;
-use super::upload::{MapState, Write, fill, map_async, wait_mapped};
+use super::upload::{MapState, MappedRange, Write, map_async, mapped_pieces, wait_mapped};
 use super::{WgpuBackend, backend_err, pad4};
 use crate::device::LoadPlan;
 use crate::error::Result;
-use crate::host::HostFile;
-use crate::io::{self, PIECE, Piece, Span};
+use crate::host::{Fetch, HostFile};
+use crate::io::{self, Destination, PIECE, Piece, Source, Span};
 
 /// Staging buffers in the ring.
 pub(crate) const RING: usize = 4;
@@ -119,17 +121,22 @@ impl Staging {
         }
     }
 
-    /// Writes the `batch` of transfers at `offsets` (increasing, 4-aligned, each transfer
-    /// padded to 4 bytes with zeros), through the host I/O engine on every core.
-    fn fill(
+    /// The engine's pieces that write the `batch` of transfers at `offsets` (increasing,
+    /// 4-aligned, each transfer padded to 4 bytes with zeros) into the buffer, once
+    /// [`ready`](Self::ready).
+    ///
+    /// # Safety
+    /// For the imported kind the pieces write the host memory through slices of no lifetime:
+    /// the caller keeps this buffer, and lets no submission read it, until every piece has
+    /// been written or dropped.
+    unsafe fn pieces<'n, 'h>(
         &mut self,
-        batch: &[Transfer<'_, '_>],
+        batch: &[Transfer<'n, '_>],
         offsets: &[u64],
-        plan: &LoadPlan<'_>,
-    ) -> Result<()> {
+    ) -> Vec<Piece<'n, Slot<'h>>> {
         match self {
             Staging::Mapped { buffer, .. } => {
-                let writes: Vec<Write<'_, '_>> = batch
+                let writes: Vec<Write<'n, '_>> = batch
                     .iter()
                     .zip(offsets)
                     .map(|(t, &offset)| Write {
@@ -140,16 +147,23 @@ impl Staging {
                         src: t.src.clone(),
                     })
                     .collect();
-                fill(&writes, false, &|_| plan.advance(0))?;
-                buffer.unmap();
-                Ok(())
+                mapped_pieces(&writes, false)
+                    .into_iter()
+                    .map(|p| Piece {
+                        tensor: p.tensor,
+                        file: p.file,
+                        src: p.src,
+                        dst: Slot::Mapped(p.dst),
+                    })
+                    .collect()
             }
             Staging::Imported { host, .. } => {
-                // SAFETY: `ready` waited for the last submission that read this memory, the
-                // ring is borrowed mutably (no other writer), and the drop callback that
-                // also holds the region only frees it: these bytes are ours until the next
-                // submission.
-                let bytes = unsafe { std::slice::from_raw_parts_mut(host.as_ptr(), host.len()) };
+                // SAFETY: `ready` waited for the last submission that read this memory, and
+                // the caller lets none read it while the pieces live (this function's
+                // contract); the ring is borrowed mutably (no other writer), and the drop
+                // callback that also holds the region only frees it.
+                let bytes: &'h mut [u8] =
+                    unsafe { std::slice::from_raw_parts_mut(host.as_ptr(), host.len()) };
                 let mut rest = bytes;
                 let mut at = 0usize;
                 let mut pieces = Vec::new();
@@ -167,12 +181,19 @@ impl Staging {
                             tensor: t.tensor,
                             file: t.file,
                             src: t.src.part(r),
-                            dst,
+                            dst: Slot::Host(dst),
                         });
                     }
                 }
-                io::read_pieces(pieces, &|_| plan.advance(0))
+                pieces
             }
+        }
+    }
+
+    /// Ends the host's writes (a mapped buffer is unmapped) before its copies are encoded.
+    fn filled(&self) {
+        if let Staging::Mapped { buffer, .. } = self {
+            buffer.unmap();
         }
     }
 
@@ -187,6 +208,22 @@ impl Staging {
     }
 }
 
+/// Where a piece of a staging batch goes: a range of a mapped buffer, or of imported host
+/// memory.
+enum Slot<'h> {
+    Mapped(MappedRange),
+    Host(&'h mut [u8]),
+}
+
+impl Destination for Slot<'_> {
+    fn write(self, src: Source<'_>) -> Result<()> {
+        match self {
+            Slot::Mapped(range) => range.write(src),
+            Slot::Host(bytes) => bytes.write(src),
+        }
+    }
+}
+
 /// The kind of staging ring a load streams through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Ring {
@@ -196,9 +233,10 @@ pub(super) enum Ring {
     Imported,
 }
 
-/// Streams `transfers` through the staging ring of kind `ring`: fill one buffer (on every
-/// core), copy from it into the destinations, submit, and go on with the next buffer while
-/// the copies run; a buffer is filled again once its copies are done. Each buffer is filled
+/// Streams `transfers` through the staging ring of kind `ring`: each buffer filled by the
+/// host I/O engine (up to three at once, so that the readers never wait between buffers),
+/// then its copies into the destinations encoded and submitted while later buffers are still
+/// being read; a buffer is filled again once its own copies are done. Each buffer is filled
 /// to the brim: a transfer that does not fit is cut at the room left (4-byte boundaries),
 /// its rest going first into the next buffer. The ring is the backend's, kept between
 /// loads; a load that finds it in use by another makes its own.
@@ -219,48 +257,40 @@ pub(super) fn stream(
         Some(r) if r.first().is_none_or(|s| s.size() == size) => r,
         _ => &mut own,
     };
-    let mut queue: std::collections::VecDeque<Transfer<'_, '_>> =
-        transfers.iter().map(Transfer::clone).collect();
-    let mut next = 0usize;
-    let mut last = None;
-    while !queue.is_empty() {
-        // Gather what fills one staging buffer, each transfer at a 256-byte aligned offset.
-        let mut batch = Vec::new();
-        let mut offsets = Vec::new();
-        let mut used = 0u64;
-        while let Some(t) = queue.pop_front() {
-            let len = t.src.len() as u64;
-            // Into imported memory, long pieces read directly go where their blocks land in
-            // place (a mapped buffer's host address is the driver's).
-            let placed = match kind {
-                Ring::Imported => io::staging_offset(used as usize, t.file, &t.src, 4) as u64,
-                Ring::Mapped => used,
-            };
-            if placed + pad4(len) <= size {
-                offsets.push(placed);
-                used = (placed + pad4(len)).next_multiple_of(256);
-                batch.push(t);
-                continue;
-            }
-            let room = size.saturating_sub(used) / 4 * 4;
-            if room >= 4 {
-                let (head, tail) = t.split_at(room as usize);
-                offsets.push(used);
-                batch.push(head);
-                queue.push_front(tail);
-            } else {
-                queue.push_front(t);
-            }
-            break;
+    let from_disk = transfers.iter().any(|t| t.file.fetch() != Fetch::Memory);
+    let queue: VecDeque<Transfer<'_, '_>> = transfers.iter().map(Transfer::clone).collect();
+    let state = RefCell::new(Stream {
+        ring,
+        queue,
+        filling: VecDeque::new(),
+        next: 0,
+        last: None,
+    });
+    let start = |_| {
+        let mut st = state.borrow_mut();
+        let Some((batch, offsets)) = next_batch(&mut st.queue, kind, size) else {
+            return Ok(None);
+        };
+        if st.ring.len() < RING {
+            st.ring.push(Staging::new(backend, kind, size)?);
         }
-        if ring.len() < RING {
-            ring.push(Staging::new(backend, kind, size)?);
-        }
-        let slot = next % ring.len().max(1);
-        next += 1;
-        let staging = &mut ring[slot];
+        let slot = st.next % st.ring.len().max(1);
+        st.next += 1;
+        let staging = &mut st.ring[slot];
         staging.ready(backend)?;
-        staging.fill(&batch, &offsets, plan)?;
+        // SAFETY: the buffer stays in the ring (which outlives this call) and is submitted
+        // only in `finish`, after the engine has written (or dropped) every piece.
+        let pieces = unsafe { staging.pieces(&batch, &offsets) };
+        st.filling.push_back((slot, batch, offsets));
+        Ok(Some(pieces))
+    };
+    let finish = |_| {
+        let mut st = state.borrow_mut();
+        let Some((slot, batch, offsets)) = st.filling.pop_front() else {
+            return Ok(());
+        };
+        let staging = &mut st.ring[slot];
+        staging.filled();
         let mut enc = backend.device.create_command_encoder(&Default::default());
         for (t, &off) in batch.iter().zip(&offsets) {
             enc.copy_buffer_to_buffer(
@@ -273,9 +303,65 @@ pub(super) fn stream(
         }
         let index = backend.queue.submit([enc.finish()]);
         staging.submitted(index.clone());
-        last = Some(index);
-        plan.advance(batch.iter().map(|t| t.src.len() as u64).sum())?;
+        st.last = Some(index);
+        plan.advance(batch.iter().map(|t| t.src.len() as u64).sum())
+    };
+    io::read_batches(from_disk, RING - 1, start, finish, &|_| plan.advance(0))?;
+    let last = state.into_inner().last;
+    backend.wait(last)
+}
+
+/// A stream's state between its batches.
+struct Stream<'r, 'n, 'b> {
+    ring: &'r mut Vec<Staging>,
+    /// Transfers not yet in a batch.
+    queue: VecDeque<Transfer<'n, 'b>>,
+    /// Batches being read: their slot, transfers and offsets there.
+    filling: VecDeque<(usize, Vec<Transfer<'n, 'b>>, Vec<u64>)>,
+    /// Batches started.
+    next: usize,
+    /// The last submission.
+    last: Option<wgpu::SubmissionIndex>,
+}
+
+/// The next batch from `queue`: what fills one staging buffer of `size` bytes, each transfer
+/// at a 256-byte aligned offset (into imported memory, long pieces read directly where their
+/// blocks land in place: a mapped buffer's host address is the driver's), a transfer that
+/// does not fit cut at the room left. `None` once the queue is empty.
+#[allow(clippy::type_complexity)]
+fn next_batch<'n, 'b>(
+    queue: &mut VecDeque<Transfer<'n, 'b>>,
+    kind: Ring,
+    size: u64,
+) -> Option<(Vec<Transfer<'n, 'b>>, Vec<u64>)> {
+    if queue.is_empty() {
+        return None;
     }
-    backend.wait(last)?;
-    Ok(())
+    let mut batch = Vec::new();
+    let mut offsets = Vec::new();
+    let mut used = 0u64;
+    while let Some(t) = queue.pop_front() {
+        let len = t.src.len() as u64;
+        let placed = match kind {
+            Ring::Imported => io::staging_offset(used as usize, t.file, &t.src, 4) as u64,
+            Ring::Mapped => used,
+        };
+        if placed + pad4(len) <= size {
+            offsets.push(placed);
+            used = (placed + pad4(len)).next_multiple_of(256);
+            batch.push(t);
+            continue;
+        }
+        let room = size.saturating_sub(used) / 4 * 4;
+        if room >= 4 {
+            let (head, tail) = t.split_at(room as usize);
+            offsets.push(used);
+            batch.push(head);
+            queue.push_front(tail);
+        } else {
+            queue.push_front(t);
+        }
+        break;
+    }
+    Some((batch, offsets))
 }

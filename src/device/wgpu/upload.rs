@@ -66,8 +66,8 @@ struct BufferSpec<'n> {
 }
 
 /// `len` bytes at `offset` of a mapped buffer, zero-padded to 4 bytes.
-struct MappedRange<'b> {
-    buffer: &'b wgpu::Buffer,
+pub(super) struct MappedRange {
+    buffer: wgpu::Buffer,
     offset: u64,
     len: usize,
     /// Whether the mapping is plain host memory (an adapter that shares it): then the bytes
@@ -76,7 +76,7 @@ struct MappedRange<'b> {
     host_memory: bool,
 }
 
-impl Destination for MappedRange<'_> {
+impl Destination for MappedRange {
     fn write(self, src: Source<'_>) -> Result<()> {
         let padded = pad4(self.len as u64);
         let mut view = self
@@ -124,14 +124,22 @@ pub(super) fn fill(
     host_memory: bool,
     advance: &(dyn Fn(u64) -> Result<()> + Sync),
 ) -> Result<()> {
-    let pieces = writes
+    io::read_pieces(mapped_pieces(writes, host_memory), advance)
+}
+
+/// The engine's pieces of `writes`: [`PIECE`] bytes each (8-aligned, wgpu's MAP_ALIGNMENT).
+pub(super) fn mapped_pieces<'n>(
+    writes: &[Write<'n, '_>],
+    host_memory: bool,
+) -> Vec<Piece<'n, MappedRange>> {
+    writes
         .iter()
         .flat_map(|w| {
             io::chunks(0..w.src.len(), PIECE).map(move |r| Piece {
                 tensor: w.tensor,
                 file: w.file,
                 dst: MappedRange {
-                    buffer: w.buffer,
+                    buffer: w.buffer.clone(),
                     offset: w.offset + r.start as u64,
                     len: r.len(),
                     host_memory,
@@ -139,8 +147,7 @@ pub(super) fn fill(
                 src: w.src.part(r),
             })
         })
-        .collect();
-    io::read_pieces(pieces, advance)
+        .collect()
 }
 
 /// How a load's bytes reach the device's buffers.
