@@ -386,6 +386,7 @@ pub(crate) fn read_pieces<D: Destination>(
 /// are being read. `from_disk`: whether the pieces are read from a disk (the many-thread
 /// pool) rather than copied from memory (a thread per core). Errors as [`read_pieces`]'s; the
 /// first stops the rest, and nothing is being written when this returns.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 pub(crate) fn read_batches<'d, D: Destination + 'd>(
     from_disk: bool,
     ahead: usize,

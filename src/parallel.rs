@@ -80,11 +80,13 @@ std::thread_local! {
 }
 
 /// A count of a batch's jobs still to end, and its waiters.
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
 struct Latch {
     left: std::sync::Mutex<usize>,
     done: std::sync::Condvar,
 }
 
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
 impl Latch {
     fn new(jobs: usize) -> Latch {
         Latch {
@@ -116,6 +118,7 @@ impl Latch {
 /// batches are still running. The first error (of a job, `start` or `finish`; a panicking job
 /// is one) stops the queueing, skips the queued jobs not yet started, and is returned once
 /// the running ones have ended: nothing a job writes is in use when this returns.
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
 pub(crate) fn batches<J: Send>(
     threads: Threads,
     ahead: usize,
@@ -200,6 +203,7 @@ pub(crate) fn batches<J: Send>(
 }
 
 /// Runs `work` on `job`, a panic becoming an error.
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
 fn run_guarded<J>(
     work: &(dyn Fn(J, &mut Vec<u8>) -> Result<()> + Sync),
     job: J,
