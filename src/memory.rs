@@ -25,8 +25,12 @@ unsafe impl bytemuck::Pod for Line {}
 pub(crate) enum HostBuffer {
     /// From the heap, in cache lines.
     Heap { lines: Vec<Line>, len: usize },
-    /// An anonymous private mapping.
-    Mapped(MmapMut),
+    /// `len` bytes at `start` of an anonymous private mapping.
+    Mapped {
+        map: MmapMut,
+        start: usize,
+        len: usize,
+    },
 }
 
 impl HostBuffer {
@@ -47,19 +51,36 @@ impl HostBuffer {
     }
 
     /// A zeroed anonymous mapping of `len` bytes (at least one page), page-aligned whatever
-    /// its size (as direct reads need), with huge pages advised.
+    /// its size (as direct reads need), with huge pages advised. One of at least [`HUGE`]
+    /// bytes starts on a huge-page boundary, so that all of it may be huge pages: a direct
+    /// read into huge pages reaches the disk in requests of megabytes, where small pages cut
+    /// it at the few hundred pages a request may list (a sequential `O_DIRECT` read of a
+    /// cold file on this project's VM: 2.3 GB/s into huge pages, 1.0 GB/s into small ones).
     pub(crate) fn page_aligned(len: usize) -> Result<HostBuffer> {
-        let map = MmapMut::map_anon(len.max(1)).map_err(|e| {
+        let oom = |why: String| {
             Error::new(
                 ErrorKind::OutOfMemory,
-                format!("cannot map {len} bytes of host memory: {e}"),
+                format!("cannot map {len} bytes of host memory{why}"),
             )
-            .with_source(e)
-        })?;
+        };
+        // Room to start on a huge-page boundary wherever the kernel puts the mapping; the
+        // pages past the buffer are never touched, so they cost address space only.
+        let map_len = match len {
+            0..HUGE => len.max(1),
+            _ => len
+                .checked_next_multiple_of(HUGE)
+                .and_then(|l| l.checked_add(HUGE))
+                .ok_or_else(|| oom(String::new()))?,
+        };
+        let map = MmapMut::map_anon(map_len).map_err(|e| oom(format!(": {e}")).with_source(e))?;
         // Where the kernel does not allow huge pages (THP off, or not Linux), the buffer
         // works with small pages: the advice is only advice.
         let _ = map.advise(Advice::HugePage);
-        Ok(HostBuffer::Mapped(map))
+        let start = match len {
+            0..HUGE => 0,
+            _ => (map.as_ptr() as usize).next_multiple_of(HUGE) - map.as_ptr() as usize,
+        };
+        Ok(HostBuffer::Mapped { map, start, len })
     }
 
     /// A buffer holding a copy of `bytes`.
@@ -73,7 +94,7 @@ impl HostBuffer {
     pub(crate) fn as_bytes(&self) -> &[u8] {
         match self {
             HostBuffer::Heap { lines, len } => &bytemuck::cast_slice(lines)[..*len],
-            HostBuffer::Mapped(map) => map,
+            HostBuffer::Mapped { map, start, len } => &map[*start..*start + *len],
         }
     }
 
@@ -81,7 +102,7 @@ impl HostBuffer {
     pub(crate) fn as_mut_bytes(&mut self) -> &mut [u8] {
         match self {
             HostBuffer::Heap { lines, len } => &mut bytemuck::cast_slice_mut(lines)[..*len],
-            HostBuffer::Mapped(map) => map,
+            HostBuffer::Mapped { map, start, len } => &mut map[*start..*start + *len],
         }
     }
 
@@ -102,7 +123,11 @@ mod tests {
             assert_eq!(b.len(), len);
             assert!(b.as_bytes().iter().all(|&x| x == 0));
             assert_eq!(b.as_bytes().as_ptr() as usize % 64, 0);
-            assert_eq!(matches!(b, HostBuffer::Mapped(_)), len >= HUGE);
+            assert_eq!(matches!(b, HostBuffer::Mapped { .. }), len >= HUGE);
+            // Large ones start on a huge-page boundary, so that huge pages can back all of it.
+            if len >= HUGE {
+                assert_eq!(b.as_bytes().as_ptr() as usize % HUGE, 0, "{len}");
+            }
             if len > 0 {
                 b.as_mut_bytes()[len - 1] = 7;
                 assert_eq!(b.as_bytes()[len - 1], 7);
