@@ -4,8 +4,6 @@
 
 use std::sync::OnceLock;
 
-use rayon::prelude::*;
-
 use crate::error::{Error, ErrorKind, Result};
 
 /// Threads kept for blocking reads: enough requests in flight to keep a fast disk busy.
@@ -51,27 +49,57 @@ pub(crate) fn for_each<J: Send>(
     threads: Threads,
     work: impl Fn(J, &mut Vec<u8>) -> Result<()> + Sync,
 ) -> Result<()> {
-    if jobs.is_empty() {
-        return Ok(());
-    }
-    let run = || {
-        if jobs.len() == 1 || threads == Threads::Caller {
-            // Not worth a hand-off (small loads): run here.
+    match threads.pool() {
+        Some(pool) if jobs.len() > 1 => in_order(pool, jobs, &work),
+        // One job, the caller's thread asked for, or no pool could start: run here.
+        _ => {
             let mut scratch = Vec::new();
-            return jobs.into_iter().try_for_each(|job| work(job, &mut scratch));
+            jobs.into_iter()
+                .try_for_each(|job| run_guarded(&work, job, &mut scratch))
         }
-        let run_all = || {
-            jobs.into_par_iter()
-                .with_max_len(1)
-                .try_for_each_init(Vec::new, |scratch, job| work(job, scratch))
-        };
-        match threads.pool() {
-            Some(pool) => pool.install(run_all),
-            None => run_all(),
+    }
+}
+
+/// Runs `work` on every job on every thread of `pool`, the jobs taken in their order (each
+/// thread takes the next one left when it is free): reads of consecutive pieces of a file
+/// then reach the disk as one advancing window of requests, which readahead (the kernel's,
+/// a virtual disk's host's, a drive's) serves as the sequential stream it is, where an
+/// order split over the threads (rayon's) would read as many streams as there are threads
+/// (on this project's VM, cold 1 GiB loads onto the CPU went from 1.1-1.6 GB/s to 1.3-1.7).
+/// The first error stops the taking; it is returned once the running jobs have ended.
+fn in_order<J: Send>(
+    pool: &rayon::ThreadPool,
+    jobs: Vec<J>,
+    work: &(dyn Fn(J, &mut Vec<u8>) -> Result<()> + Sync),
+) -> Result<()> {
+    let workers = pool.current_num_threads().min(jobs.len());
+    let queue = std::sync::Mutex::new(jobs.into_iter());
+    let failure: std::sync::Mutex<Option<Error>> = std::sync::Mutex::new(None);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    pool.in_place_scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|_| {
+                let mut scratch = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let next = queue.lock().unwrap_or_else(|p| p.into_inner()).next();
+                    let Some(job) = next else {
+                        return;
+                    };
+                    if let Err(e) = run_guarded(work, job, &mut scratch) {
+                        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                        failure
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert(e);
+                    }
+                }
+            });
         }
-    };
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
-        .unwrap_or_else(|_| Err(Error::new(ErrorKind::Backend, "a worker thread panicked")))
+    });
+    match failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 std::thread_local! {
@@ -203,7 +231,6 @@ pub(crate) fn batches<J: Send>(
 }
 
 /// Runs `work` on `job`, a panic becoming an error.
-#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
 fn run_guarded<J>(
     work: &(dyn Fn(J, &mut Vec<u8>) -> Result<()> + Sync),
     job: J,
