@@ -9,7 +9,8 @@ use safetensors::{SafeTensorError, SafeTensors};
 use super::measure::{BenchPath, Group, Role};
 use crate::device::Device;
 use crate::error::{Error, ErrorKind, Result};
-use crate::io::{self, PIECE};
+use crate::host::{HostFile, ReadMode};
+use crate::io::{self, Gather, PIECE, Piece, Span};
 use crate::memory::HostBuffer;
 use crate::parallel::{self, Threads};
 
@@ -99,6 +100,14 @@ pub(super) fn groups<'a>(path: &'a Path, out: &'a Path, cold: bool) -> Vec<Group
                 Role::Ceiling,
                 move || copy_ceiling(path),
             ),
+            BenchPath::new(
+                "stage: read into reused memory (no first touch)",
+                Role::Stage,
+                {
+                    let mut reused = None;
+                    move || fill_reused(path, &mut reused)
+                },
+            ),
         ],
         pairs: vec![],
     };
@@ -147,6 +156,32 @@ fn copy_ceiling(path: &Path) -> Result<()> {
     })?;
     std::hint::black_box(buffer.as_bytes().last());
     Ok(())
+}
+
+/// The owned load's reading alone: the file's data section read by the host I/O engine (so,
+/// with `--cold`, by direct reads on the reader pool) into memory kept from run to run, so
+/// that no page of it is touched for the first time. Against the owned load, what the first
+/// touch of its fresh arena costs.
+fn fill_reused(path: &Path, reused: &mut Option<HostBuffer>) -> Result<()> {
+    let file = HostFile::open(path, ReadMode::Mmap)?;
+    let start = file.header().data_start();
+    let len = file.header().data_len();
+    let buffer = match reused {
+        Some(b) if b.len() == len => b,
+        slot => slot.insert(HostBuffer::page_aligned(len)?),
+    };
+    let gather = Gather::contiguous(start..start + len);
+    let data = Span::all(&gather);
+    let pieces = io::chunks(0..len, PIECE)
+        .zip(buffer.as_mut_bytes().chunks_mut(PIECE))
+        .map(|(piece, dst)| Piece {
+            tensor: "",
+            file: &file,
+            src: data.part(piece),
+            dst,
+        })
+        .collect();
+    io::read_pieces(pieces, &|_| Ok(()))
 }
 
 /// `safetensors::serialize_to_file` of a mapped file's tensors and metadata, as a user of that

@@ -412,9 +412,10 @@ fn sweep(args: &BenchArgs, dir: &Path) -> Result<()> {
         }
     }
     let dtypes = args.dtype.map_or(MIX.to_vec(), |d| vec![d]);
-    let time_load = |p: &Path, d: Device| -> Result<f64> {
+    let time_load = |p: &Path, d: Device, bytes: u64| -> Result<f64> {
         let mut v = Vec::new();
         for i in 0..=args.runs.max(1) {
+            measure::prime_memory(bytes);
             let t = Instant::now();
             let loaded = crate::load_file(p, d)?;
             drop(loaded);
@@ -454,7 +455,7 @@ fn sweep(args: &BenchArgs, dir: &Path) -> Result<()> {
         )?;
         let bytes = HostFile::open(&p, ReadMode::Mmap)?.header().data_len();
         for &d in &devs {
-            let s = time_load(&p, d)?;
+            let s = time_load(&p, d, bytes as u64)?;
             say!(
                 "{:<8} {:>12} {:>9} {:>12.3} {:>9.3} {:>14.3}",
                 d.to_string(),
