@@ -160,6 +160,9 @@ struct ConvertArgs {
     target: DeviceArgs,
 }
 
+/// Set by the interrupt handler once a Ctrl-C (or SIGTERM) has arrived.
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn main() -> ExitCode {
     // A bug in this program prints one line, like every error, whatever RUST_BACKTRACE says.
     std::panic::set_hook(Box::new(|info| {
@@ -168,6 +171,11 @@ fn main() -> ExitCode {
     match try_main() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        // The interrupt handler removed the temporary this command was writing (so its
+        // rename, say, failed) and is exiting with 130: that is the outcome, not this error.
+        Err(_) if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) => loop {
+            std::thread::park();
+        },
         Err(e) => {
             eprintln!("tensorplace: {}", one_line(&e.to_string()));
             match e.kind() {
@@ -625,6 +633,7 @@ impl Interrupts {
             let mut signal = 0;
             // SAFETY: `set` holds the blocked signals; sigwait writes the one received.
             if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
+                INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
                 for output in &outputs {
                     tensorplace::internals::remove_temporaries(output, std::process::id());
                 }
