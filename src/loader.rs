@@ -238,6 +238,14 @@ impl<'a> Loader<'a> {
         self
     }
 
+    /// A human description of the device this loader's loads go to, its adapter choice
+    /// included, such as `cuda:0 (NVIDIA H100 80GB HBM3)`, or the error a load would
+    /// return for it (an invalid device string, an absent GPU, no adapter of that name).
+    pub fn describe(&self) -> Result<String> {
+        let device = self.device.clone()?;
+        device::open(device, self.adapter.as_deref()).map(|b| b.describe())
+    }
+
     /// Stops the load, from another thread, once `flag` is set: the load returns an
     /// [`ErrorKind::Interrupted`](crate::ErrorKind::Interrupted) error within about one
     /// 4 MiB piece per reader, having freed what it placed (a Ctrl-C handler sets the flag).

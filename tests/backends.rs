@@ -338,7 +338,8 @@ fn upload_strategies_that_do_not_apply_are_errors() {
     }
 }
 
-/// `Loader::adapter` picks a wgpu adapter by name; a name no adapter has is an error.
+/// `Loader::adapter` picks a wgpu adapter by name (the loader's description names it); a
+/// name no adapter has is an error.
 #[cfg(feature = "wgpu")]
 #[test]
 fn wgpu_adapters_are_chosen_by_name() {
@@ -353,12 +354,17 @@ fn wgpu_adapters_are_chosen_by_name() {
     let want = common::mixed_tensors(15);
     let path = write(&dir, &want);
     let name = backend.info().name.to_uppercase();
-    let loaded = Loader::new("wgpu").adapter(name).load_file(&path).unwrap();
+    let chosen = Loader::new("wgpu").adapter(name.clone());
+    let said = chosen.describe().unwrap();
+    assert!(said.to_uppercase().contains(&name), "{said}");
+    let loaded = chosen.load_file(&path).unwrap();
     assert_same(Device::Wgpu(Some(backend.index())), &loaded, &want);
-    let e = Loader::new("wgpu")
-        .adapter("no such adapter, surely")
-        .load_file(&path)
-        .unwrap_err();
+    let absent = Loader::new("wgpu").adapter("no such adapter, surely");
+    assert_eq!(
+        absent.describe().unwrap_err().kind(),
+        ErrorKind::DeviceUnavailable
+    );
+    let e = absent.load_file(&path).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::DeviceUnavailable, "{e}");
 }
 

@@ -438,8 +438,7 @@ fn write_demo(dir: &Path) -> Result<PathBuf> {
 
 fn load(args: &LoadArgs) -> Result<()> {
     // Fail on an unusable device before writing a demo checkpoint.
-    let device = args.target.device.probe()?;
-    let description = device.describe()?;
+    let description = args.target.loader()?.describe()?;
     let demo_dir =
         tempfile::tempdir().map_err(|e| Error::io("creating a temporary folder", None, e))?;
     let path = match &args.file {

@@ -500,7 +500,8 @@ impl Device {
     }
 
     /// A human description of the device a load onto `self` would use, such as
-    /// `cuda:0 (NVIDIA H100 80GB HBM3)`, or why it is unavailable.
+    /// `cuda:0 (NVIDIA H100 80GB HBM3)`, or why it is unavailable. A loader that picks a
+    /// wgpu adapter by name says which with [`Loader::describe`](crate::Loader::describe).
     pub fn describe(self) -> Result<String> {
         open(self, None).map(|b| b.describe())
     }
