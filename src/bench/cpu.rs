@@ -171,13 +171,19 @@ fn fill_reused(path: &Path, reused: &mut Option<HostBuffer>) -> Result<()> {
         slot => slot.insert(HostBuffer::page_aligned(len)?),
     };
     let gather = Gather::contiguous(start..start + len);
-    let data = Span::all(&gather);
-    let pieces = io::chunks(0..len, PIECE)
-        .zip(buffer.as_mut_bytes().chunks_mut(PIECE))
-        .map(|(piece, dst)| Piece {
+    read_into(&file, Span::all(&gather), buffer.as_mut_bytes())
+}
+
+/// The bytes `data` of `file` read by the host I/O engine into `dst` (of their length), in
+/// pieces of [`PIECE`] bytes: a load's reading with none of its placement.
+pub(super) fn read_into(file: &HostFile<'_>, data: Span<'_>, dst: &mut [u8]) -> Result<()> {
+    let pieces = data
+        .chunks(PIECE)
+        .zip(dst.chunks_mut(PIECE))
+        .map(|(src, dst)| Piece {
             tensor: "",
-            file: &file,
-            src: data.part(piece),
+            file,
+            src,
             dst,
         })
         .collect();

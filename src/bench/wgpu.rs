@@ -12,7 +12,7 @@ use crate::device::wgpu::{HostRegion, RING, STAGING, WgpuBackend};
 use crate::device::{Device, Upload};
 use crate::error::{Error, ErrorKind, Result};
 use crate::host::{HostFile, ReadMode};
-use crate::io::{self, Gather, PIECE, Piece, Span};
+use crate::io::{self, Gather, Span};
 use crate::loader::Loader;
 
 /// Bytes the baseline writes between submissions, so that wgpu's staging copies of the
@@ -109,16 +109,7 @@ fn fill_alone(path: &Path, ring: &[(wgpu::Buffer, Arc<HostRegion>)]) -> Result<(
         // SAFETY: no GPU work reads this memory (this stage submits none), and this run is
         // its only writer.
         let bytes = unsafe { std::slice::from_raw_parts_mut(host.as_ptr(), r.len()) };
-        let pieces = io::chunks(r.clone(), PIECE)
-            .zip(bytes.chunks_mut(PIECE))
-            .map(|(piece, dst)| Piece {
-                tensor: "",
-                file: &file,
-                src: data.part(piece),
-                dst,
-            })
-            .collect();
-        io::read_pieces(pieces, &|_| Ok(()))?;
+        super::cpu::read_into(&file, data.part(r), bytes)?;
     }
     Ok(())
 }
