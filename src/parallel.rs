@@ -266,6 +266,48 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    /// Every job runs once, the jobs taken in their order: the order they start in strays from
+    /// theirs by a few places at most (a thread may be preempted between taking a job and
+    /// noting it: the median is asserted), where splitting the jobs over the threads would
+    /// start some of the last ones among the first. Errors and panics come back as errors.
+    #[test]
+    fn pool_jobs_are_taken_in_their_order() {
+        for threads in [Threads::PerCore, Threads::Io] {
+            let started = std::sync::Mutex::new(Vec::new());
+            for_each((0..1024).collect(), threads, |k: usize, _| {
+                started.lock().unwrap().push(k);
+                std::thread::sleep(std::time::Duration::from_micros(200));
+                Ok(())
+            })
+            .unwrap();
+            let started = started.into_inner().unwrap();
+            let mut sorted = started.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, (0..1024).collect::<Vec<_>>(), "{threads:?}");
+            let mut strays: Vec<usize> = started
+                .iter()
+                .enumerate()
+                .map(|(i, &k)| i.abs_diff(k))
+                .collect();
+            strays.sort_unstable();
+            assert!(
+                strays[512] <= 8,
+                "{threads:?}: median stray {}",
+                strays[512]
+            );
+            let e = for_each((0..64).collect(), threads, |k: usize, _| match k {
+                9 => Err(Error::new(ErrorKind::Io, "nine")),
+                17 => panic!("seventeen"),
+                _ => Ok(()),
+            })
+            .unwrap_err();
+            assert!(
+                matches!(e.kind(), ErrorKind::Io | ErrorKind::Backend),
+                "{e}"
+            );
+        }
+    }
+
     /// Batches finish in order, each after all its jobs and while at most `ahead` run; an
     /// error from a job, from `start` or from `finish` stops the rest; a panic is an error.
     #[test]
