@@ -415,6 +415,10 @@ fn sweep(args: &BenchArgs, dir: &Path) -> Result<()> {
     let time_load = |p: &Path, d: Device, bytes: u64| -> Result<f64> {
         let mut v = Vec::new();
         for i in 0..=args.runs.max(1) {
+            // As in every other timing: no dirty pages (the file was just written), memory
+            // primed.
+            // SAFETY: sync(2) has no preconditions.
+            unsafe { libc::sync() };
             measure::prime_memory(bytes);
             let t = Instant::now();
             let loaded = crate::load_file(p, d)?;
