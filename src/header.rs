@@ -490,15 +490,21 @@ impl<'de> Visitor<'de> for EntrySeed<'_, '_> {
     }
 }
 
+/// For tests: the bytes of a file whose header is `json` (unpadded) and whose data is `data`.
+#[cfg(test)]
+pub(crate) fn test_file(json: &str, data: &[u8]) -> Vec<u8> {
+    let mut v = (json.len() as u64).to_le_bytes().to_vec();
+    v.extend_from_slice(json.as_bytes());
+    v.extend_from_slice(data);
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn file(json: &str, data: usize) -> Vec<u8> {
-        let mut v = (json.len() as u64).to_le_bytes().to_vec();
-        v.extend_from_slice(json.as_bytes());
-        v.resize(v.len() + data, 0);
-        v
+        test_file(json, &vec![0; data])
     }
 
     fn kind(json: &str, data: usize) -> ErrorKind {

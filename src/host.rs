@@ -415,10 +415,8 @@ mod tests {
 
     #[test]
     fn every_source_reads_the_same_bytes() {
-        let json = br#"{"a":{"dtype":"U8","shape":[3],"data_offsets":[0,3]}}"#;
-        let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
-        bytes.extend_from_slice(json);
-        bytes.extend_from_slice(&[7, 8, 9]);
+        let json = r#"{"a":{"dtype":"U8","shape":[3],"data_offsets":[0,3]}}"#;
+        let bytes = crate::header::test_file(json, &[7, 8, 9]);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.safetensors");
         std::fs::write(&path, &bytes).unwrap();

@@ -464,11 +464,9 @@ mod tests {
     fn every_source_fills_plain_and_converted_destinations() {
         let values = [1.5f32, -2.0, 3.25];
         let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let json = br#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,12]}}"#;
-        let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
-        bytes.extend_from_slice(json);
-        let start = bytes.len();
-        bytes.extend_from_slice(&data);
+        let json = r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,12]}}"#;
+        let bytes = crate::header::test_file(json, &data);
+        let start = 8 + json.len();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.safetensors");
         std::fs::write(&path, &bytes).unwrap();

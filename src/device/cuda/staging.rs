@@ -202,10 +202,8 @@ mod tests {
     /// that goes back, or a full buffer starts a new copy.
     #[test]
     fn neighbouring_tensors_share_one_copy() {
-        let json = br#"{"a":{"dtype":"U8","shape":[200000],"data_offsets":[0,200000]}}"#;
-        let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
-        bytes.extend_from_slice(json);
-        bytes.resize(bytes.len() + 200_000, 7);
+        let json = r#"{"a":{"dtype":"U8","shape":[200000],"data_offsets":[0,200000]}}"#;
+        let bytes = crate::header::test_file(json, &[7; 200_000]);
         let file = HostFile::from_bytes(&bytes).unwrap();
         let runs: Vec<Gather> = [
             (0, 100),
