@@ -499,8 +499,13 @@ fn check_unlisted(dir: &Path, listed: &[&str], weight_map: &IndexMap<&str, &str>
                 "a shard the index never mentions (named like its shards)",
             ));
         }
-        let header = HostFile::open(&path, ReadMode::Pread)?.into_header();
-        if let Some(shared) = header
+        // A file of its own name that is not a safetensors file (a partial download, say)
+        // cannot be one of the index's shards: not part of the checkpoint, like the others.
+        let Ok(file) = HostFile::open(&path, ReadMode::Pread) else {
+            continue;
+        };
+        if let Some(shared) = file
+            .into_header()
             .tensors()
             .keys()
             .find(|n| weight_map.contains_key(n.as_str()))

@@ -334,6 +334,9 @@ fn every_index_inconsistency_is_an_error_naming_file_and_tensor() {
     )
     .unwrap();
     assert_eq!(tensorplace::open(dir.path()).unwrap().len(), 29);
+    // Even one that is not a safetensors file at all (a partial download, say).
+    std::fs::write(dir.path().join("notes.safetensors"), b"not one").unwrap();
+    assert_eq!(tensorplace::open(dir.path()).unwrap().len(), 29);
     // An index that is not one.
     for text in [
         "{",

@@ -30,16 +30,25 @@ create_exception!(
     _tensorplace,
     Error,
     PyException,
-    "A tensorplace error: args are (kind, message, file, tensor)."
+    "A tensorplace error: args are (kind, message, file, tensor, io), io naming a missing or unreadable file's failure."
 );
 
-/// The crate's error as the module's exception, with its kind, file and tensor.
+/// The crate's error as the module's exception, with its kind, file and tensor, and for a
+/// file that is missing or may not be read, which (`"NotFound"`, `"PermissionDenied"`).
 fn py_err(e: tensorplace::Error) -> PyErr {
+    let io = std::error::Error::source(&e)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .and_then(|io| match io.kind() {
+            std::io::ErrorKind::NotFound => Some("NotFound"),
+            std::io::ErrorKind::PermissionDenied => Some("PermissionDenied"),
+            _ => None,
+        });
     Error::new_err((
         format!("{:?}", e.kind()),
         e.to_string(),
         e.file().map(|p| p.display().to_string()),
         e.tensor().map(str::to_owned),
+        io,
     ))
 }
 

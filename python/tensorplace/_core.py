@@ -25,13 +25,27 @@ class TensorplaceError(_Base):
         self.tensor = tensor
 
 
+class TensorplaceFileNotFoundError(TensorplaceError, FileNotFoundError):
+    """A file to read is missing: a :class:`TensorplaceError` that is also the
+    ``FileNotFoundError`` safetensors raises there, so that code catching either catches it."""
+
+
+class TensorplacePermissionError(TensorplaceError, PermissionError):
+    """A file may not be read (or written): a :class:`TensorplaceError` that is also a
+    ``PermissionError``."""
+
+
+_IO_ERRORS = {"NotFound": TensorplaceFileNotFoundError, "PermissionDenied": TensorplacePermissionError}
+
+
 def call(fn: Callable, *args, **kwargs):
-    """Calls a native function, raising :class:`TensorplaceError` for its errors."""
+    """Calls a native function, raising :class:`TensorplaceError` for its errors (one that is
+    also a ``FileNotFoundError`` or ``PermissionError`` where a file is missing or denied)."""
     try:
         return fn(*args, **kwargs)
     except _native.Error as e:
-        kind, message, file, tensor = e.args
-        raise TensorplaceError(kind, message, file, tensor) from None
+        kind, message, file, tensor, io = e.args
+        raise _IO_ERRORS.get(io, TensorplaceError)(kind, message, file, tensor) from None
 
 
 _BACKENDS = {"mmap": "mmap", "pread": "pread", "read": "pread", "direct": "direct"}

@@ -272,3 +272,20 @@ except KeyboardInterrupt:
     assert out.startswith("interrupted"), out
     # A full cold read of 1 GiB takes far longer than this on any disk here.
     assert float(out.split()[1]) < 1.0, out
+
+
+def test_missing_files_raise_what_safetensors_raises(tmp_path):
+    missing = tmp_path / "absent.safetensors"
+    with pytest.raises(FileNotFoundError):
+        safetensors.numpy.load_file(missing)
+    for call in (lambda: tensorplace.numpy.load_file(missing),
+                 lambda: safe_open(missing, framework="np").__enter__()):
+        with pytest.raises(FileNotFoundError) as e:
+            call()
+        assert isinstance(e.value, TensorplaceError) and e.value.kind == "Io"
+        assert e.value.file == str(missing) and "absent.safetensors" in str(e.value)
+    # A malformed file is not a missing one.
+    bad = write(tmp_path / "bad.safetensors", b"\x01\x00")
+    with pytest.raises(TensorplaceError) as e:
+        tensorplace.numpy.load_file(bad)
+    assert not isinstance(e.value, OSError)
