@@ -2,7 +2,7 @@
 //! creation) or over many threads (blocking reads from a disk), on threads that live for
 //! the whole process, so that no load and no batch of a load spawns any.
 
-use std::sync::OnceLock;
+use std::sync::Mutex;
 
 use crate::error::{Error, ErrorKind, Result};
 
@@ -22,15 +22,15 @@ pub(crate) enum Threads {
 
 impl Threads {
     fn pool(self) -> Option<&'static rayon::ThreadPool> {
-        static CORES: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
-        static IO: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
+        static CORES: PerProcess<Option<rayon::ThreadPool>> = PerProcess::new();
+        static IO: PerProcess<Option<rayon::ThreadPool>> = PerProcess::new();
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let (cell, threads, name) = match self {
             Threads::Caller => return None,
             Threads::PerCore => (&CORES, cores, "tensorplace-copy"),
             Threads::Io => (&IO, cores.max(IO_THREADS), "tensorplace-read"),
         };
-        cell.get_or_init(|| {
+        cell.get(|| {
             rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .thread_name(move |i| format!("{name}-{i}"))
@@ -38,6 +38,37 @@ impl Threads {
                 .ok()
         })
         .as_ref()
+    }
+}
+
+/// A value made once per process and kept for its life, for values that own threads: a
+/// process forked from one that made it has none of its threads (a pool there would wait
+/// for ever on work no thread takes), so it makes its own (the parent's copy is left alone,
+/// never dropped: its threads are not there to be joined).
+pub(crate) struct PerProcess<T: 'static> {
+    cell: Mutex<Option<(u32, &'static T)>>,
+}
+
+impl<T: 'static> PerProcess<T> {
+    /// None made yet.
+    pub(crate) const fn new() -> Self {
+        PerProcess {
+            cell: Mutex::new(None),
+        }
+    }
+
+    /// This process's value, made by `make` on first use in it.
+    pub(crate) fn get(&self, make: impl FnOnce() -> T) -> &'static T {
+        let pid = std::process::id();
+        let mut cell = self.cell.lock().unwrap_or_else(|p| p.into_inner());
+        match *cell {
+            Some((owner, value)) if owner == pid => value,
+            _ => {
+                let value: &'static T = Box::leak(Box::new(make()));
+                *cell = Some((pid, value));
+                value
+            }
+        }
     }
 }
 

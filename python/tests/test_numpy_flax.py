@@ -289,3 +289,29 @@ def test_missing_files_raise_what_safetensors_raises(tmp_path):
     with pytest.raises(TensorplaceError) as e:
         tensorplace.numpy.load_file(bad)
     assert not isinstance(e.value, OSError)
+
+
+FORKED_LOAD = """
+import os, sys, numpy as np
+import tensorplace.numpy as tpn
+path, backend = sys.argv[1], sys.argv[2]
+first = tpn.load_file(path, backend=backend)    # starts the reader threads (and a disk queue)
+pid = os.fork()
+if pid == 0:
+    again = tpn.load_file(path, backend=backend)
+    os._exit(0 if all(np.array_equal(first[k], again[k]) for k in first) else 3)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork on this platform")
+@pytest.mark.parametrize("backend", ["mmap", "direct"])
+def test_a_forked_process_loads_with_threads_of_its_own(tmp_path, backend):
+    # A child forked after a load has none of its parent's threads: it must not wait for them.
+    path = tmp_path / "m.safetensors"
+    tensorplace.numpy.save_file({f"t{i}": np.full(1 << 20, i, np.float32) for i in range(12)}, path)
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", FORKED_LOAD, str(path), backend], timeout=120)
+    assert done.returncode == 0
