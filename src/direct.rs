@@ -11,6 +11,7 @@ use std::fs::File;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
+use crate::disk::Queue;
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::PIECE;
 use crate::memory::HostBuffer;
@@ -36,10 +37,45 @@ pub(crate) fn open(path: &Path) -> std::io::Result<File> {
         .open(path)
 }
 
-/// Reads `dst.len()` bytes at `offset` of `file` (opened with [`open`]) into `dst`: the
-/// whole blocks straight into `dst` where its address allows (see the module), the rest in
-/// aligned requests of up to [`BOUNCE`] bytes through the bounce buffer.
-pub(crate) fn read(file: &File, offset: usize, dst: &mut [u8]) -> Result<()> {
+/// A file opened for direct reads, with the queue of its disk where that disk has one (see
+/// [`crate::disk`]): every request then goes through the queue.
+#[derive(Debug)]
+pub(crate) struct DirectFile {
+    file: File,
+    queue: Option<&'static Queue>,
+}
+
+impl DirectFile {
+    /// Opens `path` for direct reads, or says why the file system refuses.
+    pub(crate) fn open(path: &Path) -> std::io::Result<DirectFile> {
+        let file = open(path)?;
+        let queue = crate::disk::queue_for(&file);
+        Ok(DirectFile { file, queue })
+    }
+
+    /// Whether its requests go through its disk's queue (so that the threads reading it
+    /// need not be many).
+    pub(crate) fn is_queued(&self) -> bool {
+        self.queue.is_some()
+    }
+
+    /// One request: `buf.len()` bytes at `at`, through the queue where there is one, with
+    /// `meanwhile` run while the queue reads (before the read where there is none).
+    fn read_at(&self, buf: &mut [u8], at: u64, meanwhile: impl FnOnce()) -> std::io::Result<usize> {
+        match self.queue {
+            Some(queue) => queue.read_at_while(&self.file, buf, at, meanwhile),
+            None => {
+                meanwhile();
+                self.file.read_at(buf, at)
+            }
+        }
+    }
+}
+
+/// Reads `dst.len()` bytes at `offset` of `file` into `dst`: the whole blocks straight into
+/// `dst` where its address allows (see the module), the rest in aligned requests of up to
+/// [`BOUNCE`] bytes through the bounce buffer.
+pub(crate) fn read(file: &DirectFile, offset: usize, dst: &mut [u8]) -> Result<()> {
     BOUNCE_BUFFER.with(|cell| {
         let mut cell = cell.borrow_mut();
         let bounce = match &mut *cell {
@@ -59,6 +95,17 @@ pub(crate) fn read(file: &File, offset: usize, dst: &mut [u8]) -> Result<()> {
     })
 }
 
+/// Writes a zero to a byte of every 4 KiB of `dst`, whose bytes are about to be replaced:
+/// memory never written yet is faulted in (and zeroed by the kernel) now, by this thread.
+fn touch(dst: &mut [u8]) {
+    let last = dst.len().checked_sub(1);
+    for at in (0..dst.len()).step_by(4096).chain(last) {
+        // SAFETY: `at < dst.len()`: a byte of `dst`, valid and ours to write; volatile so that
+        // the write, which the coming copy overwrites, is not left out.
+        unsafe { std::ptr::write_volatile(dst.as_mut_ptr().add(at), 0) };
+    }
+}
+
 /// Where a read of `dst.len()` bytes at `offset` into `dst` can take whole blocks straight
 /// into `dst`: `(head, middle)`, the bytes before the first whole block and the bytes of
 /// whole blocks after them; `middle` is 0 where `dst`'s address is not congruent to
@@ -74,12 +121,15 @@ fn in_place_blocks(offset: usize, dst: &[u8]) -> (usize, usize) {
 
 /// Reads `dst.len()` bytes (whole blocks) at `offset` (block-aligned) into `dst` (block-
 /// aligned), with no bounce buffer, in requests of at most [`BOUNCE`] bytes.
-fn read_blocks(file: &File, offset: usize, dst: &mut [u8]) -> Result<()> {
+fn read_blocks(file: &DirectFile, offset: usize, dst: &mut [u8]) -> Result<()> {
+    // Fresh memory is faulted in here, before the disk writes it: the queue's thread (where
+    // there is one) then spends its time reading, not zeroing pages.
+    touch(dst);
     let mut done = 0usize;
     while done < dst.len() {
         let want = (dst.len() - done).min(BOUNCE / BLOCK * BLOCK);
         let at = offset + done;
-        match file.read_at(&mut dst[done..done + want], at as u64) {
+        match file.read_at(&mut dst[done..done + want], at as u64, || ()) {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 return Err(Error::io(
@@ -114,18 +164,25 @@ fn read_blocks(file: &File, offset: usize, dst: &mut [u8]) -> Result<()> {
     Ok(())
 }
 
-fn read_via(file: &File, offset: usize, dst: &mut [u8], bounce: &mut [u8]) -> Result<()> {
+fn read_via(file: &DirectFile, offset: usize, dst: &mut [u8], bounce: &mut [u8]) -> Result<()> {
     let end = offset
         .checked_add(dst.len())
         .ok_or_else(|| Error::new(ErrorKind::SizeOverflow, "a read's end"))?;
     let mut at = offset / BLOCK * BLOCK;
     let mut done = 0usize;
+    // Fresh memory is faulted in while the disk's queue reads the first request.
+    let mut untouched = true;
     while done < dst.len() {
         let want = (end - at)
             .next_multiple_of(BLOCK)
             .min(bounce.len() / BLOCK * BLOCK);
         let n = loop {
-            match file.read_at(&mut bounce[..want], at as u64) {
+            let meanwhile = || {
+                if std::mem::take(&mut untouched) {
+                    touch(dst);
+                }
+            };
+            match file.read_at(&mut bounce[..want], at as u64, meanwhile) {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     return Err(Error::io(
@@ -163,16 +220,18 @@ fn read_via(file: &File, offset: usize, dst: &mut [u8], bounce: &mut [u8]) -> Re
 mod tests {
     use super::*;
 
-    /// A file of `len` patterned bytes opened for direct reads (with its folder and bytes),
-    /// or `None`, said, where the file system refuses `O_DIRECT`.
-    fn patterned(len: usize, test: &str) -> Option<(tempfile::TempDir, Vec<u8>, File)> {
+    /// A file of `len` patterned bytes opened for direct reads twice, read by the reader
+    /// threads and through a disk queue (with its folder and bytes), or `None`, said, where
+    /// the file system refuses `O_DIRECT`.
+    fn patterned(len: usize, test: &str) -> Option<(tempfile::TempDir, Vec<u8>, [DirectFile; 2])> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         let data: Vec<u8> = (0..len as u32).map(|i| (i * 7 % 251) as u8).collect();
         std::fs::write(&path, &data).unwrap();
-        match open(&path) {
-            Ok(file) => Some((dir, data, file)),
-            Err(e) => {
+        let opened = |queue| open(&path).map(|file| DirectFile { file, queue });
+        match (opened(None), opened(Some(Queue::for_tests()))) {
+            (Ok(own), Ok(queued)) => Some((dir, data, [own, queued])),
+            (Err(e), _) | (_, Err(e)) => {
                 println!("SKIPPED {test}: this file system refuses O_DIRECT: {e}");
                 None
             }
@@ -181,34 +240,39 @@ mod tests {
 
     #[test]
     fn unaligned_ranges_read_the_same_bytes() {
-        let Some((_dir, data, file)) = patterned(3 * BLOCK + 777, "direct reads") else {
+        let Some((_dir, data, files)) = patterned(3 * BLOCK + 777, "direct reads") else {
             return;
         };
         // Small bounce buffers force several requests per range.
         let mut small = HostBuffer::page_aligned(2 * BLOCK).unwrap();
-        for (offset, len) in [
-            (0, 1),
-            (1, 4095),
-            (4095, 2),
-            (100, 3 * BLOCK),
-            (4096, 4096),
-            (5, data.len() - 5),
-            (data.len() - 3, 3),
-        ] {
+        for (file, (offset, len)) in files.iter().flat_map(|f| {
+            [
+                (0, 1),
+                (1, 4095),
+                (4095, 2),
+                (100, 3 * BLOCK),
+                (4096, 4096),
+                (5, data.len() - 5),
+                (data.len() - 3, 3),
+            ]
+            .map(|r| (f, r))
+        }) {
             let mut got = vec![0u8; len];
-            read(&file, offset, &mut got).unwrap();
+            read(file, offset, &mut got).unwrap();
             assert_eq!(got, &data[offset..offset + len], "{offset} {len}");
             let mut got = vec![0u8; len];
-            read_via(&file, offset, &mut got, small.as_mut_bytes()).unwrap();
+            read_via(file, offset, &mut got, small.as_mut_bytes()).unwrap();
             assert_eq!(
                 got,
                 &data[offset..offset + len],
                 "{offset} {len} (small bounce)"
             );
         }
-        let mut past = vec![0u8; 10];
-        let e = read(&file, data.len() - 5, &mut past).unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+        for file in &files {
+            let mut past = vec![0u8; 10];
+            let e = read(file, data.len() - 5, &mut past).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+        }
     }
 
     /// Destinations congruent to the file offset take whole blocks in place, at every
@@ -216,19 +280,22 @@ mod tests {
     /// a file shorter than the range is an error.
     #[test]
     fn congruent_destinations_take_whole_blocks_in_place() {
-        let Some((_dir, data, file)) = patterned(40 * BLOCK + 333, "direct reads in place") else {
+        let Some((_dir, data, files)) = patterned(40 * BLOCK + 333, "direct reads in place") else {
             return;
         };
         let mut arena = HostBuffer::page_aligned(48 * BLOCK).unwrap();
-        for (offset, len) in [
-            (0, BLOCK),
-            (0, 3 * BLOCK + 1),
-            (7, 5 * BLOCK),
-            (BLOCK - 1, 2 * BLOCK + 2),
-            (3 * BLOCK + 100, 33 * BLOCK + 5),
-            (13, BLOCK - 20),
-            (100, data.len() - 100),
-        ] {
+        for (file, (offset, len)) in files.iter().flat_map(|f| {
+            [
+                (0, BLOCK),
+                (0, 3 * BLOCK + 1),
+                (7, 5 * BLOCK),
+                (BLOCK - 1, 2 * BLOCK + 2),
+                (3 * BLOCK + 100, 33 * BLOCK + 5),
+                (13, BLOCK - 20),
+                (100, data.len() - 100),
+            ]
+            .map(|r| (f, r))
+        }) {
             let at = offset % BLOCK;
             let dst = &mut arena.as_mut_bytes()[at..at + len];
             dst.fill(0);
@@ -238,16 +305,18 @@ mod tests {
             if middle > 0 {
                 assert_eq!((head, (head + middle + offset) % BLOCK), (first_block, 0));
             }
-            read(&file, offset, dst).unwrap();
+            read(file, offset, dst).unwrap();
             assert!(dst == &data[offset..offset + len], "{offset} {len}");
             // One byte off: not congruent, read through the bounce buffer, same bytes.
             let dst = &mut arena.as_mut_bytes()[at + 1..at + 1 + len];
             assert_eq!(in_place_blocks(offset, dst).1, 0);
-            read(&file, offset, dst).unwrap();
+            read(file, offset, dst).unwrap();
             assert!(dst == &data[offset..offset + len], "{offset} {len} (moved)");
         }
-        let dst = &mut arena.as_mut_bytes()[5..5 + 42 * BLOCK];
-        let e = read(&file, 5, dst).unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+        for file in &files {
+            let dst = &mut arena.as_mut_bytes()[5..5 + 42 * BLOCK];
+            let e = read(file, 5, dst).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+        }
     }
 }

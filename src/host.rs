@@ -8,6 +8,7 @@ use std::sync::{Arc, OnceLock};
 
 use memmap2::Mmap;
 
+use crate::direct::DirectFile;
 use crate::error::{Error, ErrorKind, Result};
 use crate::header::{Header, N_LEN, TensorInfo};
 
@@ -59,7 +60,7 @@ pub struct HostFile<'a> {
     source: Source<'a>,
     mode: ReadMode,
     /// The file opened again with O_DIRECT, on first use, or why that was refused.
-    direct: OnceLock<std::result::Result<File, String>>,
+    direct: OnceLock<std::result::Result<DirectFile, String>>,
     fetch: OnceLock<Fetch>,
     /// Whether a load takes only a small part of it (see `mark_partial`).
     partial: std::sync::atomic::AtomicBool,
@@ -214,10 +215,16 @@ impl<'a> HostFile<'a> {
         }
     }
 
-    fn direct_file(&self) -> std::result::Result<&File, &str> {
+    /// Whether its direct reads go through its disk's queue (see [`crate::disk`]): then the
+    /// threads reading it need not be many.
+    pub(crate) fn is_queued(&self) -> bool {
+        self.fetch() == Fetch::Direct && self.direct_file().is_ok_and(DirectFile::is_queued)
+    }
+
+    fn direct_file(&self) -> std::result::Result<&DirectFile, &str> {
         self.direct
             .get_or_init(|| match &self.path {
-                Some(p) => crate::direct::open(p).map_err(|e| {
+                Some(p) => DirectFile::open(p).map_err(|e| {
                     format!("the file system refuses O_DIRECT ({e}): positioned reads instead")
                 }),
                 None => Err("caller bytes cannot be read directly".to_owned()),

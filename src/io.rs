@@ -351,6 +351,18 @@ pub(crate) fn staging_offset(
     }
 }
 
+/// The pool that reads pieces of `files`: the many-thread one where some are read from a
+/// disk by the reader threads themselves, so that many requests are in flight; else one
+/// thread per core (copies from memory, and reads that a disk's queue makes: the threads
+/// copy while it reads, and more of them than cores would only take the cores it needs).
+pub(crate) fn pool_for<'f>(files: impl IntoIterator<Item = &'f HostFile<'f>>) -> Threads {
+    let own_reads = |f: &HostFile<'_>| f.fetch() != Fetch::Memory && !f.is_queued();
+    match files.into_iter().any(own_reads) {
+        true => Threads::Io,
+        false => Threads::PerCore,
+    }
+}
+
 /// Reads every piece into its destination, calling `advance` with each piece's length once
 /// it is done (and with 0 before it starts): an error from `advance` (an interrupted load)
 /// stops the reading. Errors name the file and the tensor. Pieces may come from many files,
@@ -365,13 +377,11 @@ pub(crate) fn read_pieces<D: Destination>(
     if pieces.is_empty() {
         return Ok(());
     }
-    let from_disk = pieces.iter().any(|p| p.file.fetch() != Fetch::Memory);
     let bytes: usize = pieces.iter().map(|p| p.src.len()).sum();
-    let threads = match from_disk {
-        true => Threads::Io,
+    let threads = match pool_for(pieces.iter().map(|p| p.file)) {
         // Less than a piece's worth of copying: a hand-off to other threads costs more.
-        false if bytes <= PIECE => Threads::Caller,
-        false => Threads::PerCore,
+        Threads::PerCore if bytes <= PIECE => Threads::Caller,
+        threads => threads,
     };
     parallel::for_each(pieces, threads, |piece, scratch| {
         read_piece(piece, scratch, advance)
@@ -383,22 +393,16 @@ pub(crate) fn read_pieces<D: Destination>(
 /// the calling thread, in order) gives batch k's pieces once their destinations may be
 /// written, or `None` when there are no more; `finish(k)` (on the calling thread, in order)
 /// runs once batch k's bytes are all in (to queue its device copies, say) while later batches
-/// are being read. `from_disk`: whether the pieces are read from a disk (the many-thread
-/// pool) rather than copied from memory (a thread per core). Errors as [`read_pieces`]'s; the
+/// are being read. `threads`: the pool, [`pool_for`] the files read. Errors as [`read_pieces`]'s; the
 /// first stops the rest, and nothing is being written when this returns.
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 pub(crate) fn read_batches<'d, D: Destination + 'd>(
-    from_disk: bool,
+    threads: Threads,
     ahead: usize,
     start: impl FnMut(usize) -> Result<Option<Vec<Piece<'d, D>>>>,
     finish: impl FnMut(usize) -> Result<()>,
     advance: &(dyn Fn(u64) -> Result<()> + Sync),
 ) -> Result<()> {
-    let threads = if from_disk {
-        Threads::Io
-    } else {
-        Threads::PerCore
-    };
     parallel::batches(threads, ahead, start, finish, &|piece, scratch| {
         read_piece(piece, scratch, advance)
     })

@@ -76,6 +76,7 @@ mod checkpoint;
 mod convert;
 mod device;
 mod direct;
+mod disk;
 mod dtype;
 mod error;
 mod header;

@@ -72,7 +72,7 @@ pub(super) fn groups<'a>(path: &'a Path, out: &'a Path, cold: bool) -> Vec<Group
         ],
         pairs: vec![],
     };
-    let owned = Group {
+    let mut owned = Group {
         device: "cpu".into(),
         paths: vec![
             BenchPath::new(
@@ -111,6 +111,34 @@ pub(super) fn groups<'a>(path: &'a Path, out: &'a Path, cold: bool) -> Vec<Group
         ],
         pairs: vec![],
     };
+    if cold {
+        // The same load with every reader thread making its own requests: what the disk
+        // queue (for disks that serve one stream best) changes; on others, the same path.
+        owned.paths.insert(
+            1,
+            BenchPath::new(
+                "tensorplace load_file, no disk queue (many readers)",
+                Role::Ours,
+                move || {
+                    let _many = crate::disk::Policy::Never.for_scope();
+                    let t = crate::load_file(path, Device::Cpu)?;
+                    std::hint::black_box(t.len());
+                    Ok(())
+                },
+            ),
+        );
+        owned.paths.push(BenchPath::new(
+            "stage: read into reused memory, no disk queue",
+            Role::Stage,
+            {
+                let mut reused = None;
+                move || {
+                    let _many = crate::disk::Policy::Never.for_scope();
+                    fill_reused(path, &mut reused)
+                }
+            },
+        ));
+    }
     let loaded = crate::load_file(path, Device::Cpu);
     // One mapping for both reference saves.
     let reference = std::rc::Rc::new(map(path));

@@ -11,7 +11,6 @@ use super::memory::{Current, Pinned};
 use super::{ALIGN, CudaBackend, STREAMS, Transfer, driver_err};
 use crate::device::LoadPlan;
 use crate::error::{Error, ErrorKind, Result};
-use crate::host::Fetch;
 use crate::io::{self, LONG_RUN, PIECE, Piece};
 
 /// Pinned staging buffers in the ring, and the size of each.
@@ -129,7 +128,7 @@ pub(crate) fn stage_and_copy(
         .flat_map(|t| io::chunks(0..t.src.len(), STAGING).map(|r| t.part(r)))
         .collect();
     let batches = batches(&pieces);
-    let from_disk = pieces.iter().any(|t| t.file.fetch() != Fetch::Memory);
+    let threads = io::pool_for(pieces.iter().map(|t| t.file));
     let ring = RefCell::new(ring);
     // Up to three buffers are read at once while the fourth's copies run: the readers never
     // wait for the copies to be queued.
@@ -187,7 +186,7 @@ pub(crate) fn stage_and_copy(
         // The progress callback is the caller's code: it may have changed the context.
         current.restore(&backend.ctx)
     };
-    io::read_batches(from_disk, RING - 1, start, finish, &|_| plan.advance(0))?;
+    io::read_batches(threads, RING - 1, start, finish, &|_| plan.advance(0))?;
     backend.sync_all()
 }
 

@@ -13,7 +13,7 @@ use super::upload::{MapState, MappedRange, Write, map_async, mapped_pieces, wait
 use super::{WgpuBackend, backend_err, pad4};
 use crate::device::LoadPlan;
 use crate::error::Result;
-use crate::host::{Fetch, HostFile};
+use crate::host::HostFile;
 use crate::io::{self, Destination, PIECE, Piece, Source, Span};
 
 /// Staging buffers in the ring.
@@ -257,7 +257,7 @@ pub(super) fn stream(
         Some(r) if r.first().is_none_or(|s| s.size() == size) => r,
         _ => &mut own,
     };
-    let from_disk = transfers.iter().any(|t| t.file.fetch() != Fetch::Memory);
+    let threads = io::pool_for(transfers.iter().map(|t| t.file));
     let queue: VecDeque<Transfer<'_, '_>> = transfers.iter().map(Transfer::clone).collect();
     let state = RefCell::new(Stream {
         ring,
@@ -306,7 +306,7 @@ pub(super) fn stream(
         st.last = Some(index);
         plan.advance(batch.iter().map(|t| t.src.len() as u64).sum())
     };
-    io::read_batches(from_disk, RING - 1, start, finish, &|_| plan.advance(0))?;
+    io::read_batches(threads, RING - 1, start, finish, &|_| plan.advance(0))?;
     let last = state.into_inner().last;
     backend.wait(last)
 }
