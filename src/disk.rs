@@ -1,6 +1,6 @@
 //! One stream of requests for disks that serve one stream best.
 //!
-//! A disk the kernel calls rotational (a hard drive, and most virtual disks: their host reads
+//! A disk the kernel calls rotational (a hard drive, and virtual disks that say so: their host reads
 //! ahead for the guest's one sequential stream) reads fastest when one request follows the
 //! last in order with no gap, and slows when many threads each keep a request in flight:
 //! they arrive out of order, and on a small host the many threads take the cores the copies
