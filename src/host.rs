@@ -29,9 +29,10 @@ pub enum ReadMode {
     /// Read with `O_DIRECT`, past the page cache: for files that are not in it, on a local
     /// disk. Large aligned requests, many in flight (or, on a disk the kernel calls
     /// rotational, one after the other in order from one thread), read at the disk's speed
-    /// and leave the page cache to others. Where the file system refuses `O_DIRECT`, positioned reads
-    /// instead (the load's [`LoadReport`](crate::LoadReport) says so). Nothing is mapped,
-    /// and a change to the file is an error or old and new bytes, never a signal.
+    /// and leave the page cache to others. Where the file system refuses `O_DIRECT`,
+    /// positioned reads instead (the load's [`LoadReport`](crate::LoadReport) says so).
+    /// Nothing is mapped, and a change to the file is an error or old and new bytes, never a
+    /// signal.
     Direct,
 }
 

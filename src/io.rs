@@ -393,8 +393,9 @@ pub(crate) fn read_pieces<D: Destination>(
 /// the calling thread, in order) gives batch k's pieces once their destinations may be
 /// written, or `None` when there are no more; `finish(k)` (on the calling thread, in order)
 /// runs once batch k's bytes are all in (to queue its device copies, say) while later batches
-/// are being read. `threads`: the pool, [`pool_for`] the files read. Errors as [`read_pieces`]'s; the
-/// first stops the rest, and nothing is being written when this returns.
+/// are being read. `threads`: the pool, [`pool_for`] the files read. Errors as
+/// [`read_pieces`]'s; the first stops the rest, and nothing is being written when this
+/// returns.
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 pub(crate) fn read_batches<'d, D: Destination + 'd>(
     threads: Threads,
