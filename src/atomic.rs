@@ -10,8 +10,27 @@ use std::ffi::OsString;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 
 use crate::error::{Error, ErrorKind, Result};
+
+/// Held while a temporary is created and while one is renamed over its target. A process
+/// about to end on a signal takes it for good ([`hold_writes`]) before removing its
+/// temporaries, so that no write of this process creates a temporary, or renames one, after
+/// they are removed: every target is then the old file or the new one, and no temporary is
+/// left.
+static COMMIT: Mutex<()> = Mutex::new(());
+
+fn commit() -> MutexGuard<'static, ()> {
+    COMMIT.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Stops this process's atomic writes at their next step that touches the folder (creating
+/// the temporary, renaming it): they wait while the guard lives. For an interrupt handler
+/// that removes the temporaries ([`remove_temporaries`]) and exits while holding it.
+pub fn hold_writes() -> MutexGuard<'static, ()> {
+    commit()
+}
 
 /// The folder and file name of `path`.
 fn split(path: &Path) -> Result<(&Path, &std::ffi::OsStr)> {
@@ -102,11 +121,14 @@ pub fn write_atomically(
     }
     let mut prefix = prefix(name);
     prefix.push(format!("{}-", std::process::id()));
-    let tmp = tempfile::Builder::new()
-        .prefix(&prefix)
-        .permissions(permissions)
-        .tempfile_in(dir)
-        .map_err(|e| Error::io("creating a temporary file beside it", None, e))?;
+    let tmp = {
+        let _commit = commit();
+        tempfile::Builder::new()
+            .prefix(&prefix)
+            .permissions(permissions)
+            .tempfile_in(dir)
+            .map_err(|e| Error::io("creating a temporary file beside it", None, e))?
+    };
     {
         let mut w = std::io::BufWriter::with_capacity(1 << 20, tmp.as_file());
         write(&mut w)?;
@@ -115,8 +137,11 @@ pub fn write_atomically(
     tmp.as_file()
         .sync_all()
         .map_err(|e| Error::io("flushing to disk", None, e))?;
-    tmp.persist(path)
-        .map_err(|e| Error::io("renaming the temporary file over it", None, e.error))?;
+    {
+        let _commit = commit();
+        tmp.persist(path)
+            .map_err(|e| Error::io("renaming the temporary file over it", None, e.error))?;
+    }
     // Make the rename itself durable; a failure here leaves a complete file either way.
     if let Ok(d) = fs::File::open(dir) {
         let _ = d.sync_all();

@@ -114,7 +114,7 @@ pub use tensor::{CpuStorage, Element, Storage, Tensor, Tensors};
 /// reach inside the crate. It may change in any release.
 #[doc(hidden)]
 pub mod internals {
-    pub use crate::atomic::{remove_temporaries, write_atomically};
+    pub use crate::atomic::{hold_writes, remove_temporaries, write_atomically};
     pub use crate::checkpoint::is_multi_file;
     pub use crate::convert::Conversion;
     #[cfg(feature = "cuda")]

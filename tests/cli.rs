@@ -46,6 +46,18 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// The keys of `inspect --json`, for a file and a checkpoint alike.
+const JSON_KEYS: [&str; 8] = [
+    "path",
+    "metadata",
+    "index_metadata",
+    "total_size",
+    "tensor_count",
+    "data_bytes",
+    "files",
+    "tensors",
+];
+
 #[test]
 fn inspect_json_matches_what_python_wrote() {
     if skip_without_cli("inspect_json_matches_what_python_wrote") {
@@ -57,11 +69,22 @@ fn inspect_json_matches_what_python_wrote() {
         let out = run(&["inspect", path.to_str().unwrap(), "--json", "--hash"]);
         assert!(out.status.success(), "{}", stderr(&out));
         assert_eq!(stdout(&out).lines().count(), 1, "one object");
-        let got: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+        let mut got: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
         assert_eq!(got["metadata"], want["metadata"]);
-        assert_eq!(got["tensors"], want["tensors"], "{name}");
         let keys: Vec<_> = got.as_object().unwrap().keys().cloned().collect();
-        assert_eq!(keys, ["metadata", "tensors"]);
+        assert_eq!(keys, JSON_KEYS);
+        assert_eq!(got["files"].as_array().unwrap().len(), 1);
+        assert_eq!(got["files"][0]["file"], path.to_str().unwrap());
+        assert_eq!(
+            got["tensor_count"],
+            want["tensors"].as_array().unwrap().len()
+        );
+        // Each tensor names its file; the rest is what Python wrote.
+        for t in got["tensors"].as_array_mut().unwrap() {
+            assert_eq!(t["file"], path.to_str().unwrap());
+            t.as_object_mut().unwrap().shift_remove("file");
+        }
+        assert_eq!(got["tensors"], want["tensors"], "{name}");
         let plain = run(&["inspect", path.to_str().unwrap(), "--json"]);
         let plain: serde_json::Value = serde_json::from_str(&stdout(&plain)).unwrap();
         assert!(plain["tensors"][0].get("sha256").is_none());
@@ -305,9 +328,39 @@ fn checkpoints_inspect_load_slice_and_convert_as_folders() {
     let index = sharded.join("model.safetensors.index.json");
     let out = run(&["inspect", "--json", index.to_str().unwrap()]);
     let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
+    assert_eq!(keys, JSON_KEYS);
     assert_eq!(v["files"].as_array().unwrap().len(), 4);
-    assert_eq!(v["tensors"], 29);
+    assert_eq!(v["tensor_count"], 29);
+    assert_eq!(v["data_bytes"], 180612);
     assert_eq!(v["total_size"], 180612);
+    // Every tensor, each with its shard, and the shards' counts adding up.
+    let tensors = v["tensors"].as_array().unwrap();
+    assert_eq!(tensors.len(), 29);
+    let files: Vec<&str> = v["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["file"].as_str().unwrap())
+        .collect();
+    assert!(
+        tensors
+            .iter()
+            .all(|t| files.contains(&t["file"].as_str().unwrap()))
+    );
+    let counted: u64 = v["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["tensor_count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(counted, 29);
+    let cube = tensors
+        .iter()
+        .find(|t| t["name"] == "model.layers.2.extra.cube")
+        .unwrap();
+    assert_eq!(cube["dtype"], "F64");
+    assert_eq!(cube["shape"], serde_json::json!([4, 6, 5]));
     // load: every device, verified; slices alone.
     for device in common::devices("checkpoints_inspect_load_slice_and_convert") {
         let dev = device.to_string();

@@ -140,7 +140,8 @@ fn killed_saves_leave_the_old_or_the_new_file() {
 }
 
 /// Ctrl-C during `convert`: status 130 (or 0 if it had finished), no partial output, no
-/// temporary.
+/// temporary. With 130 the output is absent, or the new file whole where the signal came
+/// after its rename.
 #[test]
 fn interrupted_convert_leaves_no_partial_output() {
     if skip_without_cli("interrupted_convert_leaves_no_partial_output") {
@@ -158,7 +159,10 @@ fn interrupted_convert_leaves_no_partial_output() {
         let out = child.wait_with_output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         match out.status.code() {
-            Some(130) => assert!(!output.exists(), "{k}: {err}"),
+            Some(130) => assert!(
+                !output.exists() || std::fs::read(&output).unwrap() == want,
+                "{k}: a partial output: {err}"
+            ),
             Some(0) => assert_eq!(std::fs::read(&output).unwrap(), want),
             other => panic!("{k}: status {other:?}: {err}"),
         }
@@ -266,9 +270,14 @@ fn rss() -> usize {
     pages * 4096
 }
 
-/// 8 threads loading the same file and different files at once, 100 rounds, onto the CPU
-/// and wgpu (and CUDA where present): the same bytes every time, and memory back to its
-/// starting level afterwards. Run in a child process, so that no other test's memory counts.
+/// 8 threads loading the same file and different files at once, onto the CPU and wgpu (and
+/// CUDA where present): the same bytes every time, and no leak. "No leak" means: after ten
+/// rounds of warm-up, resident memory stays flat over 100 more rounds (within 24 MiB: the
+/// allocator's fragmentation, measured at 1-3 MiB per 100 rounds), and the warm-up's plateau
+/// is bounded by what a device keeps for the process: nothing on the CPU; on wgpu its device,
+/// the driver's code (lavapipe and llvmpipe load LLVM) and compiled pipelines; on CUDA its
+/// context and the pinned staging ring (4 x 64 MiB). Run in a child process, so that no other
+/// test's memory counts.
 #[test]
 fn many_loads_at_once_give_the_same_bytes_and_free_their_memory() {
     let text = common::in_child(
@@ -328,20 +337,34 @@ fn many_loads_child() {
                 }
             });
         };
-        round(0);
-        let before = rss();
-        for r in 1..=100 {
+        let start = rss();
+        for r in 0..10 {
+            round(r);
+        }
+        let warm = rss();
+        for r in 10..110 {
             round(r);
         }
         let after = rss();
         println!(
-            "{device}: resident memory {} MiB before 100 rounds, {} MiB after",
-            before >> 20,
+            "{device}: resident memory {} MiB before the first load, {} MiB after 10 rounds, \
+             {} MiB after 100 more",
+            start >> 20,
+            warm >> 20,
             after >> 20
         );
+        let plateau: usize = match device {
+            Device::Cpu => 64 << 20,
+            Device::Wgpu(_) => 256 << 20,
+            Device::Cuda(_) | Device::Auto => 1 << 30,
+        };
         assert!(
-            after <= before + (64 << 20),
-            "{device}: {before} -> {after} bytes"
+            warm <= start + plateau,
+            "{device}: warm-up plateau {start} -> {warm} bytes, over {plateau}"
+        );
+        assert!(
+            after <= warm + (24 << 20),
+            "{device}: {warm} -> {after} bytes over 100 rounds after the warm-up"
         );
     }
 }

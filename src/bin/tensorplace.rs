@@ -164,6 +164,7 @@ struct ConvertArgs {
 static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 fn main() -> ExitCode {
+    quiet_vulkan_device_select();
     // A bug in this program prints one line, like every error, whatever RUST_BACKTRACE says.
     std::panic::set_hook(Box::new(|info| {
         eprintln!("tensorplace: internal error (please report it): {info}");
@@ -183,6 +184,20 @@ fn main() -> ExitCode {
                 _ => ExitCode::from(2),
             }
         }
+    }
+}
+
+/// Mesa's implicit Vulkan layer `VK_LAYER_MESA_device_select`, which every Mesa install
+/// enables, connects to Wayland while devices are enumerated to find the default one, and
+/// libwayland prints `error: XDG_RUNTIME_DIR is invalid or not set in the environment.` on
+/// stderr where that variable is unset (a container, a CI job, `sudo`), as if it were ours.
+/// The layer only reorders devices, which `wgpu:N` orders itself; its documented switch
+/// `NODEVICE_SELECT` turns it off, unless the user has set it.
+fn quiet_vulkan_device_select() {
+    if std::env::var_os("NODEVICE_SELECT").is_none() {
+        // SAFETY: the first thing `main` does: no other thread exists yet that could read or
+        // write the environment at the same time.
+        unsafe { std::env::set_var("NODEVICE_SELECT", "1") };
     }
 }
 
@@ -272,26 +287,13 @@ fn devices() -> Result<()> {
 }
 
 fn inspect(args: &InspectArgs) -> Result<()> {
+    if args.json {
+        return out!("{}", inspect_json(args)?);
+    }
     if !is_multi_file(&args.file) {
         return inspect_file(args, &args.file);
     }
     let ckpt = tensorplace::open(&args.file)?;
-    if args.json {
-        let mut files = Vec::with_capacity(ckpt.files().len());
-        for file in ckpt.files() {
-            files.push(file_json(args, file)?);
-        }
-        let object = serde_json::json!({
-            "path": ckpt.path(),
-            "metadata": ckpt.metadata(),
-            "index_metadata": ckpt.index_metadata(),
-            "total_size": ckpt.total_size(),
-            "tensors": ckpt.len(),
-            "data_bytes": ckpt.data_len(),
-            "files": files,
-        });
-        return out!("{object}");
-    }
     let total = ckpt
         .total_size()
         .map_or(String::new(), |t| format!(" (index total_size {t})"));
@@ -315,6 +317,65 @@ fn inspect(args: &InspectArgs) -> Result<()> {
     Ok(())
 }
 
+/// `inspect --json`: one schema for a file and a checkpoint (README, Command line):
+/// `{path, metadata, index_metadata, total_size, tensor_count, data_bytes, files: [{file,
+/// metadata, header_bytes, tensor_count, data_bytes}], tensors: [{name, dtype, shape,
+/// data_offsets, file[, sha256]}]}`, tensors in file order, file after file.
+fn inspect_json(args: &InspectArgs) -> Result<serde_json::Value> {
+    let (path, paths, metadata, index_metadata, total_size) = if is_multi_file(&args.file) {
+        let ckpt = tensorplace::open(&args.file)?;
+        let paths: Vec<PathBuf> = ckpt.files().map(Path::to_path_buf).collect();
+        let md = |m: Option<&tensorplace::Metadata>| m.cloned();
+        (
+            ckpt.path().to_path_buf(),
+            paths,
+            md(ckpt.metadata()),
+            md(ckpt.index_metadata()),
+            ckpt.total_size(),
+        )
+    } else {
+        let file = HostFile::open(&args.file, ReadMode::Mmap)?;
+        let md = file.header().metadata().cloned();
+        (args.file.clone(), vec![args.file.clone()], md, None, None)
+    };
+    let (mut files, mut tensors, mut data_bytes) = (Vec::new(), Vec::new(), 0u64);
+    for path in &paths {
+        let file = HostFile::open(path, ReadMode::Mmap)?;
+        let header = file.header();
+        for (name, info) in file.tensors() {
+            let mut entry = serde_json::json!({
+                "name": name,
+                "dtype": info.dtype.name(),
+                "shape": info.shape,
+                "data_offsets": [info.data_offsets.0, info.data_offsets.1],
+                "file": path,
+            });
+            if args.hash {
+                entry["sha256"] = digest(&file, name, info)?.into();
+            }
+            tensors.push(entry);
+        }
+        data_bytes += header.data_len() as u64;
+        files.push(serde_json::json!({
+            "file": path,
+            "metadata": header.metadata(),
+            "header_bytes": header.header_len(),
+            "tensor_count": header.tensors().len(),
+            "data_bytes": header.data_len(),
+        }));
+    }
+    Ok(serde_json::json!({
+        "path": path,
+        "metadata": metadata,
+        "index_metadata": index_metadata,
+        "total_size": total_size,
+        "tensor_count": tensors.len(),
+        "data_bytes": data_bytes,
+        "files": files,
+        "tensors": tensors,
+    }))
+}
+
 /// Each tensor's SHA-256, hashed in 8 MiB pieces so that a tensor of any size needs no
 /// more memory than that.
 fn digest(file: &HostFile<'_>, name: &str, info: &TensorInfo) -> Result<String> {
@@ -330,38 +391,8 @@ fn digest(file: &HostFile<'_>, name: &str, info: &TensorInfo) -> Result<String> 
     Ok(format!("{:x}", hasher.finalize()))
 }
 
-/// One file as JSON: its metadata and tensors (with their hashes where asked).
-fn file_json(args: &InspectArgs, path: &Path) -> Result<serde_json::Value> {
-    let file = HostFile::open(path, ReadMode::Mmap)?;
-    let mut tensors = Vec::with_capacity(file.header().tensors().len());
-    for (name, info) in file.tensors() {
-        let mut entry = serde_json::json!({
-            "name": name,
-            "dtype": info.dtype.name(),
-            "shape": info.shape,
-            "data_offsets": [info.data_offsets.0, info.data_offsets.1],
-        });
-        if args.hash {
-            entry["sha256"] = digest(&file, name, info)?.into();
-        }
-        tensors.push(entry);
-    }
-    Ok(serde_json::json!({
-        "file": path,
-        "metadata": file.header().metadata(),
-        "tensors": tensors,
-    }))
-}
-
 /// Prints one file.
 fn inspect_file(args: &InspectArgs, path: &Path) -> Result<()> {
-    if args.json {
-        let mut object = file_json(args, path)?;
-        if let Some(o) = object.as_object_mut() {
-            o.shift_remove("file");
-        }
-        return out!("{object}");
-    }
     let file = HostFile::open(path, ReadMode::Mmap)?;
     out!(
         "{}: {} bytes, header {} bytes, {} tensors, {} data bytes",
@@ -625,7 +656,9 @@ impl Interrupts {
 
     /// On Ctrl-C (SIGINT) or SIGTERM, one arrived already included, removes the temporaries
     /// this process is writing beside the `outputs` (each output itself is only ever
-    /// replaced whole, by a rename) and exits with status 130.
+    /// replaced whole, by a rename) and exits with status 130. The process's writes are held
+    /// first: none creates or renames a temporary after they are removed, so each output is
+    /// its old file (or absent) or, where its rename came first, the new one whole.
     fn clean_up_on_interrupt(self, outputs: Vec<PathBuf>) {
         let set = self.0;
         std::thread::spawn(move || {
@@ -633,6 +666,7 @@ impl Interrupts {
             // SAFETY: `set` holds the blocked signals; sigwait writes the one received.
             if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
                 INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+                let _held = tensorplace::internals::hold_writes();
                 for output in &outputs {
                     tensorplace::internals::remove_temporaries(output, std::process::id());
                 }

@@ -27,12 +27,12 @@ pub(crate) struct Ring {
 struct Batch<'t, 'n> {
     transfers: &'t [Transfer<'n>],
     offsets: Vec<usize>,
-    copies: Vec<Copy>,
+    copies: Vec<HostToDevice>,
 }
 
 /// One host-to-device copy of a batch: `len` bytes at `offset` of the staging buffer to `dst`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Copy {
+struct HostToDevice {
     offset: usize,
     dst: CUdeviceptr,
     len: usize,
@@ -53,7 +53,7 @@ fn batches<'t, 'n>(pieces: &'t [Transfer<'n>]) -> Vec<Batch<'t, 'n>> {
         let mut end = start;
         let mut used = 0usize;
         let mut offsets = Vec::new();
-        let mut copies: Vec<Copy> = Vec::new();
+        let mut copies: Vec<HostToDevice> = Vec::new();
         while let Some(t) = pieces.get(end) {
             let len = t.src.len();
             let follows = copies.last().copied().and_then(|c| {
@@ -65,7 +65,7 @@ fn batches<'t, 'n>(pieces: &'t [Transfer<'n>]) -> Vec<Batch<'t, 'n>> {
             });
             let at = match follows {
                 Some((c, at)) => {
-                    let grown = Copy {
+                    let grown = HostToDevice {
                         len: at + len - c.offset,
                         ..c
                     };
@@ -84,7 +84,7 @@ fn batches<'t, 'n>(pieces: &'t [Transfer<'n>]) -> Vec<Batch<'t, 'n>> {
                     if end > start && at + len > STAGING {
                         break;
                     }
-                    copies.push(Copy {
+                    copies.push(HostToDevice {
                         offset: at,
                         dst: t.dst,
                         len,
@@ -230,7 +230,7 @@ mod tests {
         let b = batches(&transfers);
         assert_eq!(b.len(), 1);
         assert_eq!(b[0].offsets, [0, 256, 512, 768, 100_864]);
-        let copy = |offset, dst, len| Copy { offset, dst, len };
+        let copy = |offset, dst, len| HostToDevice { offset, dst, len };
         assert_eq!(
             b[0].copies,
             [

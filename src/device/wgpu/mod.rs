@@ -6,7 +6,8 @@
 //! host memory, or through a ring of staging buffers.
 //!
 //! Adapters are listed in a stable order: by type (discrete, integrated, virtual, CPU,
-//! other), then by backend (Vulkan, Metal, DX12, GL), then in wgpu's enumeration order.
+//! other), then by backend (Vulkan, Metal, DX12), then in wgpu's enumeration order; GL
+//! adapters are listed only where those backends find none.
 //! `wgpu:N` is the Nth of that list; `wgpu` is the first, or the first whose name contains
 //! the [`Loader::adapter`](crate::Loader::adapter) option. Every backend wgpu was built with
 //! is enumerated; nothing is read from the environment.
@@ -169,11 +170,21 @@ fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
 
 /// The adapters, in the stable order of `wgpu:N`, enumerated once per process (enumerating
 /// creates and drops GL contexts, which some drivers do not survive from several threads).
+///
+/// The primary backends (Vulkan, Metal, DX12) are asked first and GL only where they find
+/// nothing: GL is wgpu's fallback, it types NVIDIA's and AMD's GL adapters `Other` (after
+/// software renderers), and a GL adapter listed beside a Vulkan one is the same device
+/// through a slower path. So on a machine without a Vulkan driver, `wgpu` is the GL adapter
+/// (Mesa's llvmpipe, say), and beside one it is never GL.
 fn adapters() -> Result<&'static [wgpu::Adapter]> {
     static ADAPTERS: OnceLock<std::result::Result<Vec<wgpu::Adapter>, String>> = OnceLock::new();
     let list = ADAPTERS.get_or_init(|| {
         guarded("enumerating adapters", || {
-            let mut list = pollster::block_on(instance().enumerate_adapters(wgpu::Backends::all()));
+            let enumerate = |backends| pollster::block_on(instance().enumerate_adapters(backends));
+            let mut list = enumerate(wgpu::Backends::PRIMARY);
+            if list.is_empty() {
+                list = enumerate(wgpu::Backends::SECONDARY);
+            }
             list.sort_by_key(|a| {
                 let i = a.get_info();
                 (type_rank(i.device_type), backend_rank(i.backend))

@@ -238,8 +238,14 @@ pub(super) enum Ring {
 /// then its copies into the destinations encoded and submitted while later buffers are still
 /// being read; a buffer is filled again once its own copies are done. Each buffer is filled
 /// to the brim: a transfer that does not fit is cut at the room left (4-byte boundaries),
-/// its rest going first into the next buffer. The ring is the backend's, kept between
-/// loads; a load that finds it in use by another makes its own.
+/// its rest going first into the next buffer.
+///
+/// The ring of `size`-byte buffers is the backend's, kept between loads and grown only to
+/// the buffers a load's batches use (a load of one batch adds none after the first). A
+/// load that finds it in use by another, or a load smaller than one buffer while the kept
+/// ring has none yet, streams through buffers of its own, sized to it and freed after: a
+/// process that only ever loads small files holds no staging memory between loads (the
+/// driver backs, and wgpu zero-fills, every byte of a mapped staging buffer).
 pub(super) fn stream(
     backend: &WgpuBackend,
     plan: &LoadPlan<'_>,
@@ -253,9 +259,11 @@ pub(super) fn stream(
     };
     let mut shared = shared.try_lock().ok();
     let mut own = Vec::new();
-    let ring: &mut Vec<Staging> = match shared.as_deref_mut() {
-        Some(r) if r.first().is_none_or(|s| s.size() == size) => r,
-        _ => &mut own,
+    let small = own_size(transfers, size);
+    let (ring, size): (&mut Vec<Staging>, u64) = match shared.as_deref_mut() {
+        Some(r) if r.first().is_some_and(|s| s.size() == size) => (r, size),
+        Some(r) if r.is_empty() && small.is_none() => (r, size),
+        _ => (&mut own, small.unwrap_or(size)),
     };
     let threads = io::pool_for(transfers.iter().map(|t| t.file));
     let queue: VecDeque<Transfer<'_, '_>> = transfers.iter().map(Transfer::clone).collect();
@@ -271,10 +279,10 @@ pub(super) fn stream(
         let Some((batch, offsets)) = next_batch(&mut st.queue, kind, size) else {
             return Ok(None);
         };
-        if st.ring.len() < RING {
+        let slot = st.next % RING;
+        if slot == st.ring.len() {
             st.ring.push(Staging::new(backend, kind, size)?);
         }
-        let slot = st.next % st.ring.len().max(1);
         st.next += 1;
         let staging = &mut st.ring[slot];
         staging.ready(backend)?;
@@ -309,6 +317,18 @@ pub(super) fn stream(
     io::read_batches(threads, RING - 1, start, finish, &|_| plan.advance(0))?;
     let last = state.into_inner().last;
     backend.wait(last)
+}
+
+/// The size of buffers of a load's own to stream `transfers` through, where that is less
+/// than `size`: their padded bytes with room for each one's alignment in the buffer, in
+/// whole MiB. `None` where they need a whole buffer or more.
+fn own_size(transfers: &[Transfer<'_, '_>], size: u64) -> Option<u64> {
+    let need = transfers.iter().try_fold(0u64, |n, t| {
+        n.checked_add(pad4(t.src.len() as u64))?
+            .checked_add(crate::direct::BLOCK as u64 + 256)
+    })?;
+    let need = need.checked_next_multiple_of(1 << 20)?;
+    (need < size).then_some(need)
 }
 
 /// A stream's state between its batches.
