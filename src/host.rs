@@ -106,7 +106,18 @@ impl HostFile<'static> {
             // Fails with HeaderTooSmall; there is nothing to map.
             Header::read_len(&[], len)?;
         }
-        match mode {
+        // The header is read with positioned reads in every mode, mapped files included: a
+        // page fault on a cold mapping reads the whole readahead window around it (the disk's
+        // `read_ahead_kb`, often megabytes) where a small read starts with a small window, so
+        // that opening a cold file reads little more than its header.
+        let mut prefix = [0u8; N_LEN];
+        read_exact_at(&file, &mut prefix, 0)?;
+        let n = Header::read_len(&prefix, len)?;
+        // `read_len` bounds n by the file size and by MAX_HEADER_LEN.
+        let mut json = vec![0u8; n];
+        read_exact_at(&file, &mut json, N_LEN as u64)?;
+        let header = Header::parse_json(&json, len)?;
+        let source = match mode {
             ReadMode::Mmap => {
                 // SAFETY: the mapping is read-only and shared, so we never write through it and
                 // no other mapping aliases it mutably within this process. memmap2's contract
@@ -116,26 +127,18 @@ impl HostFile<'static> {
                 // way out for files that may change.
                 let map = unsafe { Mmap::map(&file) }
                     .map_err(|e| Error::io("memory-mapping", None, e))?;
-                let header = Header::parse(&map)?;
-                Ok(HostFile::new(
-                    path,
-                    len,
-                    header,
-                    Source::Mapped(Arc::new(map), file),
-                    mode,
-                ))
+                // The header's ranges were checked against `len`: the mapping must hold them.
+                if map.len() as u64 != len {
+                    return Err(Error::new(
+                        ErrorKind::Io,
+                        "the file changed size while it was being opened",
+                    ));
+                }
+                Source::Mapped(Arc::new(map), file)
             }
-            ReadMode::Pread | ReadMode::Direct => {
-                let mut prefix = [0u8; N_LEN];
-                read_exact_at(&file, &mut prefix, 0)?;
-                let n = Header::read_len(&prefix, len)?;
-                // `read_len` bounds n by the file size and by MAX_HEADER_LEN.
-                let mut json = vec![0u8; n];
-                read_exact_at(&file, &mut json, N_LEN as u64)?;
-                let header = Header::parse_json(&json, len)?;
-                Ok(HostFile::new(path, len, header, Source::File(file), mode))
-            }
-        }
+            ReadMode::Pread | ReadMode::Direct => Source::File(file),
+        };
+        Ok(HostFile::new(path, len, header, source, mode))
     }
 }
 

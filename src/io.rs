@@ -13,6 +13,7 @@ use std::ops::Range;
 use crate::convert::Conversion;
 use crate::error::{Error, ErrorKind, Result};
 use crate::host::{Fetch, HostFile};
+use crate::memory::HostBuffer;
 use crate::parallel::{self, Threads};
 
 /// Input bytes per unit of work: big enough to amortize a thread's start, small enough that
@@ -22,6 +23,18 @@ pub(crate) const PIECE: usize = 4 << 20;
 /// Runs at least this long of a file a load takes a small part of are read with `pread`
 /// rather than copied out of the mapping (see `HostFile::mark_partial`).
 pub(crate) const LONG_RUN: usize = 64 << 10;
+
+/// Pieces shorter than this that are read from a disk (directly or with `pread`) are read
+/// together with their neighbours in the file: one request for a run of them, so that a file
+/// of many small tensors (norms, biases, scales) costs a few large requests, not one each.
+const SMALL: usize = 256 << 10;
+
+/// The most bytes of the file one run of small pieces spans: one request.
+const RUN_SPAN: usize = PIECE;
+
+/// The widest gap between neighbours of one run (the bytes of pieces read by others, or of
+/// tensors the load leaves out): reading it costs less than another request.
+const RUN_GAP: usize = 64 << 10;
 
 /// Splits `range` into consecutive ranges of at most `max` bytes (an empty range gives none).
 pub(crate) fn chunks(range: Range<usize>, max: usize) -> impl Iterator<Item = Range<usize>> {
@@ -203,7 +216,6 @@ impl<'g> Span<'g> {
     }
 
     /// The file range of its bytes, when they are one run there.
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub fn as_range(&self) -> Option<Range<usize>> {
         let mut segments = self.gather.segments(self.dense.clone());
         match (segments.next(), segments.next()) {
@@ -263,37 +275,74 @@ pub(crate) struct Source<'a> {
     file: &'a HostFile<'a>,
     span: Span<'a>,
     fetch: Fetch,
+    /// Bytes of the file read already for a run of small pieces, with the file offset of
+    /// their first.
+    window: Option<(usize, &'a [u8])>,
     scratch: &'a mut Vec<u8>,
 }
 
 impl<'a> Source<'a> {
     /// Copies (or reads) the bytes into `dst`, which must have the piece's length.
     pub(crate) fn read_into(self, dst: &mut [u8]) -> Result<()> {
-        read_span(self.file, self.fetch, &self.span, dst)
+        let memory = self.memory();
+        read_span(self.file, self.fetch, memory, &self.span, dst)
     }
 
     /// The bytes: borrowed from memory where they are one run there, else read (or
     /// gathered) into the thread's scratch buffer.
     pub(crate) fn bytes(self) -> Result<&'a [u8]> {
-        let memory = self.file.bytes().filter(|_| self.fetch == Fetch::Memory);
+        let memory = self.memory();
         let mut segments = self.span.gather.segments(self.span.dense.clone());
-        if let (Some(bytes), Some((range, _)), None) = (memory, segments.next(), segments.next()) {
-            return bytes.get(range.clone()).ok_or_else(|| {
-                Error::new(
-                    ErrorKind::Io,
-                    format!("bytes {range:?} lie past the end of the file"),
-                )
-                .with_opt_file(self.file.path())
-            });
+        if let (Some(memory), Some((range, _)), None) = (memory, segments.next(), segments.next()) {
+            return in_memory(self.file, memory, range);
         }
         self.scratch.resize(self.span.len(), 0);
-        read_span(self.file, self.fetch, &self.span, self.scratch)?;
+        read_span(self.file, self.fetch, memory, &self.span, self.scratch)?;
         Ok(&self.scratch[..])
+    }
+
+    /// Memory that holds the piece's bytes, with the file offset of its first byte: a run's
+    /// window, or the file's own bytes (mapped, or the caller's) where the load copies them.
+    fn memory(&self) -> Option<(usize, &'a [u8])> {
+        match self.window {
+            Some(window) => Some(window),
+            None => self
+                .file
+                .bytes()
+                .filter(|_| self.fetch == Fetch::Memory)
+                .map(|bytes| (0, bytes)),
+        }
     }
 }
 
-/// Reads the bytes of `span` into `dst`, which must have its length.
-fn read_span(file: &HostFile<'_>, fetch: Fetch, span: &Span<'_>, dst: &mut [u8]) -> Result<()> {
+/// The bytes `range` of the file, from `memory` (bytes from file offset `base` on).
+fn in_memory<'m>(
+    file: &HostFile<'_>,
+    (base, memory): (usize, &'m [u8]),
+    range: Range<usize>,
+) -> Result<&'m [u8]> {
+    range
+        .start
+        .checked_sub(base)
+        .and_then(|start| memory.get(start..start + range.len()))
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Io,
+                format!("bytes {range:?} lie past the end of the file"),
+            )
+            .with_opt_file(file.path())
+        })
+}
+
+/// Reads the bytes of `span` into `dst`, which must have its length: copied from `memory`
+/// where it holds them, else read the way `fetch` says.
+fn read_span(
+    file: &HostFile<'_>,
+    fetch: Fetch,
+    memory: Option<(usize, &[u8])>,
+    span: &Span<'_>,
+    dst: &mut [u8],
+) -> Result<()> {
     if dst.len() != span.len() {
         return Err(Error::new(
             ErrorKind::Backend,
@@ -304,20 +353,13 @@ fn read_span(file: &HostFile<'_>, fetch: Fetch, span: &Span<'_>, dst: &mut [u8])
             ),
         ));
     }
-    // From memory: one lookup of the bytes, then a copy per run (runs may be a few bytes).
-    if let (Fetch::Memory, Some(bytes)) = (fetch, file.bytes()) {
-        for (range, at) in span.gather.segments(span.dense.clone()) {
-            let src = bytes.get(range.clone()).ok_or_else(|| {
-                Error::new(ErrorKind::Io, format!("bytes {range:?} lie past the end"))
-                    .with_opt_file(file.path())
-            })?;
-            dst[at..at + src.len()].copy_from_slice(src);
-        }
-        return Ok(());
-    }
     for (range, at) in span.gather.segments(span.dense.clone()) {
         let len = range.len();
-        read(file, fetch, range.start, &mut dst[at..at + len])?;
+        match memory {
+            // From memory: a copy per run (runs may be a few bytes).
+            Some(memory) => dst[at..at + len].copy_from_slice(in_memory(file, memory, range)?),
+            None => read(file, fetch, range.start, &mut dst[at..at + len])?,
+        }
     }
     Ok(())
 }
@@ -383,8 +425,8 @@ pub(crate) fn read_pieces<D: Destination>(
         Threads::PerCore if bytes <= PIECE => Threads::Caller,
         threads => threads,
     };
-    parallel::for_each(pieces, threads, |piece, scratch| {
-        read_piece(piece, scratch, advance)
+    parallel::for_each(jobs(pieces), threads, |job, scratch| {
+        read_job(job, scratch, advance)
     })
 }
 
@@ -400,13 +442,132 @@ pub(crate) fn read_pieces<D: Destination>(
 pub(crate) fn read_batches<'d, D: Destination + 'd>(
     threads: Threads,
     ahead: usize,
-    start: impl FnMut(usize) -> Result<Option<Vec<Piece<'d, D>>>>,
+    mut start: impl FnMut(usize) -> Result<Option<Vec<Piece<'d, D>>>>,
     finish: impl FnMut(usize) -> Result<()>,
     advance: &(dyn Fn(u64) -> Result<()> + Sync),
 ) -> Result<()> {
-    parallel::batches(threads, ahead, start, finish, &|piece, scratch| {
-        read_piece(piece, scratch, advance)
+    let start = |k| Ok(start(k)?.map(jobs));
+    parallel::batches(threads, ahead, start, finish, &|job, scratch| {
+        read_job(job, scratch, advance)
     })
+}
+
+/// What one thread of the pool takes at a time.
+enum Job<'n, D> {
+    /// One piece.
+    One(Piece<'n, D>),
+    /// Small pieces of one file in file order, read from the disk with one request over
+    /// `span` (their bytes and the gaps between them), then handed out from memory.
+    Run {
+        span: Range<usize>,
+        pieces: Vec<Piece<'n, D>>,
+    },
+}
+
+/// The pieces (in file order, as every backend gives them) as jobs: each small piece read
+/// from a disk joins the run of its neighbour before it where the run stays within
+/// [`RUN_SPAN`] bytes of the file with gaps of at most [`RUN_GAP`]; any other piece is a job
+/// of its own.
+fn jobs<D>(pieces: Vec<Piece<'_, D>>) -> Vec<Job<'_, D>> {
+    let mut jobs: Vec<Job<'_, D>> = Vec::with_capacity(pieces.len());
+    for piece in pieces {
+        let small = piece
+            .src
+            .as_range()
+            .filter(|r| r.len() < SMALL && fetch_for(&piece) != Fetch::Memory);
+        let Some(range) = small else {
+            jobs.push(Job::One(piece));
+            continue;
+        };
+        if let Some(Job::Run { span, pieces }) = jobs.last_mut() {
+            let joins = std::ptr::eq(pieces[0].file, piece.file)
+                && range.start >= span.end
+                && range.start - span.end <= RUN_GAP
+                && range.end - span.start <= RUN_SPAN;
+            if joins {
+                span.end = range.end;
+                pieces.push(piece);
+                continue;
+            }
+        }
+        jobs.push(Job::Run {
+            span: range,
+            pieces: vec![piece],
+        });
+    }
+    // A run of one piece reads it straight into its destination.
+    jobs.into_iter()
+        .map(|job| match job {
+            Job::Run { mut pieces, .. } if pieces.len() == 1 => Job::One(pieces.remove(0)),
+            job => job,
+        })
+        .collect()
+}
+
+thread_local! {
+    /// This thread's buffer for the runs it reads (page-aligned, so that a run's whole
+    /// blocks are read straight into it), kept for the thread's life.
+    static RUN_BUFFER: std::cell::RefCell<Option<HostBuffer>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Reads one job: its piece, or its run with one request and then each piece from memory.
+fn read_job<D: Destination>(
+    job: Job<'_, D>,
+    scratch: &mut Vec<u8>,
+    advance: &(dyn Fn(u64) -> Result<()> + Sync),
+) -> Result<()> {
+    let (span, pieces) = match job {
+        Job::One(piece) => return read_piece(piece, scratch, advance),
+        Job::Run { span, pieces } => (span, pieces),
+    };
+    let first = &pieces[0];
+    let (file, fetch) = (first.file, fetch_for(first));
+    let named = |e: Error, tensor: &str| e.with_tensor(tensor).with_opt_file(file.path());
+    RUN_BUFFER.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let buffer = match &mut *cell {
+            Some(b) => b,
+            empty => {
+                let len = RUN_SPAN + 2 * crate::direct::BLOCK;
+                empty.insert(HostBuffer::page_aligned(len).map_err(|e| named(e, first.tensor))?)
+            }
+        };
+        // Placed congruent to the file offset, so that direct reads land in place.
+        let lead = span.start % crate::direct::BLOCK;
+        let window = &mut buffer.as_mut_bytes()[lead..lead + span.len()];
+        advance(0)?;
+        read(file, fetch, span.start, window).map_err(|e| named(e, first.tensor))?;
+        let window = Some((span.start, &*window));
+        for piece in pieces {
+            advance(0)?;
+            let n = piece.src.len() as u64;
+            let source = Source {
+                file,
+                span: piece.src,
+                fetch,
+                window,
+                scratch: &mut *scratch,
+            };
+            piece
+                .dst
+                .write(source)
+                .map_err(|e| named(e, piece.tensor))?;
+            advance(n)?;
+        }
+        Ok(())
+    })
+}
+
+/// How a piece's bytes are taken: its file's way, except that the long runs of a mapped
+/// file the load takes a small part of are read with `pread` (see `HostFile::mark_partial`).
+fn fetch_for<D>(piece: &Piece<'_, D>) -> Fetch {
+    match piece.file.fetch() {
+        Fetch::Memory if piece.file.is_partial() && piece.src.gather.width() >= LONG_RUN => {
+            Fetch::Pread
+        }
+        fetch => fetch,
+    }
 }
 
 /// Reads one piece into its destination: `advance(0)` before (an interrupted load stops
@@ -419,14 +580,11 @@ fn read_piece<D: Destination>(
     advance(0)?;
     let n = piece.src.len() as u64;
     let file = piece.file;
-    let fetch = match file.fetch() {
-        Fetch::Memory if file.is_partial() && piece.src.gather.width() >= LONG_RUN => Fetch::Pread,
-        fetch => fetch,
-    };
     let source = Source {
         file,
+        fetch: fetch_for(&piece),
         span: piece.src,
-        fetch,
+        window: None,
         scratch,
     };
     piece
@@ -440,6 +598,7 @@ fn read_piece<D: Destination>(
 mod tests {
     use super::*;
     use crate::host::ReadMode;
+    use std::path::PathBuf;
     use std::sync::atomic::{AtomicU64, Ordering};
 
     #[test]
@@ -455,6 +614,113 @@ mod tests {
         let parts: Vec<_> = g.segments(2..9).collect();
         assert_eq!(parts, [(2..4, 0), (8..12, 2), (16..17, 6)]);
         assert_eq!(Gather::strided(5, 4, &[(0, 8)]).len(), 0);
+    }
+
+    /// A file of `n` tensors of `len` bytes each (pseudo-random), its path and its bytes.
+    fn small_tensors(dir: &std::path::Path, n: usize, len: usize) -> (PathBuf, Vec<u8>) {
+        let mut json = String::from("{");
+        for i in 0..n {
+            let (b, e) = (i * len, (i + 1) * len);
+            json +=
+                &format!(r#""t{i}":{{"dtype":"U8","shape":[{len}],"data_offsets":[{b},{e}]}},"#);
+        }
+        json.pop();
+        json.push('}');
+        let data: Vec<u8> = (0..n * len).map(|i| (i * 7 + i / 251) as u8).collect();
+        let bytes = crate::header::test_file(&json, &data);
+        let path = dir.join("small.safetensors");
+        std::fs::write(&path, &bytes).unwrap();
+        (path, bytes)
+    }
+
+    #[test]
+    fn small_pieces_read_from_a_disk_are_read_in_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (n, len) = (3000, 4000);
+        let (path, bytes) = small_tensors(dir.path(), n, len);
+        for mode in [ReadMode::Pread, ReadMode::Direct, ReadMode::Mmap] {
+            let file = HostFile::open(&path, mode).unwrap();
+            let start = file.header().data_start();
+            let gathers: Vec<Gather> = (0..n)
+                .map(|i| Gather::contiguous(start + i * len..start + (i + 1) * len))
+                .collect();
+            // Every other tensor: gaps of one tensor between neighbours.
+            let mut out = vec![0u8; n.div_ceil(2) * len];
+            let pieces: Vec<_> = gathers
+                .iter()
+                .step_by(2)
+                .zip(out.chunks_mut(len))
+                .enumerate()
+                .map(|(i, (g, dst))| Piece {
+                    tensor: if i == 0 { "first" } else { "other" },
+                    file: &file,
+                    src: Span::all(g),
+                    dst,
+                })
+                .collect();
+            let jobs = jobs(pieces);
+            let runs: Vec<&Range<usize>> = jobs
+                .iter()
+                .filter_map(|j| match j {
+                    Job::Run { span, pieces } => {
+                        assert!(pieces.len() > 1);
+                        Some(span)
+                    }
+                    Job::One(_) => None,
+                })
+                .collect();
+            if mode == ReadMode::Mmap {
+                // Copies from the page cache: nothing to gather.
+                assert!(runs.is_empty(), "{mode:?}");
+            } else {
+                // 12 MB of the file in runs of at most RUN_SPAN bytes: a few requests, not
+                // one per tensor.
+                let want = (n * len).div_ceil(RUN_SPAN);
+                assert!(jobs.len() <= want + 1, "{mode:?}: {} jobs", jobs.len());
+                assert!(runs.iter().all(|r| r.len() <= RUN_SPAN));
+            }
+            let advance = |_| Ok(());
+            parallel::for_each(jobs, Threads::Io, |job, scratch| {
+                read_job(job, scratch, &advance)
+            })
+            .unwrap();
+            for (k, got) in out.chunks(len).enumerate() {
+                let at = start + 2 * k * len;
+                assert_eq!(got, &bytes[at..at + len], "{mode:?}: tensor {}", 2 * k);
+            }
+        }
+    }
+
+    #[test]
+    fn a_run_that_fails_names_its_first_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _) = small_tensors(dir.path(), 100, 4000);
+        let file = HostFile::open(&path, ReadMode::Pread).unwrap();
+        let start = file.header().data_start();
+        // The file shrinks under the load: the run's one request comes up short.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(start as u64 + 1000)
+            .unwrap();
+        let gathers: Vec<Gather> = (0..100)
+            .map(|i| Gather::contiguous(start + i * 4000..start + (i + 1) * 4000))
+            .collect();
+        let mut out = vec![0u8; 100 * 4000];
+        let pieces: Vec<_> = gathers
+            .iter()
+            .zip(out.chunks_mut(4000))
+            .enumerate()
+            .map(|(i, (g, dst))| Piece {
+                tensor: if i == 0 { "t0" } else { "later" },
+                file: &file,
+                src: Span::all(g),
+                dst,
+            })
+            .collect();
+        let e = read_pieces(pieces, &|_| Ok(())).unwrap_err();
+        assert_eq!((e.kind(), e.tensor()), (ErrorKind::Io, Some("t0")), "{e}");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! `safetensors` crate writes, and the owned load against a copy into the same kind of
 //! memory on every core (the ceiling).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use safetensors::{SafeTensorError, SafeTensors};
 
@@ -83,13 +83,7 @@ pub(super) fn groups<'a>(path: &'a Path, out: &'a Path, cold: bool) -> Vec<Group
             BenchPath::new(
                 "safetensors deserialize + copy each",
                 Role::Baseline,
-                move || {
-                    let m = map(path)?;
-                    let st = SafeTensors::deserialize(&m).map_err(reference_err)?;
-                    let v: Vec<Vec<u8>> = st.iter().map(|(_, t)| t.data().to_vec()).collect();
-                    std::hint::black_box(&v);
-                    Ok(())
-                },
+                move || reference_copies(path),
             ),
             BenchPath::new(
                 "parallel copy into huge-page memory (ceiling)",
@@ -160,6 +154,65 @@ pub(super) fn groups<'a>(path: &'a Path, out: &'a Path, cold: bool) -> Vec<Group
         pairs: vec![],
     };
     vec![zero_copy, super::with_disk_ceiling(owned, path, cold), save]
+}
+
+/// The cold files of many small tensors (`--cold`), written into `dir`: 20,000 of 4 KB, and
+/// a mix of one 4 MiB tensor per twenty of 4 KB (as norms, biases and scales sit between a
+/// model's matrices). Each with its label and data bytes.
+pub(super) fn small_tensor_files(dir: &Path) -> Result<Vec<(&'static str, PathBuf, u64)>> {
+    let small = vec![4000; 20_000];
+    let mixed: Vec<usize> = (0..64)
+        .flat_map(|i| std::iter::repeat_n(4000 + 8 * (i % 7), 20).chain([4 << 20]))
+        .collect();
+    let mut files = Vec::new();
+    for (label, name, sizes) in [
+        ("20000 x 4 KB", "small.safetensors", small),
+        ("1 x 4 MiB per 20 x 4 KB", "mixed.safetensors", mixed),
+    ] {
+        let path = dir.join(name);
+        super::synthetic::write_sized(&path, &sizes)?;
+        files.push((label, path, sizes.iter().sum::<usize>() as u64));
+    }
+    Ok(files)
+}
+
+/// One of those files loaded by us (mapped, then with `pread`) against `safetensors`, with
+/// the disk's sequential reads of the same file.
+pub(super) fn small_tensor_group<'a>(label: &str, path: &'a Path) -> Group<'a> {
+    let group = Group {
+        device: format!("cpu, {label}"),
+        paths: vec![
+            BenchPath::new(
+                "tensorplace load_file (owned copies)",
+                Role::Ours,
+                move || owned_load(path),
+            ),
+            BenchPath::new("tensorplace load_file, pread", Role::Ours, move || {
+                let t = crate::Loader::new(Device::Cpu)
+                    .read_mode(ReadMode::Pread)
+                    .load_file(path)?;
+                std::hint::black_box(t.len());
+                Ok(())
+            }),
+            BenchPath::new(
+                "safetensors deserialize + copy each",
+                Role::Baseline,
+                move || reference_copies(path),
+            ),
+        ],
+        pairs: vec![],
+    };
+    super::with_disk_ceiling(group, path, true)
+}
+
+/// `safetensors`' deserialize of the mapped file, then a copy of each tensor: what users of
+/// that crate who need owned tensors run.
+fn reference_copies(path: &Path) -> Result<()> {
+    let m = map(path)?;
+    let st = SafeTensors::deserialize(&m).map_err(reference_err)?;
+    let v: Vec<Vec<u8>> = st.iter().map(|(_, t)| t.data().to_vec()).collect();
+    std::hint::black_box(&v);
+    Ok(())
 }
 
 /// The whole file copied into fresh memory of the kind our arena is (anonymous, huge pages

@@ -286,6 +286,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             }
             Err(e) => report.skip(d, &e.to_string())?,
         }
+        // Cold files of many small tensors, where direct reads must not cost a request each.
+        if d == Device::Cpu && args.cold {
+            for (label, small, bytes) in cpu::small_tensor_files(dir.path())? {
+                say!("file: {} ({label}, {bytes} data bytes)", small.display())?;
+                let group = cpu::small_tensor_group(label, &small);
+                report.measure(group, bytes, args.runs, Some(&small))?;
+            }
+        }
     }
     let input = serde_json::json!({"path": path, "data_bytes": bytes, "runs": args.runs, "cold": args.cold});
     report.finish(args, ("file", input))

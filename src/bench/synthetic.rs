@@ -73,17 +73,7 @@ pub fn synthetic_tensors(spec: &Synthetic) -> Result<Tensors> {
         ));
         total += numel * elem;
     }
-    let mut buffer = HostBuffer::zeroed(total)?;
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    for chunk in buffer.as_mut_bytes().chunks_mut(8) {
-        // xorshift64*
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        let word = state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
-        chunk.copy_from_slice(&word[..chunk.len()]);
-    }
-    let arena = Arc::new(buffer);
+    let arena = Arc::new(random_bytes(total)?);
     let mut tensors = Tensors::new();
     let mut at = 0usize;
     for (name, dtype, shape, len) in plan {
@@ -105,4 +95,34 @@ pub fn synthetic_tensors(spec: &Synthetic) -> Result<Tensors> {
 pub fn write_synthetic(path: &Path, spec: &Synthetic) -> Result<()> {
     let t = synthetic_tensors(spec)?;
     crate::save_file(&t, path, None)
+}
+
+/// `len` pseudo-random bytes (xorshift64*).
+fn random_bytes(len: usize) -> Result<HostBuffer> {
+    let mut buffer = HostBuffer::zeroed(len)?;
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    for chunk in buffer.as_mut_bytes().chunks_mut(8) {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        let word = state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
+        chunk.copy_from_slice(&word[..chunk.len()]);
+    }
+    Ok(buffer)
+}
+
+/// Writes a file of U8 tensors of `sizes` bytes (pseudo-random), in that order.
+pub(crate) fn write_sized(path: &Path, sizes: &[usize]) -> Result<()> {
+    let arena = Arc::new(random_bytes(sizes.iter().sum())?);
+    let mut tensors = Tensors::new();
+    let mut at = 0usize;
+    for (i, &len) in sizes.iter().enumerate() {
+        let storage = CpuStorage::owned(arena.clone(), at..at + len);
+        tensors.insert(
+            format!("t{i:05}"),
+            Tensor::from_parts(Dtype::U8, vec![len], Storage::Cpu(storage)),
+        );
+        at += len;
+    }
+    crate::save_file(&tensors, path, None)
 }
