@@ -66,6 +66,8 @@ pub struct HostFile<'a> {
     fetch: OnceLock<Fetch>,
     /// Whether a load takes only a small part of it (see `mark_partial`).
     partial: std::sync::atomic::AtomicBool,
+    /// Whether it serves lazy reads of one tensor at a time (see `set_lazy`).
+    lazy: bool,
 }
 
 impl std::fmt::Debug for HostFile<'_> {
@@ -172,6 +174,7 @@ impl<'a> HostFile<'a> {
             direct: OnceLock::new(),
             fetch: OnceLock::new(),
             partial: std::sync::atomic::AtomicBool::new(false),
+            lazy: false,
         }
     }
 
@@ -205,6 +208,18 @@ impl<'a> HostFile<'a> {
     /// Whether [`mark_partial`](Self::mark_partial) marked it.
     pub(crate) fn is_partial(&self) -> bool {
         self.partial.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Marks the file as one a [`Reader`](crate::Reader) reads a tensor at a time: the
+    /// engine then copies its small pieces out of the mapping, cold or warm (the page cache
+    /// and its readahead serve a loop over small tensors; a direct read each would not).
+    pub(crate) fn set_lazy(&mut self) {
+        self.lazy = true;
+    }
+
+    /// Whether the file serves lazy reads (see `set_lazy`).
+    pub(crate) fn is_lazy(&self) -> bool {
+        self.lazy
     }
 
     /// How the file's bytes were taken, if a load read any through the engine.

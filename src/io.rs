@@ -27,7 +27,7 @@ pub(crate) const LONG_RUN: usize = 64 << 10;
 /// Pieces shorter than this that are read from a disk (directly or with `pread`) are read
 /// together with their neighbours in the file: one request for a run of them, so that a file
 /// of many small tensors (norms, biases, scales) costs a few large requests, not one each.
-const SMALL: usize = 256 << 10;
+pub(crate) const SMALL: usize = 256 << 10;
 
 /// The most bytes of the file one run of small pieces spans: one request.
 const RUN_SPAN: usize = PIECE;
@@ -560,11 +560,17 @@ fn read_job<D: Destination>(
 }
 
 /// How a piece's bytes are taken: its file's way, except that the long runs of a mapped
-/// file the load takes a small part of are read with `pread` (see `HostFile::mark_partial`).
+/// file the load takes a small part of are read with `pread` (see `HostFile::mark_partial`),
+/// and the small pieces of a mapped file read lazily are copied out of the mapping (see
+/// `HostFile::set_lazy`).
 fn fetch_for<D>(piece: &Piece<'_, D>) -> Fetch {
-    match piece.file.fetch() {
-        Fetch::Memory if piece.file.is_partial() && piece.src.gather.width() >= LONG_RUN => {
-            Fetch::Pread
+    let file = piece.file;
+    match file.fetch() {
+        Fetch::Memory if file.is_partial() && piece.src.gather.width() >= LONG_RUN => Fetch::Pread,
+        Fetch::Pread | Fetch::Direct
+            if file.is_lazy() && file.mapping().is_some() && piece.src.len() < SMALL =>
+        {
+            Fetch::Memory
         }
         fetch => fetch,
     }

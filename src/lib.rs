@@ -85,6 +85,7 @@ mod io;
 mod loader;
 mod memory;
 mod parallel;
+mod reader;
 mod save;
 mod slice;
 mod tensor;
@@ -106,7 +107,8 @@ pub use error::{Error, ErrorKind, Result};
 pub use header::Metadata;
 pub use host::ReadMode;
 pub use loader::{LoadReport, Loader, Progress, ReadPath};
-pub use save::{save, save_file};
+pub use reader::Reader;
+pub use save::{TensorView, save, save_file, save_views, save_views_file};
 pub use slice::{Slice, SliceIndex};
 pub use tensor::{CpuStorage, Element, Storage, Tensor, Tensors};
 

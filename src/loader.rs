@@ -17,6 +17,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::header::{Metadata, TensorInfo};
 use crate::host::{Fetch, HostFile, ReadMode};
 use crate::parallel::{self, Threads};
+use crate::reader::Reader;
 use crate::slice::{Selection, Slice};
 use crate::tensor::Tensors;
 
@@ -280,6 +281,21 @@ impl<'a> Loader<'a> {
     /// [`save_file`](crate::save_file) does) is safe.
     pub unsafe fn load_file_mapped(&self, path: impl AsRef<Path>) -> Result<Tensors> {
         self.load_path(path.as_ref(), View::Mapped)
+    }
+
+    /// Opens the file (or checkpoint) at `path` for lazy reads with this loader's device,
+    /// dtype, read mode, upload strategy and adapter: a [`Reader`], whose reads cost their
+    /// tensors' bytes. Filters, slices, splits, progress and interrupts are per load: a
+    /// reader ignores them.
+    pub fn reader(&self, path: impl AsRef<Path>) -> Result<Reader> {
+        Reader::open(
+            path.as_ref(),
+            self.device.clone()?,
+            self.adapter.as_deref(),
+            self.read_mode,
+            self.dtype,
+            self.upload,
+        )
     }
 
     /// Loads a whole file held in `bytes` (copies, on every device).

@@ -9,6 +9,11 @@ use crate::error::{Error, ErrorKind, Result};
 /// Buffers at least this large are anonymous mappings with huge pages advised.
 const HUGE: usize = 2 << 20;
 
+/// Buffers at least this large are anonymous mappings: the kernel hands them out zeroed
+/// page by page as they are first written, where the heap would write every zero first (an
+/// aligned allocation is zeroed by hand), and gives them back when they are freed.
+const MAPPED: usize = 256 << 10;
+
 /// A cache line: the heap's unit, so that a heap buffer starts on a 64-byte boundary.
 #[derive(Debug, Clone, Copy)]
 #[repr(C, align(64))]
@@ -42,7 +47,7 @@ impl HostBuffer {
                 format!("cannot allocate {len} bytes of host memory{why}"),
             )
         };
-        if len >= HUGE {
+        if len >= MAPPED {
             return HostBuffer::page_aligned(len);
         }
         let lines = bytemuck::allocation::try_zeroed_vec(len.div_ceil(64))
@@ -118,12 +123,12 @@ mod tests {
 
     #[test]
     fn small_and_large_buffers_are_zeroed_aligned_and_writable() {
-        for len in [0, 1, 13, HUGE - 1, HUGE, HUGE * 3 + 5] {
+        for len in [0, 1, 13, MAPPED - 1, MAPPED, HUGE - 1, HUGE, HUGE * 3 + 5] {
             let mut b = HostBuffer::zeroed(len).unwrap();
             assert_eq!(b.len(), len);
             assert!(b.as_bytes().iter().all(|&x| x == 0));
             assert_eq!(b.as_bytes().as_ptr() as usize % 64, 0);
-            assert_eq!(matches!(b, HostBuffer::Mapped { .. }), len >= HUGE);
+            assert_eq!(matches!(b, HostBuffer::Mapped { .. }), len >= MAPPED);
             // Large ones start on a huge-page boundary, so that huge pages can back all of it.
             if len >= HUGE {
                 assert_eq!(b.as_bytes().as_ptr() as usize % HUGE, 0, "{len}");

@@ -20,15 +20,22 @@ pub(crate) enum Threads {
     Io,
 }
 
+/// The cores this process may use, asked once: the standard library's answer reads the
+/// process's cgroup files on every call (an open, reads and a close: more than a small
+/// tensor's whole read costs).
+pub(crate) fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 impl Threads {
     fn pool(self) -> Option<&'static rayon::ThreadPool> {
         static CORES: PerProcess<Option<rayon::ThreadPool>> = PerProcess::new();
         static IO: PerProcess<Option<rayon::ThreadPool>> = PerProcess::new();
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let (cell, threads, name) = match self {
             Threads::Caller => return None,
-            Threads::PerCore => (&CORES, cores, "tensorplace-copy"),
-            Threads::Io => (&IO, cores.max(IO_THREADS), "tensorplace-read"),
+            Threads::PerCore => (&CORES, cores(), "tensorplace-copy"),
+            Threads::Io => (&IO, cores().max(IO_THREADS), "tensorplace-read"),
         };
         cell.get(|| {
             rayon::ThreadPoolBuilder::new()

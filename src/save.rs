@@ -1,11 +1,13 @@
 //! Writing safetensors: the same bytes as the reference writer (`safetensors::serialize`),
 //! and file writes that never damage the file that was there before.
 
+use std::borrow::Cow;
 use std::path::Path;
 
 use serde::ser::{SerializeMap, Serializer};
 
 use crate::atomic;
+use crate::dtype::Dtype;
 use crate::error::{Error, ErrorKind, Result};
 use crate::header::{METADATA_KEY, Metadata, N_LEN};
 use crate::tensor::{Tensor, Tensors};
@@ -36,20 +38,82 @@ impl serde::Serialize for HeaderOut<'_> {
     }
 }
 
+/// A tensor to write from bytes the caller holds (an array of another library, say), for
+/// [`save_views`] and [`save_views_file`]: no copy is made.
+#[derive(Debug, Clone, Copy)]
+pub struct TensorView<'a> {
+    dtype: Dtype,
+    shape: &'a [usize],
+    data: &'a [u8],
+}
+
+impl<'a> TensorView<'a> {
+    /// `data` (little-endian, row-major) as a tensor of `dtype` and `shape`; a length that
+    /// does not match is an [`ErrorKind::InvalidTensor`] error when it is saved.
+    pub fn new(dtype: Dtype, shape: &'a [usize], data: &'a [u8]) -> Self {
+        TensorView { dtype, shape, data }
+    }
+}
+
+/// What the writer needs of a tensor, whoever holds its bytes.
+trait Entry {
+    fn dtype(&self) -> Dtype;
+    fn shape(&self) -> &[usize];
+    fn len_bytes(&self) -> usize;
+    /// Its bytes on the host (a copy for a GPU tensor).
+    fn bytes(&self) -> Result<Cow<'_, [u8]>>;
+}
+
+impl Entry for Tensor {
+    fn dtype(&self) -> Dtype {
+        Tensor::dtype(self)
+    }
+    fn shape(&self) -> &[usize] {
+        Tensor::shape(self)
+    }
+    fn len_bytes(&self) -> usize {
+        Tensor::len_bytes(self)
+    }
+    fn bytes(&self) -> Result<Cow<'_, [u8]>> {
+        self.host_bytes()
+    }
+}
+
+impl Entry for TensorView<'_> {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        self.shape
+    }
+    fn len_bytes(&self) -> usize {
+        self.data.len()
+    }
+    fn bytes(&self) -> Result<Cow<'_, [u8]>> {
+        Ok(Cow::Borrowed(self.data))
+    }
+}
+
 /// The reference writer's layout of a file.
-struct Layout<'a> {
+struct Layout<'a, E> {
     /// The 8-byte length followed by the JSON header padded with spaces to a multiple of 8.
     head: Vec<u8>,
     /// The tensors in the order their bytes follow the header.
-    order: Vec<(&'a str, &'a Tensor)>,
+    order: Vec<(&'a str, &'a E)>,
 }
 
-/// Lays out `tensors` as the reference writer does, with `metadata` or else the tensors' own.
-fn layout<'a>(tensors: &'a Tensors, metadata: Option<&'a Metadata>) -> Result<Layout<'a>> {
-    let metadata = metadata.or(tensors.metadata());
-    let mut order: Vec<(&str, &Tensor)> = tensors.iter().collect();
+/// Lays out `entries` (names distinct) as the reference writer does, with `metadata`.
+fn layout<'a, E: Entry>(
+    mut order: Vec<(&'a str, &'a E)>,
+    metadata: Option<&'a Metadata>,
+) -> Result<Layout<'a, E>> {
     // Descending dtype order, then name: `safetensors::serialize`'s order.
     order.sort_by(|(ln, lt), (rn, rt)| rt.dtype().cmp(&lt.dtype()).then(ln.cmp(rn)));
+    if let Some(w) = order.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(
+            Error::new(ErrorKind::InvalidTensor, "two tensors of one name").with_tensor(w[0].0),
+        );
+    }
     let mut offset = 0usize;
     let mut entries = Vec::with_capacity(order.len());
     for &(name, t) in &order {
@@ -99,26 +163,58 @@ fn layout<'a>(tensors: &'a Tensors, metadata: Option<&'a Metadata>) -> Result<La
     Ok(Layout { head, order })
 }
 
+/// The bytes of a whole file: the header, then every tensor's bytes.
+fn to_bytes<E: Entry>(Layout { head, order }: Layout<'_, E>) -> Result<Vec<u8>> {
+    let total = order.iter().map(|(_, t)| t.len_bytes()).sum::<usize>();
+    let mut out = Vec::new();
+    out.try_reserve_exact(head.len() + total).map_err(|_| {
+        Error::new(
+            ErrorKind::OutOfMemory,
+            "cannot allocate the output in host memory",
+        )
+    })?;
+    out.extend_from_slice(&head);
+    for (name, t) in order {
+        out.extend_from_slice(&t.bytes().map_err(|e| e.with_tensor(name))?);
+    }
+    Ok(out)
+}
+
+/// Writes a whole file to `path` atomically (see [`save_file`]).
+fn to_file<E: Entry>(Layout { head, order }: Layout<'_, E>, path: &Path) -> Result<()> {
+    atomic::write_atomically(path, |w| {
+        let io = |e| Error::io("writing", None, e);
+        w.write_all(&head).map_err(io)?;
+        for (name, t) in order {
+            let bytes = t.bytes().map_err(|e| e.with_tensor(name))?;
+            w.write_all(&bytes).map_err(io)?;
+        }
+        Ok(())
+    })
+    .map_err(|e| e.with_file(path))
+}
+
+fn tensors_layout<'a>(
+    tensors: &'a Tensors,
+    metadata: Option<&'a Metadata>,
+) -> Result<Layout<'a, Tensor>> {
+    layout(tensors.iter().collect(), metadata.or(tensors.metadata()))
+}
+
+fn views_layout<'a, 'v>(
+    views: &'a [(&'a str, TensorView<'v>)],
+    metadata: Option<&'a Metadata>,
+) -> Result<Layout<'a, TensorView<'v>>> {
+    layout(views.iter().map(|(n, v)| (*n, v)).collect(), metadata)
+}
+
 /// Serializes `tensors` (from any device) into the bytes of a safetensors file, identical
 /// to what `safetensors::serialize` writes for the same input.
 ///
 /// The header's `__metadata__` is `metadata` where given, else the tensors' own (a loaded
 /// file's; [`Tensors::set_metadata`] changes or clears it).
 pub fn save(tensors: &Tensors, metadata: Option<&Metadata>) -> Result<Vec<u8>> {
-    let Layout { head, order } = layout(tensors, metadata)?;
-    let mut out = Vec::new();
-    out.try_reserve_exact(head.len() + tensors.total_bytes())
-        .map_err(|_| {
-            Error::new(
-                ErrorKind::OutOfMemory,
-                "cannot allocate the output in host memory",
-            )
-        })?;
-    out.extend_from_slice(&head);
-    for (name, t) in order {
-        out.extend_from_slice(&t.host_bytes().map_err(|e| e.with_tensor(name))?);
-    }
-    Ok(out)
+    to_bytes(tensors_layout(tensors, metadata)?)
 }
 
 /// Writes `tensors` to `path`, atomically, with `metadata` where given, else the tensors'
@@ -137,26 +233,75 @@ pub fn save_file(
     metadata: Option<&Metadata>,
 ) -> Result<()> {
     let path = path.as_ref();
-    save_file_inner(tensors, path, metadata).map_err(|e| e.with_file(path))
+    let layout = tensors_layout(tensors, metadata).map_err(|e| e.with_file(path))?;
+    to_file(layout, path)
 }
 
-fn save_file_inner(tensors: &Tensors, path: &Path, metadata: Option<&Metadata>) -> Result<()> {
-    let Layout { head, order } = layout(tensors, metadata)?;
-    atomic::write_atomically(path, |w| {
-        let io = |e| Error::io("writing", None, e);
-        w.write_all(&head).map_err(io)?;
-        for (name, t) in order {
-            let bytes = t.host_bytes().map_err(|e| e.with_tensor(name))?;
-            w.write_all(&bytes).map_err(io)?;
-        }
-        Ok(())
-    })
+/// [`save`](fn@save) of tensors whose bytes the caller holds, written from them with no
+/// copy; a name given twice is an [`ErrorKind::InvalidTensor`] error.
+pub fn save_views(
+    views: &[(&str, TensorView<'_>)],
+    metadata: Option<&Metadata>,
+) -> Result<Vec<u8>> {
+    to_bytes(views_layout(views, metadata)?)
+}
+
+/// [`save_file`] of tensors whose bytes the caller holds, written from them with no copy.
+pub fn save_views_file(
+    views: &[(&str, TensorView<'_>)],
+    path: impl AsRef<Path>,
+    metadata: Option<&Metadata>,
+) -> Result<()> {
+    let path = path.as_ref();
+    let layout = views_layout(views, metadata).map_err(|e| e.with_file(path))?;
+    to_file(layout, path)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dtype::Dtype;
+
+    #[test]
+    fn views_save_the_bytes_tensors_save() {
+        let mut t = Tensors::new();
+        t.insert(
+            "w",
+            Tensor::from_slice(vec![2, 2], &[1.0f32, 2.0, 3.0, 4.0]).unwrap(),
+        );
+        t.insert("b", Tensor::from_slice(vec![3], &[7u8, 8, 9]).unwrap());
+        let md: Metadata = [("format".to_owned(), "np".to_owned())]
+            .into_iter()
+            .collect();
+        let w = t.tensor("w").unwrap().host_bytes().unwrap().into_owned();
+        let views = [
+            ("w", TensorView::new(Dtype::F32, &[2, 2], &w)),
+            ("b", TensorView::new(Dtype::U8, &[3], &[7, 8, 9])),
+        ];
+        let want = save(&t, Some(&md)).unwrap();
+        assert_eq!(save_views(&views, Some(&md)).unwrap(), want);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.safetensors");
+        save_views_file(&views, &path, Some(&md)).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), want);
+        // A name twice, and bytes that do not match the shape: errors naming the tensor.
+        let twice = [views[0], views[0]];
+        let e = save_views(&twice, None).unwrap_err();
+        assert_eq!(
+            (e.kind(), e.tensor()),
+            (ErrorKind::InvalidTensor, Some("w"))
+        );
+        let short = [("s", TensorView::new(Dtype::F32, &[2], &[0; 5]))];
+        let e = save_views_file(&short, &path, None).unwrap_err();
+        assert_eq!(
+            (e.kind(), e.tensor()),
+            (ErrorKind::InvalidTensor, Some("s"))
+        );
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            want,
+            "a failed save keeps the old file"
+        );
+    }
 
     #[test]
     fn header_is_padded_and_sorted() {

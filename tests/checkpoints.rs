@@ -552,3 +552,101 @@ fn part_child() {
         }
     }
 }
+
+/// A [`tensorplace::Reader`] over the sharded fixture, on every device and in every read
+/// mode: each tensor read alone (in file order, in reverse, from four threads at once), each
+/// slice numpy computed, several at once, and a cast, all equal to what whole loads give.
+#[test]
+fn readers_read_what_loads_load_on_every_device() {
+    let expected = expected();
+    let ckpt = tensorplace::open(sharded()).unwrap();
+    let whole = tensorplace::load_file(sharded(), "cpu").unwrap();
+    for device in common::devices("readers_read_what_loads_load") {
+        for mode in [ReadMode::Mmap, ReadMode::Pread, ReadMode::Direct] {
+            let reader = Loader::new(device)
+                .read_mode(mode)
+                .reader(sharded())
+                .unwrap();
+            assert!(reader.names().eq(ckpt.names()), "file order");
+            assert_eq!(
+                (reader.len(), reader.device()),
+                (29, device.probe().unwrap())
+            );
+            assert_eq!(reader.metadata().unwrap()["format"], "pt");
+            let names: Vec<&str> = reader.names().collect();
+            for &name in names.iter().chain(names.iter().rev()) {
+                let got = reader.tensor(name).unwrap();
+                let want = whole.tensor(name).unwrap();
+                assert_eq!(got.device(), device.probe().unwrap());
+                assert_eq!((got.dtype(), got.shape()), (want.dtype(), want.shape()));
+                assert_eq!(host(&got), host(want), "{device} {mode:?} {name}");
+                assert_eq!(reader.info(name).unwrap(), (want.dtype(), want.shape()));
+                assert_eq!(
+                    reader.file_of(name).unwrap(),
+                    ckpt.tensor(name).unwrap().file
+                );
+            }
+            std::thread::scope(|s| {
+                for k in 0..4 {
+                    let (reader, whole, names) = (&reader, &whole, &names);
+                    s.spawn(move || {
+                        for name in names.iter().skip(k).step_by(2) {
+                            let got = reader.tensor(name).unwrap();
+                            assert_eq!(host(&got), host(whole.tensor(name).unwrap()));
+                        }
+                    });
+                }
+            });
+            for (key, want) in expected.iter().filter(|(k, _)| k.starts_with("slice|")) {
+                let mut parts = key.splitn(3, '|').skip(1);
+                let (name, text) = (parts.next().unwrap(), parts.next().unwrap());
+                let got = reader.slice(name, &slice(text)).unwrap();
+                assert_eq!(got.shape(), want.shape(), "{device} {key}");
+                assert_eq!(host(&got), host(want), "{device} {mode:?} {key}");
+            }
+            // Several at once: in file order, each once.
+            let some: Vec<&str> = names.iter().rev().step_by(3).copied().collect();
+            let many = reader
+                .tensors(some.iter().copied().chain(some.first().copied()))
+                .unwrap();
+            assert_eq!(many.len(), some.len());
+            let order: Vec<&str> = names.iter().filter(|n| some.contains(n)).copied().collect();
+            assert!(many.names().eq(order.iter().copied()));
+            for (name, got) in many.iter() {
+                assert_eq!(
+                    host(got),
+                    host(whole.tensor(name).unwrap()),
+                    "{device} {name}"
+                );
+            }
+            let e = reader.tensor("nope").unwrap_err();
+            assert_eq!(
+                (e.kind(), e.tensor()),
+                (ErrorKind::TensorNotFound, Some("nope"))
+            );
+            let e = reader.tensors(["nope"]).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::TensorNotFound);
+        }
+        // A cast, and one file alone.
+        let cast = Loader::new(device)
+            .dtype(Dtype::F32)
+            .reader(sharded())
+            .unwrap();
+        for (name, want) in whole.iter() {
+            let got = cast.tensor(name).unwrap();
+            assert_eq!(
+                host(&got),
+                common::cast(want, Dtype::F32),
+                "{device} {name}"
+            );
+        }
+        let file = ckpt.files().next().unwrap();
+        let one = Loader::new(device).reader(file).unwrap();
+        let shard = tensorplace::load_file(file, "cpu").unwrap();
+        assert!(one.names().eq(shard.names()));
+        assert_eq!(one.metadata(), shard.metadata());
+    }
+    // A device that is not there fails when the reader opens, not later.
+    let e = Loader::new("cuda:7").reader(sharded()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::DeviceUnavailable);
+}

@@ -6,6 +6,15 @@
           (where torch and a GPU are present)
 
     python python/benches/compare.py [--size-gib 1] [--runs 5] [--file PATH]
+    python python/benches/compare.py --lazy [--runs 3]    # safe_open loops, get_slice rows
+    python python/benches/compare.py --saves [--runs 5]   # save_file / save
+
+``--lazy``: ``with safe_open(f, "np") as h: for k in keys: h.get_tensor(k)`` (ours against
+safetensors', in file order, reverse and random) on files of 2,000 x 400 KB, 20,000 x 4 KB and
+50 x 16 MB f32 tensors, and one row of each of 1,000 tensors through ``get_slice``, the page
+cache warm. ``--saves``: ``tensorplace.numpy.save_file`` against ``safetensors.numpy.save_file``
+followed by an ``fsync`` (ours fsyncs before its rename), and ``save`` against ``save``, for 200
+x 4 MB and 20,000 x 4 KB f32 tensors.
 
 Each row is the median of the runs after a warm-up, the paths of a group alternating, every
 result made ready (block_until_ready, cuda.synchronize) and freed before the next run.
@@ -65,12 +74,102 @@ def group(name, paths, runs, nbytes):
         print(f"{name:<6} {label:<58} {nbytes / med / 1e9:8.3f} GB/s  {base / med:6.2f}x")
 
 
+def f32_tensors(count, nbytes, seed=0):
+    rng = np.random.default_rng(seed)
+    return {f"layer{i:05}.weight": rng.standard_normal(nbytes // 4, dtype=np.float32) for i in range(count)}
+
+
+def lazy(runs, tmp):
+    import random
+
+    import safetensors
+    import safetensors.numpy
+    from tensorplace import safe_open
+
+    nothing = lambda out: None  # noqa: E731
+
+    def loop(opener, path, order):
+        def run():
+            with opener(path, framework="np") as h:
+                keys = list(h.keys())
+                if order == "reverse":
+                    keys.reverse()
+                elif order == "random":
+                    random.Random(0).shuffle(keys)
+                return [h.get_tensor(k) for k in keys]
+        return run
+
+    for count, nbytes in [(2000, 400_000), (20_000, 4000), (50, 16 << 20)]:
+        path = os.path.join(tmp, f"lazy-{count}.safetensors")
+        safetensors.numpy.save_file(f32_tensors(count, nbytes), path)
+        label = f"{count} x {nbytes // 1000} KB"
+        for order in ["file order", "reverse", "random"]:
+            group("lazy", [
+                (f"tensorplace safe_open loop, {label}, {order}", loop(safe_open, path, order), nothing),
+                (f"safetensors safe_open loop, {label}, {order}", loop(safetensors.safe_open, path, order), nothing),
+            ], runs, count * nbytes)
+        os.remove(path)
+
+    path = os.path.join(tmp, "rows.safetensors")
+    rng = np.random.default_rng(1)
+    safetensors.numpy.save_file({f"m{i:04}": rng.standard_normal((64, 256), dtype=np.float32) for i in range(1000)}, path)
+
+    def rows(opener):
+        def run():
+            with opener(path, framework="np") as h:
+                return [h.get_slice(k)[3] for k in h.keys()]
+        return run
+
+    group("slice", [
+        ("tensorplace get_slice(k)[3], 1,000 tensors", rows(safe_open), nothing),
+        ("safetensors get_slice(k)[3], 1,000 tensors", rows(safetensors.safe_open), nothing),
+    ], runs, 1000 * 256 * 4)
+
+
+def saves(runs, tmp):
+    import safetensors.numpy
+    import tensorplace.numpy
+
+    out = os.path.join(tmp, "out.safetensors")
+    nothing = lambda out: None  # noqa: E731
+
+    def reference_save_file(tensors):
+        def run():
+            safetensors.numpy.save_file(tensors, out)
+            fd = os.open(out, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        return run
+
+    for count, nbytes in [(200, 4 << 20), (20_000, 4000)]:
+        tensors = f32_tensors(count, nbytes)
+        label = f"{count} x {nbytes // 1000} KB"
+        group("save", [
+            (f"tensorplace.numpy.save_file, {label}", lambda: tensorplace.numpy.save_file(tensors, out), nothing),
+            (f"safetensors.numpy.save_file + fsync, {label}", reference_save_file(tensors), nothing),
+        ], runs, count * nbytes)
+        group("save", [
+            (f"tensorplace.numpy.save, {label}", lambda: tensorplace.numpy.save(tensors), nothing),
+            (f"safetensors.numpy.save, {label}", lambda: safetensors.numpy.save(tensors), nothing),
+        ], runs, count * nbytes)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-gib", type=float, default=1.0)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--file")
+    ap.add_argument("--lazy", action="store_true", help="safe_open loops and get_slice rows instead")
+    ap.add_argument("--saves", action="store_true", help="save_file and save instead")
     args = ap.parse_args()
+    if args.lazy or args.saves:
+        tmp = tempfile.TemporaryDirectory()
+        print(f"median of {args.runs} runs; ratio: x the last row of each group")
+        if args.lazy:
+            lazy(args.runs, tmp.name)
+        if args.saves:
+            saves(args.runs, tmp.name)
+        return
     tmp = tempfile.TemporaryDirectory()
     path = args.file or os.path.join(tmp.name, "bench.safetensors")
     nbytes = write_file(path, int(args.size_gib * (1 << 30))) if not args.file else os.path.getsize(path)

@@ -24,7 +24,9 @@ use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
-use tensorplace::{Device, Dtype, Loader, Metadata, ReadMode, Slice, Storage, Tensor, Tensors};
+use tensorplace::{
+    Device, Dtype, Loader, Metadata, ReadMode, Slice, Storage, Tensor, TensorView, Tensors,
+};
 
 create_exception!(
     _tensorplace,
@@ -361,22 +363,168 @@ fn inspect(
     Ok((tensors, metadata))
 }
 
-/// A tensor to save: name, safetensors dtype name, shape, and its bytes.
-type Spec = (String, String, Vec<usize>, Vec<u8>);
+/// Tensors smaller than this are read with the GIL held: releasing and taking it back costs
+/// more than their copy.
+const HELD: usize = 256 << 10;
 
-fn tensors_of(specs: Vec<Spec>, metadata: Option<Vec<(String, String)>>) -> PyResult<Tensors> {
-    let mut out = Tensors::new();
-    for (name, dtype, shape, bytes) in specs {
-        let dtype: Dtype = dtype
+/// Tensors smaller than this are read with the GIL released but without the interrupt
+/// watcher's thread (its start costs more than their read).
+const WATCHED: usize = 64 << 20;
+
+/// A file or sharded checkpoint opened for lazy reads (`safe_open`): its headers read once,
+/// its files kept open, each read costing its tensor's bytes.
+#[pyclass(frozen, name = "_Reader", module = "tensorplace._tensorplace")]
+struct PyReader {
+    reader: tensorplace::Reader,
+}
+
+impl PyReader {
+    fn view(tensor: Tensor) -> PyTensor {
+        PyTensor {
+            tensor: Arc::new(tensor),
+            carrier: false,
+        }
+    }
+
+    /// Runs `read` with the GIL released; where it reads `bytes` or more, on a worker while
+    /// this thread honours Ctrl-C.
+    fn run<T: Send>(
+        py: Python<'_>,
+        bytes: usize,
+        read: impl FnOnce() -> tensorplace::Result<T> + Send,
+    ) -> PyResult<T> {
+        if bytes < HELD {
+            return read().map_err(py_err);
+        }
+        if bytes < WATCHED {
+            return py.detach(read).map_err(py_err);
+        }
+        interruptible(py, |_| read().map_err(py_err))
+    }
+}
+
+#[pymethods]
+impl PyReader {
+    /// The tensor names in file order.
+    fn keys(&self) -> Vec<String> {
+        self.reader.names().map(str::to_owned).collect()
+    }
+
+    /// The metadata.
+    fn metadata(&self) -> Option<HashMap<String, String>> {
+        self.reader
+            .metadata()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+    }
+
+    /// Whether a tensor of that name is there.
+    fn __contains__(&self, name: &str) -> bool {
+        self.reader.info(name).is_ok()
+    }
+
+    /// (dtype name, shape) of a tensor, reading nothing.
+    fn info(&self, name: &str) -> PyResult<(&'static str, Vec<usize>)> {
+        let (dtype, shape) = self.reader.info(name).map_err(py_err)?;
+        Ok((dtype.name(), shape.to_vec()))
+    }
+
+    /// Reads one tensor, or the part `slice` (text such as `"[0:4, :]"`) of it.
+    #[pyo3(signature = (name, slice = None))]
+    fn get(&self, py: Python<'_>, name: &str, slice: Option<&str>) -> PyResult<PyTensor> {
+        let (dtype, shape) = self.reader.info(name).map_err(py_err)?;
+        let bytes = shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .and_then(|n| dtype.bytes_for(n))
+            .unwrap_or(usize::MAX);
+        let tensor = match slice {
+            None => Self::run(py, bytes, || self.reader.tensor(name))?,
+            Some(text) => {
+                let slice: Slice = text.parse().map_err(py_err)?;
+                Self::run(py, bytes, || self.reader.slice(name, &slice))?
+            }
+        };
+        Ok(Self::view(tensor))
+    }
+
+    /// Reads several tensors in one pass, returned in file order as (name, view) pairs.
+    fn get_many(&self, py: Python<'_>, names: Vec<String>) -> PyResult<Vec<(String, PyTensor)>> {
+        let tensors = interruptible(py, |_| {
+            self.reader
+                .tensors(names.iter().map(String::as_str))
+                .map_err(py_err)
+        })?;
+        Ok(tensors
+            .into_iter()
+            .map(|(name, t)| (name, Self::view(t)))
+            .collect())
+    }
+}
+
+/// Opens `filename` (a file, a folder of shards or its index) for lazy reads onto `device`.
+#[pyfunction]
+#[pyo3(signature = (filename, device = "cpu", read_mode = "mmap"))]
+fn open(py: Python<'_>, filename: PathBuf, device: &str, read_mode: &str) -> PyResult<PyReader> {
+    let reader = py.detach(|| {
+        loader(device, None, read_mode)?
+            .reader(&filename)
+            .map_err(py_err)
+    })?;
+    Ok(PyReader { reader })
+}
+
+/// The bytes of `data` (a `bytes` object, or a C-contiguous numpy array of `uint8`),
+/// borrowed, not copied. (The limited API of Python 3.9, which the abi3 wheel targets, has
+/// no buffer protocol: an array's memory is found through its `__array_interface__`.)
+fn bytes_of<'a>(data: &'a Bound<'_, PyAny>) -> PyResult<&'a [u8]> {
+    if let Ok(bytes) = data.cast::<PyBytes>() {
+        return Ok(bytes.as_bytes());
+    }
+    let interface = data.getattr("__array_interface__")?;
+    let typestr: String = interface.get_item("typestr")?.extract()?;
+    let strides = interface.get_item("strides")?;
+    let (ptr, _readonly): (usize, bool) = interface.get_item("data")?.extract()?;
+    let len: usize = data.getattr("nbytes")?.extract()?;
+    if !matches!(typestr.as_str(), "|u1" | "|i1" | "|b1") || !strides.is_none() {
+        return Err(PyValueError::new_err(format!(
+            "expected contiguous bytes, got an array of type {typestr} and strides {strides}"
+        )));
+    }
+    if len == 0 {
+        return Ok(&[]);
+    }
+    // SAFETY: numpy's array interface says the array's `nbytes` bytes of one-byte items lie
+    // contiguously from `ptr` (strides None: C-contiguous). `data`, borrowed for 'a, holds
+    // the array and so that memory alive; the callers hold the GIL and run no Python code
+    // while they read it, so nothing changes or frees it meanwhile.
+    Ok(unsafe { std::slice::from_raw_parts(ptr as *const u8, len) })
+}
+
+/// A tensor to save: name, safetensors dtype name, shape, and its bytes (`bytes`, or a
+/// contiguous numpy array of `uint8`: see `bytes_of`), borrowed, not copied.
+type Spec<'py> = (String, String, Vec<usize>, Bound<'py, PyAny>);
+
+/// Runs `save` on views of `specs` (their bytes borrowed) and the metadata.
+fn with_views<T>(
+    specs: &[Spec<'_>],
+    metadata: Option<Vec<(String, String)>>,
+    save: impl FnOnce(&[(&str, TensorView<'_>)], Option<&Metadata>) -> tensorplace::Result<T>,
+) -> PyResult<T> {
+    let mut dtypes = Vec::with_capacity(specs.len());
+    for (name, dtype, _, _) in specs {
+        let d: Dtype = dtype
             .parse()
             .map_err(|_| PyValueError::new_err(format!("{name}: unknown dtype {dtype:?}")))?;
-        let t = Tensor::from_bytes(dtype, shape, &bytes)
-            .map_err(|e| py_err(e.with_tensor(name.as_str())))?;
-        out.insert(name, t);
+        dtypes.push(d);
+    }
+    let mut views = Vec::with_capacity(specs.len());
+    for ((name, _, shape, data), &dtype) in specs.iter().zip(&dtypes) {
+        let bytes = bytes_of(data).map_err(|e| PyValueError::new_err(format!("{name}: {e}")))?;
+        views.push((name.as_str(), TensorView::new(dtype, shape, bytes)));
     }
     // In the caller's order (a Python dict's).
-    out.set_metadata(metadata.map(|m| m.into_iter().collect::<Metadata>()));
-    Ok(out)
+    let metadata = metadata.map(|m| m.into_iter().collect::<Metadata>());
+    save(&views, metadata.as_ref()).map_err(py_err)
 }
 
 /// The bytes of a safetensors file holding `tensors` and `metadata`.
@@ -384,25 +532,25 @@ fn tensors_of(specs: Vec<Spec>, metadata: Option<Vec<(String, String)>>) -> PyRe
 #[pyo3(signature = (tensors, metadata = None))]
 fn save<'py>(
     py: Python<'py>,
-    tensors: Vec<Spec>,
+    tensors: Vec<Spec<'py>>,
     metadata: Option<Vec<(String, String)>>,
 ) -> PyResult<Bound<'py, PyBytes>> {
-    let t = tensors_of(tensors, metadata)?;
-    let bytes = py.detach(|| tensorplace::save(&t, None).map_err(py_err))?;
+    let bytes = with_views(&tensors, metadata, tensorplace::save_views)?;
     Ok(PyBytes::new(py, &bytes))
 }
 
-/// Writes `tensors` and `metadata` to `filename`, atomically.
+/// Writes `tensors` and `metadata` to `filename`, atomically. The GIL stays held: the
+/// bytes are read from the arrays themselves, which no other thread may change meanwhile.
 #[pyfunction]
 #[pyo3(signature = (tensors, filename, metadata = None))]
 fn save_file(
-    py: Python<'_>,
-    tensors: Vec<Spec>,
+    tensors: Vec<Spec<'_>>,
     filename: PathBuf,
     metadata: Option<Vec<(String, String)>>,
 ) -> PyResult<()> {
-    let t = tensors_of(tensors, metadata)?;
-    py.detach(|| tensorplace::save_file(&t, &filename, None).map_err(py_err))
+    with_views(&tensors, metadata, |views, md| {
+        tensorplace::save_views_file(views, &filename, md)
+    })
 }
 
 /// The native module.
@@ -410,6 +558,8 @@ fn save_file(
 fn _tensorplace(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("Error", m.py().get_type::<Error>())?;
     m.add_class::<PyTensor>()?;
+    m.add_class::<PyReader>()?;
+    m.add_function(wrap_pyfunction!(open, m)?)?;
     m.add_function(wrap_pyfunction!(load_file, m)?)?;
     m.add_function(wrap_pyfunction!(load, m)?)?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;

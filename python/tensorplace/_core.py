@@ -44,8 +44,7 @@ def call(fn: Callable, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except _native.Error as e:
-        kind, message, file, tensor, io = e.args
-        raise _IO_ERRORS.get(io, TensorplaceError)(kind, message, file, tensor) from None
+        raise _error(e) from None
 
 
 _BACKENDS = {"mmap": "mmap", "pread": "pread", "read": "pread", "direct": "direct"}
@@ -130,58 +129,85 @@ def _framework(name: str):
 class safe_open:
     """Opens a safetensors file (or a sharded checkpoint: a folder or its index) lazily, as
     ``safetensors.safe_open``: ``keys()``, ``metadata()``, ``get_tensor(name)`` and
-    ``get_slice(name)[...]``; usable as a context manager. Only headers are read on opening;
-    each ``get_tensor`` reads that tensor, each slice only its part of it."""
+    ``get_slice(name)[...]``; usable as a context manager. Opening reads and checks the
+    headers once and keeps the files open; each ``get_tensor`` then reads that tensor alone
+    (onto ``device``), each slice only its part of it, ``get_tensors(names)`` several in one
+    pass. ``backend``: as :func:`load_file`'s."""
 
-    def __init__(self, filename, framework: str, device: Any = "cpu"):
+    def __init__(self, filename, framework: str, device: Any = "cpu", *, backend: str = "mmap"):
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend {backend!r}: expected one of {sorted(_BACKENDS)}")
         self._filename = os.fspath(filename)
-        self._module = _framework(framework)
-        self._device = device
-        infos, self._metadata = call(_native.inspect, self._filename)
-        self._infos = {name: (dtype, shape, file) for name, dtype, shape, file in infos}
-        self._keys = [name for name, _, _, _ in infos]
+        module = _framework(framework)
+        self._array = module.to_array
+        self._reader = call(_native.open, self._filename, module.device_name(device), _BACKENDS[backend])
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
+        # Closes the files, as safetensors' handle does; arrays already read stay valid.
+        self._reader = _Closed(self._filename)
         return False
 
     def keys(self) -> List[str]:
         """The tensor names (sorted, as safetensors gives them)."""
-        return sorted(self._keys)
+        return sorted(self._reader.keys())
 
     def offset_keys(self) -> List[str]:
         """The tensor names in file order."""
-        return list(self._keys)
+        return self._reader.keys()
 
     def metadata(self) -> Optional[Dict[str, str]]:
         """The file's ``__metadata__``."""
-        return None if self._metadata is None else dict(self._metadata)
+        return self._reader.metadata()
 
     def get_tensor(self, name: str):
-        """The tensor ``name``, loaded alone."""
-        if name not in self._infos:
-            raise TensorplaceError("TensorNotFound", f"tensor {name!r} not found", self._filename, name)
-        return self._module._load_one(self._infos[name][2], name, self._device)
+        """The tensor ``name``, read alone."""
+        try:
+            return self._array(self._reader.get(name))
+        except _native.Error as e:
+            raise _error(e) from None
+
+    def get_tensors(self, names) -> Dict[str, Any]:
+        """The tensors ``names``, read in one pass over the file (neighbours in one request
+        where they come from a disk), as a dict in file order."""
+        pairs = call(self._reader.get_many, list(names))
+        return {name: self._array(view) for name, view in pairs}
 
     def get_slice(self, name: str) -> "_Slice":
         """A lazy slice: ``get_shape()``, ``get_dtype()``, and ``[...]`` indexing."""
-        if name not in self._infos:
-            raise TensorplaceError("TensorNotFound", f"tensor {name!r} not found", self._filename, name)
-        return _Slice(self, name)
+        dtype, shape = call(self._reader.info, name)
+        return _Slice(self, name, dtype, shape)
+
+
+class _Closed:
+    """A handle's reader after its ``with`` block: every use is an error."""
+
+    def __init__(self, filename: str):
+        self._filename = filename
+
+    def __getattr__(self, _name):
+        raise TensorplaceError("Closed", "the file was closed (the with block ended)", self._filename)
+
+
+def _error(e) -> TensorplaceError:
+    kind, message, file, tensor, io = e.args
+    return _IO_ERRORS.get(io, TensorplaceError)(kind, message, file, tensor)
 
 
 class _Slice:
-    def __init__(self, handle: safe_open, name: str):
+    def __init__(self, handle: safe_open, name: str, dtype: str, shape: List[int]):
         self._handle = handle
         self._name = name
+        self._dtype = dtype
+        self._shape = shape
 
     def get_shape(self) -> List[int]:
-        return list(self._handle._infos[self._name][1])
+        return list(self._shape)
 
     def get_dtype(self) -> str:
-        return self._handle._infos[self._name][0]
+        return self._dtype
 
     def __getitem__(self, index):
         handle = self._handle
@@ -189,5 +215,4 @@ class _Slice:
         if text is None:
             # Steps, negative bounds, arrays: numpy's indexing of the whole tensor.
             return handle.get_tensor(self._name)[index]
-        file = handle._infos[self._name][2]
-        return handle._module._load_one(file, self._name, handle._device, text)
+        return handle._array(call(handle._reader.get, self._name, text))

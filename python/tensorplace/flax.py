@@ -76,7 +76,5 @@ def save_file(
     _core.save_file(_specs(tensors), filename, metadata)
 
 
-def _load_one(filename, name, device, slice_text=None):
-    slices = None if slice_text is None else [(name, slice_text)]
-    views, _ = _core.load_file(filename, _device(device), [name], slices=slices)
-    return to_jax(views[0][1])
+device_name = _device
+to_array = to_jax

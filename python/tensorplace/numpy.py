@@ -77,7 +77,13 @@ def spec(name: str, array: np.ndarray):
     array = np.asarray(array)
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
-    return (name, dtype_name(array.dtype), list(array.shape), np.ascontiguousarray(array).tobytes())
+    # Large arrays: their own memory where it is contiguous (no copy), viewed as bytes; small
+    # ones as bytes (a copy of a few KB costs less than finding an array's memory).
+    if array.nbytes < (64 << 10):
+        data = array.tobytes()
+    else:
+        data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    return (name, dtype_name(array.dtype), list(array.shape), data)
 
 
 def _dict(loaded) -> Dict[str, np.ndarray]:
@@ -109,7 +115,11 @@ def save_file(
     _core.save_file([spec(k, v) for k, v in tensor_dict.items()], filename, metadata)
 
 
-def _load_one(filename, name, device, slice_text=None):
-    slices = None if slice_text is None else [(name, slice_text)]
-    views, _ = _core.load_file(filename, "cpu", [name], slices=slices)
-    return to_numpy(views[0][1])
+def device_name(device) -> str:
+    """numpy arrays live on the host: ``device`` must be the CPU."""
+    if device in (None, "cpu"):
+        return "cpu"
+    raise _core.TensorplaceError("InvalidDevice", f"{device!r}: numpy arrays live on the CPU")
+
+
+to_array = to_numpy

@@ -85,7 +85,7 @@ def _spec(name: str, t: torch.Tensor):
     if t.dtype not in _NAMES:
         raise ValueError(f"{name}: dtype {t.dtype} has no safetensors name")
     flat = t.detach().to("cpu").contiguous().reshape(-1)
-    data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    data = flat.view(torch.uint8).numpy() if flat.numel() else b""
     return (name, _NAMES[t.dtype], list(t.shape), data)
 
 
@@ -103,7 +103,5 @@ def save_file(
     _core.save_file([_spec(k, v) for k, v in tensors.items()], filename, metadata)
 
 
-def _load_one(filename, name, device, slice_text=None):
-    slices = None if slice_text is None else [(name, slice_text)]
-    views, _ = _core.load_file(filename, _device(device), [name], slices=slices)
-    return to_torch(views[0][1])
+device_name = _device
+to_array = to_torch

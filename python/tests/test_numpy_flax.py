@@ -107,12 +107,12 @@ def test_the_python_fixtures_load_as_safetensors_loads_them():
         with safe_open(path, "np") as f:
             names = f.keys()
             dtypes = {k: f.get_slice(k).get_dtype() for k in names}
-        with safetensors.safe_open(str(path), "np") as ref:
+        with safetensors.safe_open(str(path), "np") as ref, safe_open(path, "np") as ours:
             assert sorted(ref.keys()) == names
             for k in names:
                 if dtypes[k] in tensorplace.numpy._NUMPY:
-                    same(tensorplace.numpy._load_one(path, k, "cpu"), ref.get_tensor(k))
-                    assert f.get_slice(k).get_shape() == list(ref.get_slice(k).get_shape())
+                    same(ours.get_tensor(k), ref.get_tensor(k))
+                    assert ours.get_slice(k).get_shape() == list(ref.get_slice(k).get_shape())
         if any(d in ("F4", "F6_E2M3", "F6_E3M2") for d in dtypes.values()):
             # Packed sub-byte types have no numpy type (safetensors.numpy has none either).
             with pytest.raises(TensorplaceError) as e:
@@ -143,6 +143,76 @@ def test_safe_open_reads_keys_metadata_tensors_and_slices(tmp_path):
         assert e.value.kind == "TensorNotFound"
     with safe_open(path, framework="flax") as f:
         same(f.get_tensor("a"), tensors["a"])
+
+
+@pytest.mark.parametrize("backend", ["mmap", "pread", "direct"])
+def test_safe_open_loops_give_what_safetensors_gives(tmp_path, backend):
+    import random
+
+    tensors = {f"t{i:04}": random_array(NUMPY_DTYPES[i % len(NUMPY_DTYPES)], SHAPES[i % len(SHAPES)])
+               for i in range(300)}
+    tensors.update({f"big{i}": random_array(np.float32, (300, 257)) for i in range(3)})
+    tensors["bf"] = random_array(np.uint16, (5, 3)).view(ml_dtypes.bfloat16)
+    path = tmp_path / "loop.safetensors"
+    safetensors.numpy.save_file(tensors, path, metadata={"format": "np"})
+    with safe_open(path, "np", backend=backend) as ours, safetensors.safe_open(str(path), "np") as ref:
+        assert ours.keys() == sorted(ref.keys())
+        assert ours.metadata() == ref.metadata()
+        keys = ours.keys()
+        for order in [keys, keys[::-1], random.Random(3).sample(keys, len(keys))]:
+            for k in order:
+                a, b = ours.get_tensor(k), ref.get_tensor(k)
+                assert a.dtype == b.dtype and a.shape == b.shape, k
+                assert a.tobytes() == b.tobytes(), k
+        # One row (or element) of each tensor of rank 1 or more, as get_slice gives it.
+        for k in keys:
+            if ref.get_slice(k).get_shape() and ref.get_slice(k).get_shape()[0] > 0:
+                assert ours.get_slice(k)[0].tobytes() == ref.get_slice(k)[0].tobytes(), k
+                # Negative bounds (safetensors refuses them): numpy's answer.
+                assert ours.get_slice(k)[-1:].tobytes() == ref.get_tensor(k)[-1:].tobytes(), k
+        some = keys[::-7]
+        got = ours.get_tensors(some + some[:1])
+        assert list(got) == [k for k in ours.offset_keys() if k in some]
+        for k, a in got.items():
+            assert a.tobytes() == ref.get_tensor(k).tobytes(), k
+        # A name that is not there: the error safetensors raises (ours is also a TensorplaceError).
+        for call in [lambda: ours.get_tensor("nope"), lambda: ours.get_slice("nope"),
+                     lambda: ours.get_tensors(["nope"])]:
+            with pytest.raises(safetensors.SafetensorError):
+                call()
+            with pytest.raises(TensorplaceError) as e:
+                call()
+            assert e.value.kind == "TensorNotFound" and e.value.tensor == "nope"
+        held = ours.get_tensor("big0")
+    # Closed: every call is an error, as safetensors' handle's; arrays read stay valid.
+    for call in [lambda: ours.keys(), lambda: ours.get_tensor("t0000"), lambda: ours.metadata()]:
+        with pytest.raises(safetensors.SafetensorError):
+            call()
+    same(held, tensors["big0"])
+    with safe_open(path, "flax") as f:
+        for k in ["big1", "t0003", "bf"]:
+            a = f.get_tensor(k)
+            assert isinstance(a, jax.Array)
+            assert np.asarray(a).tobytes() == np.asarray(jnp.asarray(tensors[k])).tobytes(), k
+    with pytest.raises(TensorplaceError) as e:
+        safe_open(path, "np", device="cuda:0")
+    assert e.value.kind == "InvalidDevice"
+
+
+def test_saves_write_what_safetensors_writes(tmp_path):
+    tensors = {"big": random_array(np.float32, (300, 300)), "small": random_array(np.int16, (3, 4)),
+               "fortran": np.asfortranarray(random_array(np.float64, (70, 130))),
+               "strided": random_array(np.uint8, (400, 400))[::2, ::3],
+               "empty": np.zeros((0, 3), np.float32), "scalar": np.array(2.5, np.float64),
+               "bf": random_array(np.uint16, (300, 200)).view(ml_dtypes.bfloat16)}
+    # safetensors writes an array's memory order (strided and Fortran arrays read back wrong):
+    # its file of C-ordered copies is the reference.
+    want = safetensors.numpy.save({k: v if v.flags.c_contiguous else np.ascontiguousarray(v)
+                                   for k, v in tensors.items()})
+    assert tensorplace.numpy.save(tensors) == want
+    out = tmp_path / "s.safetensors"
+    tensorplace.numpy.save_file(tensors, out)
+    assert out.read_bytes() == want
 
 
 def write(path, data):

@@ -39,10 +39,7 @@ impl Backend for CpuBackend {
     }
 
     fn describe(&self) -> String {
-        format!(
-            "cpu ({} threads)",
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        )
+        format!("cpu ({} threads)", crate::parallel::cores())
     }
 
     fn upload(&self, plan: &LoadPlan<'_>) -> Result<Vec<Tensor>> {

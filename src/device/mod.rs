@@ -564,10 +564,7 @@ pub fn list() -> Vec<String> {
     }
     #[cfg(not(feature = "wgpu"))]
     out.push("wgpu: not compiled in".to_owned());
-    out.push(format!(
-        "cpu: {} threads",
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    ));
+    out.push(format!("cpu: {} threads", crate::parallel::cores()));
     out
 }
 
