@@ -14,7 +14,8 @@ use crate::dtype::Dtype;
 use crate::error::{Error, ErrorKind, Result};
 use crate::header::{Metadata, TensorInfo};
 use crate::host::{Fetch, HostFile, ReadMode};
-use crate::io;
+use crate::io::{self, Gather};
+use crate::memory::HostBuffer;
 use crate::slice::{Selection, Slice};
 use crate::tensor::{CpuStorage, Storage, Tensor, Tensors};
 
@@ -188,45 +189,44 @@ impl Reader {
 
     fn read_one(&self, name: &str, selection: Selection<'_>) -> Result<Tensor> {
         let (k, info) = self.locate(name)?;
-        let whole = matches!(selection, Selection::Whole);
-        if let Some(bytes) = self.in_memory(k, info).filter(|_| whole) {
-            let tag = |e: Error| e.with_tensor(name).with_file(self.file_of_index(k));
-            let bytes = bytes.ok_or_else(|| {
-                tag(Error::new(
-                    ErrorKind::Io,
-                    "the tensor's bytes lie past the end of the mapping",
-                ))
-            })?;
-            let storage = CpuStorage::copy_of(bytes).map_err(tag)?;
-            return Ok(Tensor::from_parts(
-                info.dtype,
-                info.shape.clone(),
-                Storage::Cpu(storage),
-            ));
+        let tag = |e: Error| e.with_tensor(name).with_file(self.file_of_index(k));
+        if self.copies_from_memory(info) {
+            let file = &self.files[k];
+            let (shape, gather) = selection
+                .resolve(info, file.header().file_range(info))
+                .map_err(tag)?;
+            if let Some(bytes) = file.bytes().filter(|_| self.in_memory(file, &gather)) {
+                return copy_out(bytes, &gather)
+                    .map(|storage| Tensor::from_parts(info.dtype, shape, Storage::Cpu(storage)))
+                    .map_err(tag);
+            }
         }
         let entry = self.entry(k, name, selection)?;
         self.place(vec![entry])?.pop().ok_or_else(|| {
-            Error::new(ErrorKind::Backend, "the backend placed no tensor").with_tensor(name)
+            tag(Error::new(
+                ErrorKind::Backend,
+                "the backend placed no tensor",
+            ))
         })
     }
 
-    /// The bytes of a whole tensor that a read onto the CPU copies straight out of memory,
-    /// with no plan: a mapped file's tensor, unconverted, of at most one piece (a load would
-    /// copy it on the calling thread too) that the engine would take from the mapping.
-    /// `Some(None)` where the range lies past the mapping.
-    fn in_memory(&self, k: usize, info: &TensorInfo) -> Option<Option<&[u8]>> {
-        let file = &self.files[k];
+    /// Whether a read of a tensor of `info` may be copied straight out of memory: onto the
+    /// CPU, unconverted.
+    fn copies_from_memory(&self, info: &TensorInfo) -> bool {
         let converts = self
             .dtype
             .is_some_and(|to| info.dtype.is_float() && info.dtype != to);
-        let range = file.header().file_range(info);
-        let from_memory = range.len() < io::SMALL || file.fetch() == Fetch::Memory;
-        let copy = self.backend.device() == Device::Cpu
-            && !converts
-            && range.len() <= io::PIECE
-            && file.mapping().is_some()
-            && from_memory;
-        copy.then(|| file.bytes().and_then(|b| b.get(range)))
+        self.backend.device() == Device::Cpu && !converts
+    }
+
+    /// Whether the bytes `gather` of `file` are copied out of its mapping with no plan: at
+    /// most one piece (a load would copy it on the calling thread too) that the engine would
+    /// take from the mapping.
+    fn in_memory(&self, file: &HostFile<'_>, gather: &Gather) -> bool {
+        let len = gather.len();
+        file.mapping().is_some()
+            && len <= io::PIECE
+            && (len < io::SMALL || file.fetch() == Fetch::Memory)
     }
 
     fn file_of_index(&self, k: usize) -> &Path {
@@ -276,4 +276,21 @@ impl Reader {
             .with_tensor(name)
             .with_file(&self.origin)
     }
+}
+
+/// The bytes `gather` of `bytes` (a file's), copied into owned memory run by run.
+fn copy_out(bytes: &[u8], gather: &Gather) -> Result<CpuStorage> {
+    let mut buffer = HostBuffer::zeroed(gather.len())?;
+    let out = buffer.as_mut_bytes();
+    for (range, at) in gather.segments(0..gather.len()) {
+        let src = bytes.get(range.clone()).ok_or_else(|| {
+            Error::new(
+                ErrorKind::Io,
+                format!("bytes {range:?} lie past the end of the mapping"),
+            )
+        })?;
+        out[at..at + src.len()].copy_from_slice(src);
+    }
+    let len = buffer.len();
+    Ok(CpuStorage::owned(Arc::new(buffer), 0..len))
 }

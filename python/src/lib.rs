@@ -431,6 +431,7 @@ impl PyReader {
     /// Reads one tensor, or the part `slice` (text such as `"[0:4, :]"`) of it.
     #[pyo3(signature = (name, slice = None))]
     fn get(&self, py: Python<'_>, name: &str, slice: Option<&str>) -> PyResult<PyTensor> {
+        // The whole tensor's size (a slice reads no more), to choose how to wait.
         let (dtype, shape) = self.reader.info(name).map_err(py_err)?;
         let bytes = shape
             .iter()

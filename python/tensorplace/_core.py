@@ -177,8 +177,9 @@ class safe_open:
 
     def get_slice(self, name: str) -> "_Slice":
         """A lazy slice: ``get_shape()``, ``get_dtype()``, and ``[...]`` indexing."""
-        dtype, shape = call(self._reader.info, name)
-        return _Slice(self, name, dtype, shape)
+        if name not in self._reader:
+            call(self._reader.info, name)  # raises the TensorNotFound error
+        return _Slice(self, name)
 
 
 class _Closed:
@@ -197,22 +198,24 @@ def _error(e) -> TensorplaceError:
 
 
 class _Slice:
-    def __init__(self, handle: safe_open, name: str, dtype: str, shape: List[int]):
+    def __init__(self, handle: safe_open, name: str):
         self._handle = handle
         self._name = name
-        self._dtype = dtype
-        self._shape = shape
 
     def get_shape(self) -> List[int]:
-        return list(self._shape)
+        return call(self._handle._reader.info, self._name)[1]
 
     def get_dtype(self) -> str:
-        return self._dtype
+        return call(self._handle._reader.info, self._name)[0]
 
     def __getitem__(self, index):
         handle = self._handle
-        text = slice_text(index)
+        # One row (the commonest slice) without building the general text.
+        text = f"[{index}]" if type(index) is int and index >= 0 else slice_text(index)
         if text is None:
             # Steps, negative bounds, arrays: numpy's indexing of the whole tensor.
             return handle.get_tensor(self._name)[index]
-        return handle._array(call(handle._reader.get, self._name, text))
+        try:
+            return handle._array(handle._reader.get(self._name, text))
+        except _native.Error as e:
+            raise _error(e) from None
