@@ -109,6 +109,21 @@ impl Gather {
         self.width
     }
 
+    /// The file range from the first byte gathered to the last (empty where none is).
+    pub fn bounds(&self) -> Range<usize> {
+        if self.len() == 0 {
+            return self.start..self.start;
+        }
+        // Strides are positive: the last run starts furthest into the file.
+        let runs = self
+            .outer
+            .iter()
+            .map(|&(count, _)| count)
+            .product::<usize>();
+        let last = self.run_start_outer(&self.outer, runs - 1);
+        self.start..last + self.width
+    }
+
     /// The file range, when the bytes are one run.
     pub fn as_range(&self) -> Option<Range<usize>> {
         self.outer

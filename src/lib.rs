@@ -107,8 +107,10 @@ pub use error::{Error, ErrorKind, Result};
 pub use header::Metadata;
 pub use host::ReadMode;
 pub use loader::{LoadReport, Loader, Progress, ReadPath};
-pub use reader::Reader;
-pub use save::{TensorView, save, save_file, save_views, save_views_file};
+pub use reader::{MemoryRead, Reader};
+pub use save::{
+    Serialized, TensorView, save, save_file, save_views, save_views_file, serialize_views,
+};
 pub use slice::{Slice, SliceIndex};
 pub use tensor::{CpuStorage, Element, Storage, Tensor, Tensors};
 

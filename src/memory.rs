@@ -117,6 +117,109 @@ impl HostBuffer {
     }
 }
 
+/// The size of a [`Block`]: one huge page.
+pub(crate) const BLOCK: usize = HUGE;
+
+/// Reads at most this large are carved from shared [`Block`]s (at least 32 per block).
+pub(crate) const BLOCK_PIECE: usize = BLOCK / 32;
+
+/// One huge page of host memory that many small tensors read one at a time share, each its
+/// own range of it, written once ([`Carved`]) and then only read. Without it each small read
+/// has memory of its own, whose first touch costs a page fault (about as long as the copy of
+/// a few KB itself); a block costs one fault for all of its tensors. Freed when the last of
+/// them is.
+#[derive(Debug)]
+pub(crate) struct Block {
+    /// Owns the memory; never borrowed as a whole once the block is made (writers and readers
+    /// each touch their own range, through `base`).
+    _memory: HostBuffer,
+    base: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the block's memory is owned (an anonymous mapping), and every access goes through
+// `Carved` (one writer per range, while no one reads it) or `Block::bytes` (ranges written
+// and sealed: read only), so sharing it between threads races on no byte.
+unsafe impl Send for Block {}
+// SAFETY: as above.
+unsafe impl Sync for Block {}
+
+impl Block {
+    /// The bytes `range` of the block.
+    ///
+    /// # Safety
+    ///
+    /// `range` must lie inside the block and be one a [`Carved`] was given and has finished
+    /// writing (sealed): nothing writes those bytes any more.
+    pub(crate) unsafe fn bytes(&self, range: std::ops::Range<usize>) -> &[u8] {
+        debug_assert!(range.start <= range.end && range.end <= self.len);
+        // SAFETY: inside the block (the caller's contract), written once and now only read.
+        unsafe { std::slice::from_raw_parts(self.base.add(range.start), range.len()) }
+    }
+}
+
+/// Hands out ranges of shared [`Block`]s to small reads, 64-byte aligned, a new block when the
+/// current one is full (the full one lives on while its tensors do).
+#[derive(Debug, Default)]
+pub(crate) struct Carver {
+    /// The block being carved and the bytes of it given out.
+    current: std::sync::Mutex<Option<(std::sync::Arc<Block>, usize)>>,
+}
+
+impl Carver {
+    /// A range of `len` bytes (at most [`BLOCK_PIECE`]) of a shared block, for the caller alone
+    /// to write.
+    pub(crate) fn carve(&self, len: usize) -> Result<Carved> {
+        debug_assert!(len <= BLOCK_PIECE);
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let fits = |used: usize| used.checked_add(len).is_some_and(|end| end <= BLOCK);
+        let (block, used) = match current.as_mut() {
+            Some((block, used)) if fits(*used) => (block, used),
+            _ => {
+                let mut memory = HostBuffer::page_aligned(BLOCK)?;
+                let base = memory.as_mut_bytes().as_mut_ptr();
+                let block = Block {
+                    _memory: memory,
+                    base,
+                    len: BLOCK,
+                };
+                let (block, used) = current.insert((std::sync::Arc::new(block), 0));
+                (&mut *block, used)
+            }
+        };
+        let start = *used;
+        *used = (start + len).next_multiple_of(64).min(BLOCK);
+        Ok(Carved {
+            block: std::sync::Arc::clone(block),
+            range: start..start + len,
+        })
+    }
+}
+
+/// A range of a [`Block`] that its holder alone may write; [`seal`](Self::seal) ends the
+/// writing and shares it.
+#[derive(Debug)]
+pub(crate) struct Carved {
+    block: std::sync::Arc<Block>,
+    range: std::ops::Range<usize>,
+}
+
+impl Carved {
+    /// The range's bytes (zeroed at first), writable.
+    pub(crate) fn as_mut_bytes(&mut self) -> &mut [u8] {
+        // SAFETY: the carver gave this range to this `Carved` alone (ranges never overlap,
+        // and it is not `Clone`), inside the block; nobody reads it before it is sealed.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.block.base.add(self.range.start), self.range.len())
+        }
+    }
+
+    /// The block and the range, written: from now on only read.
+    pub(crate) fn seal(self) -> (std::sync::Arc<Block>, std::ops::Range<usize>) {
+        (self.block, self.range)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,6 +276,36 @@ mod tests {
                 huge > 0,
                 "no huge pages were used although THP is {}",
                 mode.trim()
+            );
+        }
+    }
+
+    #[test]
+    fn carved_ranges_are_aligned_disjoint_and_keep_their_block() {
+        let carver = Carver::default();
+        let mut sealed = Vec::new();
+        for (k, len) in [0, 1, 100, 4000, BLOCK_PIECE, 64, BLOCK_PIECE]
+            .into_iter()
+            .cycle()
+            .take(200)
+            .enumerate()
+        {
+            let mut c = carver.carve(len).unwrap();
+            c.as_mut_bytes().fill(k as u8);
+            sealed.push((k as u8, c.seal()));
+        }
+        let blocks: std::collections::HashSet<usize> = sealed
+            .iter()
+            .map(|(_, (b, _))| std::sync::Arc::as_ptr(b) as usize)
+            .collect();
+        assert!(blocks.len() > 1, "the carver moved on to new blocks");
+        for (k, (block, range)) in &sealed {
+            assert_eq!(range.start % 64, 0);
+            // SAFETY: each range was carved once and sealed.
+            let bytes = unsafe { block.bytes(range.clone()) };
+            assert!(
+                bytes.iter().all(|b| b == k),
+                "range {range:?} was overwritten"
             );
         }
     }

@@ -5,8 +5,12 @@
 //! tensor is small.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use memmap2::{Advice, Mmap};
 
 use crate::checkpoint::{self, Checkpoint};
 use crate::device::{self, Backend, Device, LoadPlan, PlanEntry, Upload};
@@ -15,7 +19,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::header::{Metadata, TensorInfo};
 use crate::host::{Fetch, HostFile, ReadMode};
 use crate::io::{self, Gather};
-use crate::memory::HostBuffer;
+use crate::memory::{BLOCK_PIECE, Carver, HostBuffer};
 use crate::slice::{Selection, Slice};
 use crate::tensor::{CpuStorage, Storage, Tensor, Tensors};
 
@@ -35,19 +39,26 @@ use crate::tensor::{CpuStorage, Storage, Tensor, Tensors};
 /// ```
 ///
 /// Small tensors of a mapped file are copied out of the mapping (the page cache and its
-/// readahead serve a loop over them); larger ones, and every tensor of a file opened with
+/// readahead serve a loop over them, the mapping's pages mapped 2 MiB at a time), into 2 MiB
+/// blocks that small reads share (one page fault for many tensors; a block is freed with the
+/// last tensor in it); larger ones, and every tensor of a file opened with
 /// [`ReadMode::Pread`] or [`ReadMode::Direct`], are read the way a load reads them. A mapped
 /// file must not be truncated while a read runs (see the crate's Safety section); what a
 /// read returns never depends on the file afterwards.
 pub struct Reader {
     origin: PathBuf,
     files: Vec<HostFile<'static>>,
-    /// Each tensor's file, by name.
+    /// Each tensor's file, by name, for a checkpoint of several files (one file's header is
+    /// its own index).
     index: HashMap<String, usize>,
     metadata: Option<Metadata>,
     backend: Arc<dyn Backend>,
     dtype: Option<Dtype>,
     upload: Upload,
+    /// Memory for small reads: shared blocks, one page fault for many tensors.
+    blocks: Carver,
+    /// Per file, which windows of its mapping have their pages mapped (see `populate`).
+    populated: Vec<Windows>,
 }
 
 impl std::fmt::Debug for Reader {
@@ -55,7 +66,7 @@ impl std::fmt::Debug for Reader {
         f.debug_struct("Reader")
             .field("origin", &self.origin)
             .field("files", &self.files.len())
-            .field("tensors", &self.index.len())
+            .field("tensors", &self.len())
             .field("device", &self.backend.device())
             .field("dtype", &self.dtype)
             .finish()
@@ -87,7 +98,8 @@ impl Reader {
         for (k, p) in paths.iter().enumerate() {
             let mut file = HostFile::open(p, mode)?;
             file.set_lazy();
-            for (name, _) in file.tensors() {
+            // One file's header is its own index.
+            for (name, _) in file.tensors().filter(|_| paths.len() > 1) {
                 if index.insert(name.to_owned(), k).is_some() {
                     return Err(Error::new(
                         ErrorKind::InvalidIndex,
@@ -103,6 +115,10 @@ impl Reader {
             ([one], None) => one.header().metadata().cloned(),
             (_, metadata) => metadata,
         };
+        let populated = files
+            .iter()
+            .map(|f| Windows::new(usize::try_from(f.len()).unwrap_or(usize::MAX)))
+            .collect();
         Ok(Reader {
             origin: path.to_path_buf(),
             files,
@@ -111,6 +127,8 @@ impl Reader {
             backend,
             dtype,
             upload,
+            blocks: Carver::default(),
+            populated,
         })
     }
 
@@ -123,12 +141,12 @@ impl Reader {
 
     /// The number of tensors.
     pub fn len(&self) -> usize {
-        self.index.len()
+        self.files.iter().map(|f| f.header().tensors().len()).sum()
     }
 
     /// Whether there are no tensors.
     pub fn is_empty(&self) -> bool {
-        self.index.is_empty()
+        self.len() == 0
     }
 
     /// The `__metadata__` (a checkpoint's where all its files agree).
@@ -143,13 +161,13 @@ impl Reader {
 
     /// The dtype and shape of tensor `name` as stored, reading nothing.
     pub fn info(&self, name: &str) -> Result<(Dtype, &[usize])> {
-        let (_, info) = self.locate(name)?;
+        let (_, _, info) = self.locate(name)?;
         Ok((info.dtype, &info.shape))
     }
 
     /// The file that holds tensor `name`.
     pub fn file_of(&self, name: &str) -> Result<&Path> {
-        let (k, _) = self.locate(name)?;
+        let (k, _, _) = self.locate(name)?;
         Ok(self.file_of_index(k))
     }
 
@@ -168,7 +186,7 @@ impl Reader {
     pub fn tensors<'n>(&self, names: impl IntoIterator<Item = &'n str>) -> Result<Tensors> {
         let mut wanted: Vec<(usize, usize, &str)> = Vec::new();
         for name in names {
-            let (k, info) = self.locate(name)?;
+            let (k, _, info) = self.locate(name)?;
             wanted.push((k, info.data_offsets.0, name));
         }
         wanted.sort_unstable();
@@ -187,26 +205,71 @@ impl Reader {
         Ok(out)
     }
 
-    fn read_one(&self, name: &str, selection: Selection<'_>) -> Result<Tensor> {
-        let (k, info) = self.locate(name)?;
-        let tag = |e: Error| e.with_tensor(name).with_file(self.file_of_index(k));
-        if self.copies_from_memory(info) {
-            let file = &self.files[k];
-            let (shape, gather) = selection
-                .resolve(info, file.header().file_range(info))
-                .map_err(tag)?;
-            if let Some(bytes) = file.bytes().filter(|_| self.in_memory(file, &gather)) {
-                return copy_out(bytes, &gather)
-                    .map(|storage| Tensor::from_parts(info.dtype, shape, Storage::Cpu(storage)))
-                    .map_err(tag);
-            }
+    /// The read of tensor `name` (or of part `slice` of it) where it is one copy straight
+    /// out of a mapped file's memory: onto the CPU, unconverted, small (or already in the page
+    /// cache), nothing to plan. `None` where the read needs a load
+    /// ([`tensor`](Self::tensor) and [`slice`](Self::slice) do both). The caller gives the
+    /// memory ([`MemoryRead::copy_to`]): a binding can copy into an object of its own.
+    pub fn memory_read(&self, name: &str, slice: Option<&Slice>) -> Result<Option<MemoryRead<'_>>> {
+        let selection = slice.map_or(Selection::Whole, Selection::Slice);
+        self.memory_read_of(name, selection)
+    }
+
+    fn memory_read_of(
+        &self,
+        name: &str,
+        selection: Selection<'_>,
+    ) -> Result<Option<MemoryRead<'_>>> {
+        let (k, name, info) = self.locate(name)?;
+        if !self.copies_from_memory(info) {
+            return Ok(None);
         }
+        let file = &self.files[k];
+        let (shape, gather) = selection
+            .resolve(info, file.header().file_range(info))
+            .map_err(|e| e.with_tensor(name).with_file(self.file_of_index(k)))?;
+        let Some(bytes) = file.bytes().filter(|_| self.in_memory(file, &gather)) else {
+            return Ok(None);
+        };
+        // (A slice's rows may lie far apart: only spans a small read would touch anyway.)
+        let span = gather.bounds();
+        if let Some(map) = file.mapping().filter(|_| span.len() <= io::PIECE) {
+            self.populated[k].populate(map, span);
+        }
+        Ok(Some(MemoryRead {
+            dtype: info.dtype,
+            shape,
+            gather,
+            bytes,
+            name,
+            file: self.file_of_index(k),
+        }))
+    }
+
+    fn read_one(&self, name: &str, selection: Selection<'_>) -> Result<Tensor> {
+        if let Some(read) = self.memory_read_of(name, selection)? {
+            let storage = if read.len() <= BLOCK_PIECE {
+                let mut carved = self.blocks.carve(read.len()).map_err(|e| read.tag(e))?;
+                read.copy_to(carved.as_mut_bytes())?;
+                CpuStorage::carved(carved)
+            } else {
+                let mut buffer = HostBuffer::zeroed(read.len()).map_err(|e| read.tag(e))?;
+                read.copy_to(buffer.as_mut_bytes())?;
+                let len = buffer.len();
+                CpuStorage::owned(Arc::new(buffer), 0..len)
+            };
+            return Ok(Tensor::from_parts(
+                read.dtype,
+                read.shape,
+                Storage::Cpu(storage),
+            ));
+        }
+        let (k, _, _) = self.locate(name)?;
         let entry = self.entry(k, name, selection)?;
         self.place(vec![entry])?.pop().ok_or_else(|| {
-            tag(Error::new(
-                ErrorKind::Backend,
-                "the backend placed no tensor",
-            ))
+            Error::new(ErrorKind::Backend, "the backend placed no tensor")
+                .with_tensor(name)
+                .with_file(self.file_of_index(k))
         })
     }
 
@@ -261,14 +324,18 @@ impl Reader {
         })
     }
 
-    fn locate(&self, name: &str) -> Result<(usize, &TensorInfo)> {
-        let k = *self.index.get(name).ok_or_else(|| self.not_found(name))?;
-        let info = self.files[k]
+    /// Tensor `name`'s file, its name as the header holds it, and its entry.
+    fn locate(&self, name: &str) -> Result<(usize, &str, &TensorInfo)> {
+        let k = match self.files.len() {
+            1 => 0,
+            _ => *self.index.get(name).ok_or_else(|| self.not_found(name))?,
+        };
+        let (name, info) = self.files[k]
             .header()
             .tensors()
-            .get(name)
+            .get_key_value(name)
             .ok_or_else(|| self.not_found(name))?;
-        Ok((k, info))
+        Ok((k, name, info))
     }
 
     fn not_found(&self, name: &str) -> Error {
@@ -278,19 +345,108 @@ impl Reader {
     }
 }
 
-/// The bytes `gather` of `bytes` (a file's), copied into owned memory run by run.
-fn copy_out(bytes: &[u8], gather: &Gather) -> Result<CpuStorage> {
-    let mut buffer = HostBuffer::zeroed(gather.len())?;
-    let out = buffer.as_mut_bytes();
-    for (range, at) in gather.segments(0..gather.len()) {
-        let src = bytes.get(range.clone()).ok_or_else(|| {
-            Error::new(
-                ErrorKind::Io,
-                format!("bytes {range:?} lie past the end of the mapping"),
-            )
-        })?;
-        out[at..at + src.len()].copy_from_slice(src);
+/// A read served by one copy out of a mapped file ([`Reader::memory_read`]): the tensor's
+/// dtype and shape (a slice's shape, for a slice), its length in bytes, and the copy.
+#[derive(Debug)]
+pub struct MemoryRead<'r> {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    gather: Gather,
+    /// The whole file's bytes (its mapping).
+    bytes: &'r [u8],
+    name: &'r str,
+    file: &'r Path,
+}
+
+impl MemoryRead<'_> {
+    /// The dtype of the bytes read (the stored one: such a read converts nothing).
+    pub fn dtype(&self) -> Dtype {
+        self.dtype
     }
-    let len = buffer.len();
-    Ok(CpuStorage::owned(Arc::new(buffer), 0..len))
+
+    /// The shape of what is read.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The length in bytes of what is read.
+    pub fn len(&self) -> usize {
+        self.gather.len()
+    }
+
+    /// Whether nothing is read (an empty tensor or slice).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Copies the bytes into `out`, whose length must be [`len`](Self::len) (else an
+    /// [`ErrorKind::InvalidTensor`] error), run by run for a slice.
+    pub fn copy_to(&self, out: &mut [u8]) -> Result<()> {
+        if out.len() != self.len() {
+            return Err(self.tag(Error::new(
+                ErrorKind::InvalidTensor,
+                format!(
+                    "the destination holds {} bytes, the read {}",
+                    out.len(),
+                    self.len()
+                ),
+            )));
+        }
+        for (range, at) in self.gather.segments(0..self.len()) {
+            let src = self.bytes.get(range.clone()).ok_or_else(|| {
+                self.tag(Error::new(
+                    ErrorKind::Io,
+                    format!("bytes {range:?} lie past the end of the mapping"),
+                ))
+            })?;
+            out[at..at + src.len()].copy_from_slice(src);
+        }
+        Ok(())
+    }
+
+    fn tag(&self, e: Error) -> Error {
+        e.with_tensor(self.name).with_file(self.file)
+    }
+}
+
+/// The windows of a file's mapping whose pages a reader has had mapped in one call: a loop
+/// of small reads would otherwise take a page fault every few tensors (the kernel maps 16
+/// pages around a faulting one), each costing about as much as a small tensor's copy.
+#[derive(Debug)]
+struct Windows(Vec<AtomicU64>);
+
+/// The size of a [`Windows`] window.
+const WINDOW: usize = 2 << 20;
+
+impl Windows {
+    fn new(file_len: usize) -> Windows {
+        let windows = file_len.div_ceil(WINDOW);
+        Windows(
+            (0..windows.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        )
+    }
+
+    /// Maps the pages of every window of `map` that `span` (bytes of the file) touches and no
+    /// earlier read did (`MADV_POPULATE_READ`: the page cache's pages, reading what is not
+    /// there yet as a fault would). A hint: where the kernel refuses, faults do the work.
+    fn populate(&self, map: &Mmap, span: Range<usize>) {
+        if span.is_empty() {
+            return;
+        }
+        for w in span.start / WINDOW..=(span.end - 1) / WINDOW {
+            let Some(word) = self.0.get(w / 64) else {
+                return;
+            };
+            let bit = 1u64 << (w % 64);
+            if word.load(Ordering::Relaxed) & bit == 0
+                && word.fetch_or(bit, Ordering::Relaxed) & bit == 0
+            {
+                let start = w * WINDOW;
+                let len = WINDOW.min(map.len().saturating_sub(start));
+                let _ = map.advise_range(Advice::PopulateRead, start, len);
+            }
+        }
+    }
 }

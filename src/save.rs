@@ -180,6 +180,73 @@ fn to_bytes<E: Entry>(Layout { head, order }: Layout<'_, E>) -> Result<Vec<u8>> 
     Ok(out)
 }
 
+/// A file of tensors the caller holds, laid out as the reference writer lays it out, to be
+/// written into memory the caller gives ([`serialize_views`]): a binding can fill an object
+/// of its own (a Python `bytes`) with one copy, where [`save_views`] returns a `Vec`.
+pub struct Serialized<'a, 'v> {
+    layout: Layout<'a, TensorView<'v>>,
+    len: usize,
+}
+
+impl std::fmt::Debug for Serialized<'_, '_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Serialized")
+            .field("tensors", &self.layout.order.len())
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl Serialized<'_, '_> {
+    /// The file's length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the file is empty (never: it has a header).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Writes the file's bytes into `out`, whose length must be [`len`](Self::len) (else an
+    /// [`ErrorKind::InvalidTensor`] error).
+    pub fn write_into(&self, out: &mut [u8]) -> Result<()> {
+        if out.len() != self.len {
+            return Err(Error::new(
+                ErrorKind::InvalidTensor,
+                format!(
+                    "the destination holds {} bytes, the file {}",
+                    out.len(),
+                    self.len
+                ),
+            ));
+        }
+        let (head, mut rest) = out.split_at_mut(self.layout.head.len());
+        head.copy_from_slice(&self.layout.head);
+        for (_, view) in &self.layout.order {
+            let (dst, tail) = rest.split_at_mut(view.data.len());
+            dst.copy_from_slice(view.data);
+            rest = tail;
+        }
+        Ok(())
+    }
+}
+
+/// Lays out a file of `views` and `metadata` (as [`save_views`] would write it) for
+/// [`Serialized::write_into`].
+pub fn serialize_views<'a, 'v>(
+    views: &'a [(&'a str, TensorView<'v>)],
+    metadata: Option<&'a Metadata>,
+) -> Result<Serialized<'a, 'v>> {
+    let layout = views_layout(views, metadata)?;
+    let len = layout
+        .order
+        .iter()
+        .try_fold(layout.head.len(), |n, (_, v)| n.checked_add(v.data.len()))
+        .ok_or_else(|| Error::new(ErrorKind::SizeOverflow, "the file's size overflows"))?;
+    Ok(Serialized { layout, len })
+}
+
 /// Writes a whole file to `path` atomically (see [`save_file`]).
 fn to_file<E: Entry>(Layout { head, order }: Layout<'_, E>, path: &Path) -> Result<()> {
     atomic::write_atomically(path, |w| {
@@ -300,6 +367,35 @@ mod tests {
             std::fs::read(&path).unwrap(),
             want,
             "a failed save keeps the old file"
+        );
+    }
+
+    #[test]
+    fn serialized_views_write_the_bytes_save_views_returns() {
+        let data: Vec<u8> = (0..=255).collect();
+        let shapes = [vec![4, 4], vec![3], vec![], vec![0, 5]];
+        let views = [
+            ("b", TensorView::new(Dtype::F32, &shapes[0], &data[..64])),
+            ("a", TensorView::new(Dtype::BF16, &shapes[1], &data[64..70])),
+            ("c", TensorView::new(Dtype::U8, &shapes[2], &data[70..71])),
+            ("d", TensorView::new(Dtype::F64, &shapes[3], &[])),
+        ];
+        let metadata: Metadata = [("k".to_owned(), "v".to_owned())].into_iter().collect();
+        for md in [None, Some(&metadata)] {
+            let want = save_views(&views, md).unwrap();
+            let file = serialize_views(&views, md).unwrap();
+            assert_eq!(file.len(), want.len());
+            let mut out = vec![0xAA; file.len()];
+            file.write_into(&mut out).unwrap();
+            assert_eq!(out, want);
+            let e = file.write_into(&mut out[1..]).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidTensor);
+        }
+        // Layout errors are the save's.
+        let short = [("x", TensorView::new(Dtype::F32, &shapes[0], &data[..8]))];
+        assert_eq!(
+            serialize_views(&short, None).unwrap_err().kind(),
+            ErrorKind::InvalidTensor
         );
     }
 

@@ -13,7 +13,7 @@ use crate::dtype::Dtype;
 use crate::error::{Error, ErrorKind, Result};
 use crate::header::Metadata;
 use crate::loader::LoadReport;
-use crate::memory::HostBuffer;
+use crate::memory::{Block, Carved, HostBuffer};
 
 /// Where a tensor's bytes live.
 #[derive(Debug, Clone)]
@@ -73,6 +73,8 @@ impl Storage {
 enum CpuBuf {
     Mapped(Arc<Mmap>),
     Owned(Arc<HostBuffer>),
+    /// A sealed range of a block shared with other small tensors.
+    Block(Arc<Block>),
 }
 
 /// Host bytes: a range of an owned buffer (tensors of a load start on 64-byte boundaries), or a zero-copy view into a mapped file, which stays mapped while a
@@ -102,6 +104,15 @@ impl CpuStorage {
         }
     }
 
+    /// Owned bytes of a shared block, written and sealed.
+    pub(crate) fn carved(carved: Carved) -> Self {
+        let (block, range) = carved.seal();
+        CpuStorage {
+            buf: CpuBuf::Block(block),
+            range,
+        }
+    }
+
     /// A new owned copy of `bytes`.
     pub(crate) fn copy_of(bytes: &[u8]) -> Result<Self> {
         let buf = HostBuffer::copy_of(bytes)?;
@@ -113,6 +124,8 @@ impl CpuStorage {
         let all: &[u8] = match &self.buf {
             CpuBuf::Mapped(m) => m,
             CpuBuf::Owned(b) => b.as_bytes(),
+            // SAFETY: the range was carved for this storage and sealed (`carved`): only read.
+            CpuBuf::Block(b) => return unsafe { b.bytes(self.range.clone()) },
         };
         // Ranges are checked when the storage is made.
         all.get(self.range.clone()).unwrap_or_default()

@@ -604,6 +604,45 @@ fn readers_read_what_loads_load_on_every_device() {
                 assert_eq!(got.shape(), want.shape(), "{device} {key}");
                 assert_eq!(host(&got), host(want), "{device} {mode:?} {key}");
             }
+            // One copy out of the mapping where the reader can (a mapped file's small reads onto
+            // the CPU, unconverted): the same bytes, into memory the caller gives.
+            let copies = mode == ReadMode::Mmap && device.probe().unwrap() == Device::Cpu;
+            for &name in &names {
+                let want = host(whole.tensor(name).unwrap());
+                let Some(read) = reader.memory_read(name, None).unwrap() else {
+                    assert!(
+                        !copies || want.len() >= 256 << 10,
+                        "{device} {mode:?} {name}"
+                    );
+                    continue;
+                };
+                assert!(copies, "{device} {mode:?} {name}");
+                assert_eq!((read.dtype(), read.shape()), reader.info(name).unwrap());
+                let mut out = vec![7u8; read.len() + 1];
+                read.copy_to(&mut out[..read.len()]).unwrap();
+                assert_eq!(out[..read.len()], want[..], "{name}");
+                let e = read.copy_to(&mut out).unwrap_err();
+                assert_eq!(
+                    (e.kind(), e.tensor()),
+                    (ErrorKind::InvalidTensor, Some(name))
+                );
+            }
+            for (key, want) in expected.iter().filter(|(k, _)| k.starts_with("slice|")) {
+                let mut parts = key.splitn(3, '|').skip(1);
+                let (name, text) = (parts.next().unwrap(), parts.next().unwrap());
+                if let Some(read) = reader.memory_read(name, Some(&slice(text))).unwrap() {
+                    assert_eq!(read.shape(), want.shape(), "{key}");
+                    let mut out = vec![0u8; read.len()];
+                    read.copy_to(&mut out).unwrap();
+                    assert_eq!(out, host(want), "{key}");
+                } else {
+                    assert!(!copies || host(want).len() >= 256 << 10, "{key}");
+                }
+            }
+            assert_eq!(
+                reader.memory_read("nope", None).unwrap_err().kind(),
+                ErrorKind::TensorNotFound
+            );
             // Several at once: in file order, each once.
             let some: Vec<&str> = names.iter().rev().step_by(3).copied().collect();
             let many = reader
@@ -644,7 +683,19 @@ fn readers_read_what_loads_load_on_every_device() {
         let one = Loader::new(device).reader(file).unwrap();
         let shard = tensorplace::load_file(file, "cpu").unwrap();
         assert!(one.names().eq(shard.names()));
-        assert_eq!(one.metadata(), shard.metadata());
+        assert_eq!((one.len(), one.metadata()), (shard.len(), shard.metadata()));
+        for (name, want) in shard.iter() {
+            assert_eq!(
+                host(&one.tensor(name).unwrap()),
+                host(want),
+                "{device} {name}"
+            );
+        }
+        let e = one.tensor("nope").unwrap_err();
+        assert_eq!(
+            (e.kind(), e.file()),
+            (ErrorKind::TensorNotFound, Some(file))
+        );
     }
     // A device that is not there fails when the reader opens, not later.
     let e = Loader::new("cuda:7").reader(sharded()).unwrap_err();
