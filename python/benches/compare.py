@@ -17,7 +17,9 @@ followed by an ``fsync`` (ours fsyncs before its rename), and ``save`` against `
 x 4 MB and 20,000 x 4 KB f32 tensors.
 
 Each row is the median of the runs after a warm-up, the paths of a group alternating, every
-result made ready (block_until_ready, cuda.synchronize) and freed before the next run.
+result made ready (block_until_ready, cuda.synchronize) and freed before the next run, and
+as much fresh memory as the row's data touched and freed before each run (as the Rust
+harness does: on a VM, memory left free goes back to the host and costs more to touch).
 Throughput is the file's data bytes over seconds, in GB/s (10^9 bytes).
 """
 
@@ -49,8 +51,18 @@ def write_file(path, size):
     return total
 
 
-def timed(fn, ready):
+def prime_memory(nbytes):
+    """Touches and frees ``nbytes`` of fresh memory (as the Rust harness's ``prime_memory``):
+    a VM hands memory left free to its host, and the next first touch then costs the host's
+    allocation too, so that without this a run's speed depends on how long ago the previous
+    run freed its memory. Every path of a group gets the same."""
+    if nbytes:
+        np.ones(int(nbytes), np.uint8)
+
+
+def timed(fn, ready, nbytes=0):
     gc.collect()
+    prime_memory(nbytes)
     t = time.perf_counter()
     out = fn()
     ready(out)
@@ -63,11 +75,11 @@ def timed(fn, ready):
 def group(name, paths, runs, nbytes):
     times = {label: [] for label, _, _ in paths}
     for label, fn, ready in paths:  # warm-up
-        timed(fn, ready)
+        timed(fn, ready, nbytes)
     for r in range(runs):
         order = paths if r % 2 == 0 else list(reversed(paths))
         for label, fn, ready in order:
-            times[label].append(timed(fn, ready))
+            times[label].append(timed(fn, ready, nbytes))
     base = statistics.median(times[paths[-1][0]])
     for label, _, _ in paths:
         med = statistics.median(times[label])

@@ -23,9 +23,11 @@ use dlpark::{DlpackFlags, Managed, ManagedTensorBase};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBytes, PyTuple};
 use tensorplace::{
-    Device, Dtype, Loader, Metadata, ReadMode, Slice, Storage, Tensor, TensorView, Tensors,
+    Device, Dtype, Loader, MemoryRead, Metadata, ReadMode, Slice, Storage, Tensor, TensorView,
+    Tensors,
 };
 
 create_exception!(
@@ -35,7 +37,18 @@ create_exception!(
     "A tensorplace error: args are (kind, message, file, tensor, io), io naming a missing or unreadable file's failure."
 );
 
-/// The crate's error as the module's exception, with its kind, file and tensor, and for a
+/// The maker of the package's exceptions (`tensorplace._core` registers it on import:
+/// `TensorplaceError`, or its file-not-found and permission subclasses), called with
+/// `(kind, message, file, tensor, io)`; until it is registered, `Error` is raised.
+static RAISE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+/// Registers the maker of the package's exceptions (see `RAISE`); once per process.
+#[pyfunction]
+fn set_error_maker(py: Python<'_>, make: Py<PyAny>) {
+    let _ = RAISE.set(py, make);
+}
+
+/// The crate's error as the package's exception, with its kind, file and tensor, and for a
 /// file that is missing or may not be read, which (`"NotFound"`, `"PermissionDenied"`).
 fn py_err(e: tensorplace::Error) -> PyErr {
     let io = std::error::Error::source(&e)
@@ -45,13 +58,21 @@ fn py_err(e: tensorplace::Error) -> PyErr {
             std::io::ErrorKind::PermissionDenied => Some("PermissionDenied"),
             _ => None,
         });
-    Error::new_err((
+    let args = (
         format!("{:?}", e.kind()),
         e.to_string(),
         e.file().map(|p| p.display().to_string()),
         e.tensor().map(str::to_owned),
         io,
-    ))
+    );
+    // Errors also arise where the GIL was released: the exception is made with it held.
+    Python::attach(|py| match RAISE.get(py) {
+        Some(make) => match make.bind(py).call1(args) {
+            Ok(exception) => PyErr::from_value(exception),
+            Err(failed) => failed,
+        },
+        None => Error::new_err(args),
+    })
 }
 
 /// A loaded tensor, exported by DLPack. `carrier` exports its bytes as unsigned integers of
@@ -376,6 +397,117 @@ const WATCHED: usize = 64 << 20;
 #[pyclass(frozen, name = "_Reader", module = "tensorplace._tensorplace")]
 struct PyReader {
     reader: tensorplace::Reader,
+    /// The framework's `to_array` (a `_Tensor` to its array).
+    to_array: Py<PyAny>,
+    /// Where the framework builds arrays on host blocks (the CPU frameworks).
+    arrays: Option<Arrays>,
+}
+
+/// Reads at most this large, copied out of a mapping, go into a shared [`Arrays`] block.
+const BLOCK_PIECE: usize = 512 << 10;
+
+/// The size of an [`Arrays`] block: numpy advises huge pages for its arrays from 4 MiB.
+const BLOCK: usize = 4 << 20;
+
+/// How a framework builds arrays on host memory that the reader fills, so that a small read
+/// costs one copy and one array object: no DLPack exchange, and no memory of its own (whose
+/// first touch would cost a page fault per tensor). Small reads are copied into ranges of one
+/// shared block (a numpy `uint8` array), which the arrays view and keep alive.
+struct Arrays {
+    /// `new_block(nbytes)`: a new contiguous, writable numpy `uint8` array.
+    new_block: Py<PyAny>,
+    /// `build(shape, dtype, block, offset)`: the framework's array of `dtype` and `shape`
+    /// viewing `block` from byte `offset` (numpy's `ndarray`).
+    build: Py<PyAny>,
+    /// `dtype_of(name)`: the framework's dtype object for a dtype name, or `None` where it has
+    /// none; asked once per dtype, when a read first meets it (so that a module such as
+    /// `ml_dtypes` is imported only where a file needs it).
+    dtype_of: Py<PyAny>,
+    /// What `dtype_of` answered so far.
+    dtypes: Mutex<Vec<(Dtype, Option<Py<PyAny>>)>>,
+    /// The block being filled: the array, its address, and the bytes of it given out.
+    current: Mutex<Option<(Py<PyAny>, usize, usize)>>,
+}
+
+impl Arrays {
+    /// The framework's dtype object for `dtype`, if it has one.
+    fn dtype(&self, py: Python<'_>, dtype: Dtype) -> PyResult<Option<Py<PyAny>>> {
+        let mut known = self.dtypes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, object)) = known.iter().find(|(d, _)| *d == dtype) {
+            return Ok(object.as_ref().map(|o| o.clone_ref(py)));
+        }
+        let object = self.dtype_of.bind(py).call1((dtype.name(),))?;
+        let object = (!object.is_none()).then(|| object.unbind());
+        known.push((dtype, object.as_ref().map(|o| o.clone_ref(py))));
+        Ok(object)
+    }
+
+    /// `read` as an array on a block range, or `None` where it goes another way (too large,
+    /// or a dtype the framework's table lacks: its `to_array` then says why).
+    fn build<'py>(
+        &self,
+        py: Python<'py>,
+        read: &MemoryRead<'_>,
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let Some(dtype) = self.dtype(py, read.dtype())? else {
+            return Ok(None);
+        };
+        if read.len() > BLOCK_PIECE {
+            return Ok(None);
+        }
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        // Each tensor starts on a 64-byte boundary of memory.
+        let room = |&(_, address, used): &(Py<PyAny>, usize, usize)| {
+            let start = (address + used).next_multiple_of(64) - address;
+            (start + read.len() <= BLOCK).then_some(start)
+        };
+        if current.as_ref().and_then(room).is_none() {
+            *current = None;
+        }
+        let entry = match &mut *current {
+            Some(entry) => entry,
+            empty => {
+                let block = self.new_block.bind(py).call1((BLOCK,))?;
+                let address = host_address(&block, BLOCK)?;
+                empty.insert((block.unbind(), address, 0))
+            }
+        };
+        let start =
+            room(entry).ok_or_else(|| PyValueError::new_err("a read larger than a block"))?;
+        let (block, address, used) = entry;
+        // SAFETY: `address` is the start of `block`'s BLOCK writable bytes (checked by
+        // `host_address`), which `current` keeps alive; `start + len <= BLOCK`. The range
+        // was given to no earlier read (`used` only grows), no array views it yet, and the GIL
+        // is held: nothing else reads or writes it meanwhile.
+        let out =
+            unsafe { std::slice::from_raw_parts_mut((*address + start) as *mut u8, read.len()) };
+        if read.len() < HELD {
+            read.copy_to(out)
+        } else {
+            py.detach(|| read.copy_to(out))
+        }
+        .map_err(py_err)?;
+        *used = start + read.len();
+        let shape = PyTuple::new(py, read.shape())?;
+        self.build
+            .bind(py)
+            .call1((shape, dtype, block.bind(py), start))
+            .map(Some)
+    }
+}
+
+/// The address of a contiguous, writable numpy `uint8` array of `len` bytes.
+fn host_address(array: &Bound<'_, PyAny>, len: usize) -> PyResult<usize> {
+    let interface = array.getattr("__array_interface__")?;
+    let typestr: String = interface.get_item("typestr")?.extract()?;
+    let (address, readonly): (usize, bool) = interface.get_item("data")?.extract()?;
+    let nbytes: usize = array.getattr("nbytes")?.extract()?;
+    if typestr != "|u1" || readonly || !interface.get_item("strides")?.is_none() || nbytes != len {
+        return Err(PyValueError::new_err(format!(
+            "new_block gave no contiguous writable uint8 array of {len} bytes"
+        )));
+    }
+    Ok(address)
 }
 
 impl PyReader {
@@ -405,9 +537,14 @@ impl PyReader {
 
 #[pymethods]
 impl PyReader {
-    /// The tensor names in file order.
-    fn keys(&self) -> Vec<String> {
-        self.reader.names().map(str::to_owned).collect()
+    /// The tensor names in file order, or sorted (as safetensors' `keys()` gives them).
+    #[pyo3(signature = (sorted = false))]
+    fn keys(&self, sorted: bool) -> Vec<&str> {
+        let mut names: Vec<&str> = self.reader.names().collect();
+        if sorted {
+            names.sort_unstable();
+        }
+        names
     }
 
     /// The metadata.
@@ -448,6 +585,31 @@ impl PyReader {
         Ok(Self::view(tensor))
     }
 
+    /// Reads one tensor (or the part `slice` of it) as the framework's array: a small one
+    /// copied out of a mapped file into a shared host block and viewed there (see `Arrays`),
+    /// any other read as `get` reads it, handed to the framework's `to_array`.
+    #[pyo3(signature = (name, slice = None))]
+    fn get_array<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+        slice: Option<&str>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        if let Some(arrays) = &self.arrays {
+            let parsed: Option<Slice> = slice.map(str::parse).transpose().map_err(py_err)?;
+            if let Some(read) = self
+                .reader
+                .memory_read(name, parsed.as_ref())
+                .map_err(py_err)?
+                && let Some(array) = arrays.build(py, &read)?
+            {
+                return Ok(array);
+            }
+        }
+        let view = self.get(py, name, slice)?;
+        self.to_array.bind(py).call1((view,))
+    }
+
     /// Reads several tensors in one pass, returned in file order as (name, view) pairs.
     fn get_many(&self, py: Python<'_>, names: Vec<String>) -> PyResult<Vec<(String, PyTensor)>> {
         let tensors = interruptible(py, |_| {
@@ -463,15 +625,35 @@ impl PyReader {
 }
 
 /// Opens `filename` (a file, a folder of shards or its index) for lazy reads onto `device`.
+/// `to_array` makes the framework's array of a `_Tensor`; `arrays`, where the framework
+/// builds arrays on host memory, is `(new_block, build, dtype_of)` (see `Arrays`).
 #[pyfunction]
-#[pyo3(signature = (filename, device = "cpu", read_mode = "mmap"))]
-fn open(py: Python<'_>, filename: PathBuf, device: &str, read_mode: &str) -> PyResult<PyReader> {
+#[pyo3(signature = (filename, device, read_mode, to_array, arrays = None))]
+fn open(
+    py: Python<'_>,
+    filename: PathBuf,
+    device: &str,
+    read_mode: &str,
+    to_array: Py<PyAny>,
+    arrays: Option<(Py<PyAny>, Py<PyAny>, Py<PyAny>)>,
+) -> PyResult<PyReader> {
     let reader = py.detach(|| {
         loader(device, None, read_mode)?
             .reader(&filename)
             .map_err(py_err)
     })?;
-    Ok(PyReader { reader })
+    let arrays = arrays.map(|(new_block, build, dtype_of)| Arrays {
+        new_block,
+        build,
+        dtype_of,
+        dtypes: Mutex::new(Vec::new()),
+        current: Mutex::new(None),
+    });
+    Ok(PyReader {
+        reader,
+        to_array,
+        arrays,
+    })
 }
 
 /// The bytes of `data` (a `bytes` object, or a C-contiguous numpy array of `uint8`),
@@ -536,8 +718,13 @@ fn save<'py>(
     tensors: Vec<Spec<'py>>,
     metadata: Option<Vec<(String, String)>>,
 ) -> PyResult<Bound<'py, PyBytes>> {
-    let bytes = with_views(&tensors, metadata, tensorplace::save_views)?;
-    Ok(PyBytes::new(py, &bytes))
+    // The file's bytes written straight into the `bytes` object: one copy of each array.
+    with_views(&tensors, metadata, |views, md| {
+        let file = tensorplace::serialize_views(views, md)?;
+        Ok(PyBytes::new_with(py, file.len(), |out| {
+            file.write_into(out).map_err(py_err)
+        }))
+    })?
 }
 
 /// Writes `tensors` and `metadata` to `filename`, atomically. The GIL stays held: the
@@ -560,6 +747,7 @@ fn _tensorplace(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("Error", m.py().get_type::<Error>())?;
     m.add_class::<PyTensor>()?;
     m.add_class::<PyReader>()?;
+    m.add_function(wrap_pyfunction!(set_error_maker, m)?)?;
     m.add_function(wrap_pyfunction!(open, m)?)?;
     m.add_function(wrap_pyfunction!(load_file, m)?)?;
     m.add_function(wrap_pyfunction!(load, m)?)?;

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from . import _tensorplace as _native
 
@@ -38,13 +38,13 @@ class TensorplacePermissionError(TensorplaceError, PermissionError):
 _IO_ERRORS = {"NotFound": TensorplaceFileNotFoundError, "PermissionDenied": TensorplacePermissionError}
 
 
-def call(fn: Callable, *args, **kwargs):
-    """Calls a native function, raising :class:`TensorplaceError` for its errors (one that is
-    also a ``FileNotFoundError`` or ``PermissionError`` where a file is missing or denied)."""
-    try:
-        return fn(*args, **kwargs)
-    except _native.Error as e:
-        raise _error(e) from None
+def _make_error(kind: str, message: str, file: Optional[str], tensor: Optional[str], io: Optional[str]):
+    """The exception the native module raises for a crate error: a :class:`TensorplaceError`,
+    also a ``FileNotFoundError`` or ``PermissionError`` where a file is missing or denied."""
+    return _IO_ERRORS.get(io, TensorplaceError)(kind, message, file, tensor)
+
+
+_native.set_error_maker(_make_error)
 
 
 _BACKENDS = {"mmap": "mmap", "pread": "pread", "read": "pread", "direct": "direct"}
@@ -60,7 +60,7 @@ def load_file(filename, device: str = "cpu", names: Optional[List[str]] = None, 
     bytes."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend {backend!r}: expected one of {sorted(_BACKENDS)}")
-    return call(_native.load_file, os.fspath(filename), device, names, _BACKENDS[backend], slices)
+    return _native.load_file(os.fspath(filename), device, names, _BACKENDS[backend], slices)
 
 
 def slice_text(index) -> Optional[str]:
@@ -92,17 +92,17 @@ def load(data: bytes, device: str = "cpu"):
     """The tensors of a whole file held in ``data``, as :func:`load_file`."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"data must be bytes, not {type(data).__name__}")
-    return call(_native.load, bytes(data), device)
+    return _native.load(bytes(data), device)
 
 
 def save(specs, metadata: Optional[Dict[str, str]] = None) -> bytes:
     """The bytes of a file holding ``specs`` [(name, dtype, shape, bytes)]."""
-    return call(_native.save, specs, _metadata(metadata))
+    return _native.save(specs, _metadata(metadata))
 
 
 def save_file(specs, filename, metadata: Optional[Dict[str, str]] = None) -> None:
     """Writes ``specs`` to ``filename`` atomically."""
-    call(_native.save_file, specs, os.fspath(filename), _metadata(metadata))
+    _native.save_file(specs, os.fspath(filename), _metadata(metadata))
 
 
 def _metadata(metadata):
@@ -140,7 +140,14 @@ class safe_open:
         self._filename = os.fspath(filename)
         module = _framework(framework)
         self._array = module.to_array
-        self._reader = call(_native.open, self._filename, module.device_name(device), _BACKENDS[backend])
+        # Where the framework builds arrays on host memory, small reads onto the CPU are
+        # copied into shared blocks and viewed there (no DLPack exchange per tensor).
+        arrays = getattr(module, "host_arrays", None)
+        self._reader = _native.open(
+            self._filename, module.device_name(device), _BACKENDS[backend], module.to_array, arrays() if arrays else None
+        )
+        # The commonest call in a loop goes straight to the native reader (no Python frame).
+        self.get_tensor = self._reader.get_array
 
     def __enter__(self):
         return self
@@ -148,11 +155,12 @@ class safe_open:
     def __exit__(self, *exc):
         # Closes the files, as safetensors' handle does; arrays already read stay valid.
         self._reader = _Closed(self._filename)
+        self.__dict__.pop("get_tensor", None)
         return False
 
     def keys(self) -> List[str]:
         """The tensor names (sorted, as safetensors gives them)."""
-        return sorted(self._reader.keys())
+        return self._reader.keys(True)
 
     def offset_keys(self) -> List[str]:
         """The tensor names in file order."""
@@ -164,21 +172,18 @@ class safe_open:
 
     def get_tensor(self, name: str):
         """The tensor ``name``, read alone."""
-        try:
-            return self._array(self._reader.get(name))
-        except _native.Error as e:
-            raise _error(e) from None
+        return self._reader.get_array(name)
 
     def get_tensors(self, names) -> Dict[str, Any]:
         """The tensors ``names``, read in one pass over the file (neighbours in one request
         where they come from a disk), as a dict in file order."""
-        pairs = call(self._reader.get_many, list(names))
+        pairs = self._reader.get_many(list(names))
         return {name: self._array(view) for name, view in pairs}
 
     def get_slice(self, name: str) -> "_Slice":
         """A lazy slice: ``get_shape()``, ``get_dtype()``, and ``[...]`` indexing."""
         if name not in self._reader:
-            call(self._reader.info, name)  # raises the TensorNotFound error
+            self._reader.info(name)  # raises the TensorNotFound error
         return _Slice(self, name)
 
 
@@ -192,21 +197,16 @@ class _Closed:
         raise TensorplaceError("Closed", "the file was closed (the with block ended)", self._filename)
 
 
-def _error(e) -> TensorplaceError:
-    kind, message, file, tensor, io = e.args
-    return _IO_ERRORS.get(io, TensorplaceError)(kind, message, file, tensor)
-
-
 class _Slice:
     def __init__(self, handle: safe_open, name: str):
         self._handle = handle
         self._name = name
 
     def get_shape(self) -> List[int]:
-        return call(self._handle._reader.info, self._name)[1]
+        return self._handle._reader.info(self._name)[1]
 
     def get_dtype(self) -> str:
-        return call(self._handle._reader.info, self._name)[0]
+        return self._handle._reader.info(self._name)[0]
 
     def __getitem__(self, index):
         handle = self._handle
@@ -215,7 +215,4 @@ class _Slice:
         if text is None:
             # Steps, negative bounds, arrays: numpy's indexing of the whole tensor.
             return handle.get_tensor(self._name)[index]
-        try:
-            return handle._array(handle._reader.get(self._name, text))
-        except _native.Error as e:
-            raise _error(e) from None
+        return handle._reader.get_array(self._name, text)

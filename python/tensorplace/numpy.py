@@ -57,6 +57,27 @@ def to_numpy(view) -> np.ndarray:
     raise _core.TensorplaceError("Unsupported", f"{dtype} has no numpy type")
 
 
+def new_block(nbytes: int) -> np.ndarray:
+    """``nbytes`` of host memory for ``safe_open``'s small reads: numpy's (the C heap's, which
+    reuses memory a process freed, and advises huge pages for large arrays)."""
+    return np.empty(nbytes, np.uint8)
+
+
+def _dtype_of(name: str) -> Optional[np.dtype]:
+    if name in _NUMPY:
+        return np.dtype(_NUMPY[name])
+    if name in _ML_DTYPES:
+        return _ml_dtype(name)
+    return None
+
+
+def host_arrays():
+    """How ``safe_open`` builds arrays on host blocks it fills: ``(new_block, build,
+    dtype_of)``, ``build(shape, dtype, block, offset)`` being ``np.ndarray``'s own signature
+    and ``dtype_of(name)`` the numpy dtype of a safetensors dtype name (``None``: none)."""
+    return (new_block, np.ndarray, _dtype_of)
+
+
 def dtype_name(dtype: np.dtype) -> str:
     """The safetensors name of a numpy (or ml_dtypes) dtype."""
     dtype = np.dtype(dtype)

@@ -10,12 +10,14 @@ freed when the last of its tensors is; torch's allocator does not see it
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Dict, Optional, Union
 
 import torch
 
 from . import _core
+from . import numpy as _np
 
 _FLOAT8 = {
     "F8_E4M3": "float8_e4m3fn",
@@ -62,6 +64,22 @@ def to_torch(view) -> torch.Tensor:
     if view.dtype in _FLOAT8:
         return torch.from_dlpack(view.carrier()).view(getattr(torch, _FLOAT8[view.dtype]))
     return torch.from_dlpack(view)
+
+
+def _build(shape, dtype: torch.dtype, block, offset: int) -> torch.Tensor:
+    count = math.prod(shape)
+    if count == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(block, dtype=dtype, count=count, offset=offset).view(shape)
+
+
+_DTYPES = {name: t for t, name in _NAMES.items()}
+
+
+def host_arrays():
+    """How ``safe_open`` builds CPU tensors on host blocks it fills: ``(new_block, build,
+    dtype_of)``; each tensor views (and keeps alive) a numpy block."""
+    return (_np.new_block, _build, _DTYPES.get)
 
 
 def _dict(loaded) -> Dict[str, torch.Tensor]:

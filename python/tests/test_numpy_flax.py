@@ -199,6 +199,49 @@ def test_safe_open_loops_give_what_safetensors_gives(tmp_path, backend):
     assert e.value.kind == "InvalidDevice"
 
 
+def test_safe_open_arrays_own_their_memory(tmp_path):
+    # Small reads share host blocks (several here): each array must still be its own,
+    # writable, aligned, alive after the handle closes and after its neighbours are freed.
+    ml = [ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2]
+    tensors = {f"s{i:04}": random_array(np.float32, (7, 1 + i % 300)) for i in range(900)}
+    tensors.update({f"m{i}": random_array(np.uint8, (13, 4)).view(t) for i, t in enumerate(ml)})
+    tensors.update({"empty": np.zeros((0, 4), np.float16), "scalar": np.array(-3, np.int64),
+                    "large": random_array(np.float32, (512, 600))})
+    path = tmp_path / "blocks.safetensors"
+    safetensors.numpy.save_file(tensors, path)
+    with safe_open(path, "np") as f:
+        got = {k: f.get_tensor(k) for k in f.keys()}
+        rows = {k: f.get_slice(k)[1:3] for k in [k for k in got if k.startswith("s0")][-50:]}
+    for k, a in got.items():
+        same(a, tensors[k])
+        assert a.flags.writeable, k
+        assert a.ctypes.data % 64 == 0 or a.nbytes == 0, k
+    for k, a in rows.items():
+        same(a, tensors[k][1:3])
+    # Writing one array changes no other one, and not the file.
+    def bytes_of(a):
+        return set(a.reshape(-1).view(np.uint8).tolist())
+
+    mark = {k: 1 + i % 250 for i, k in enumerate(got)}
+    for k, a in got.items():
+        a.reshape(-1).view(np.uint8)[...] = mark[k]
+    for k, a in got.items():
+        assert a.nbytes == 0 or bytes_of(a) == {mark[k]}, k
+    for k, a in rows.items():
+        same(a, tensors[k][1:3])
+    # Every other array freed, fresh memory taken and written: the rest keep their bytes.
+    keys = list(got)
+    for k in keys[::2]:
+        del got[k]
+    rows.clear()
+    gc.collect()
+    churn = [np.full(4096, 0x5A, np.uint8) for _ in range(2000)]
+    assert all(a.nbytes == 0 or bytes_of(a) == {mark[k]} for k, a in got.items())
+    del churn
+    with safetensors.safe_open(str(path), "np") as ref:
+        same(ref.get_tensor("s0001"), tensors["s0001"])
+
+
 def test_saves_write_what_safetensors_writes(tmp_path):
     tensors = {"big": random_array(np.float32, (300, 300)), "small": random_array(np.int16, (3, 4)),
                "fortran": np.asfortranarray(random_array(np.float64, (70, 130))),
