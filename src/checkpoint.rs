@@ -23,8 +23,8 @@ use indexmap::IndexMap;
 use crate::dtype::Dtype;
 use crate::error::{Error, ErrorKind, Result};
 use crate::header::{Header, Metadata};
-use crate::host::{HostFile, ReadMode};
 use crate::parallel::{self, Threads};
+use crate::read::file::{HostFile, ReadMode};
 
 /// The index file `transformers` writes beside its shards.
 pub const INDEX_NAME: &str = "model.safetensors.index.json";

@@ -75,16 +75,13 @@ mod atomic;
 mod checkpoint;
 mod convert;
 mod device;
-mod direct;
-mod disk;
 mod dtype;
 mod error;
 mod header;
-mod host;
-mod io;
 mod loader;
 mod memory;
 mod parallel;
+mod read;
 mod reader;
 mod save;
 mod slice;
@@ -105,8 +102,8 @@ pub use device::{Device, IntoDevice, Upload};
 pub use dtype::Dtype;
 pub use error::{Error, ErrorKind, Result};
 pub use header::Metadata;
-pub use host::ReadMode;
 pub use loader::{LoadReport, Loader, Progress, ReadPath};
+pub use read::file::ReadMode;
 pub use reader::{MemoryRead, Reader};
 pub use save::{
     Serialized, TensorView, save, save_file, save_views, save_views_file, serialize_views,
@@ -127,7 +124,7 @@ pub mod internals {
     #[cfg(feature = "wgpu")]
     pub use crate::device::wgpu::{Kernel, WgpuBackend};
     pub use crate::header::{Header, TensorInfo};
-    pub use crate::host::HostFile;
+    pub use crate::read::file::HostFile;
 }
 
 /// Loads every tensor of the file at `path` onto `device` (a [`Device`] or a device

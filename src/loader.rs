@@ -15,8 +15,8 @@ use crate::device::{self, Device, IntoDevice, LoadPlan, PlanEntry, Upload, View}
 use crate::dtype::Dtype;
 use crate::error::{Error, ErrorKind, Result};
 use crate::header::{Metadata, TensorInfo};
-use crate::host::{Fetch, HostFile, ReadMode};
 use crate::parallel::{self, Threads};
+use crate::read::file::{Fetch, HostFile, ReadMode};
 use crate::reader::Reader;
 use crate::slice::{Selection, Slice};
 use crate::tensor::Tensors;

@@ -59,8 +59,8 @@ impl HostBuffer {
     /// its size (as direct reads need), with huge pages advised. One of at least [`HUGE`]
     /// bytes starts on a huge-page boundary, so that all of it may be huge pages: a direct
     /// read into huge pages reaches the disk in requests of megabytes, where small pages cut
-    /// it at the few hundred pages a request may list (a sequential `O_DIRECT` read of a
-    /// cold file on this project's VM: 2.3 GB/s into huge pages, 1.0 GB/s into small ones).
+    /// it at the few hundred pages a request may list (README's performance section has the
+    /// figures).
     pub(crate) fn page_aligned(len: usize) -> Result<HostBuffer> {
         let oom = |why: String| {
             Error::new(

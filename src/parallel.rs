@@ -102,8 +102,7 @@ pub(crate) fn for_each<J: Send>(
 /// thread takes the next one left when it is free): reads of consecutive pieces of a file
 /// then reach the disk as one advancing window of requests, which readahead (the kernel's,
 /// a virtual disk's host's, a drive's) serves as the sequential stream it is, where an
-/// order split over the threads (rayon's) would read as many streams as there are threads
-/// (on this project's VM, cold 1 GiB loads onto the CPU went from 1.1-1.6 GB/s to 1.3-1.7).
+/// order split over the threads (rayon's) would read as many streams as there are threads.
 /// The first error stops the taking; it is returned once the running jobs have ended.
 fn in_order<J: Send>(
     pool: &rayon::ThreadPool,

@@ -17,9 +17,10 @@ use crate::device::{self, Backend, Device, LoadPlan, PlanEntry, Upload};
 use crate::dtype::Dtype;
 use crate::error::{Error, ErrorKind, Result};
 use crate::header::{Metadata, TensorInfo};
-use crate::host::{Fetch, HostFile, ReadMode};
-use crate::io::{self, Gather};
 use crate::memory::{BLOCK_PIECE, Carver, HostBuffer};
+use crate::read;
+use crate::read::file::{Fetch, HostFile, ReadMode};
+use crate::read::gather::Gather;
 use crate::slice::{Selection, Slice};
 use crate::tensor::{CpuStorage, Storage, Tensor, Tensors};
 
@@ -233,7 +234,7 @@ impl Reader {
         };
         // (A slice's rows may lie far apart: only spans a small read would touch anyway.)
         let span = gather.bounds();
-        if let Some(map) = file.mapping().filter(|_| span.len() <= io::PIECE) {
+        if let Some(map) = file.mapping().filter(|_| span.len() <= read::PIECE) {
             self.populated[k].populate(map, span);
         }
         Ok(Some(MemoryRead {
@@ -288,8 +289,8 @@ impl Reader {
     fn in_memory(&self, file: &HostFile<'_>, gather: &Gather) -> bool {
         let len = gather.len();
         file.mapping().is_some()
-            && len <= io::PIECE
-            && (len < io::SMALL || file.fetch() == Fetch::Memory)
+            && len <= read::PIECE
+            && (len < read::SMALL || file.fetch() == Fetch::Memory)
     }
 
     fn file_of_index(&self, k: usize) -> &Path {

@@ -10,7 +10,7 @@ use std::str::FromStr;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::header::TensorInfo;
-use crate::io::Gather;
+use crate::read::gather::Gather;
 
 /// One index of a [`Slice`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -9,10 +9,12 @@ use safetensors::{SafeTensorError, SafeTensors};
 use super::measure::{BenchPath, Group, Role};
 use crate::device::Device;
 use crate::error::{Error, ErrorKind, Result};
-use crate::host::{HostFile, ReadMode};
-use crate::io::{self, Gather, PIECE, Piece, Span};
 use crate::memory::HostBuffer;
 use crate::parallel::{self, Threads};
+use crate::read::PIECE;
+use crate::read::engine::{self, Piece};
+use crate::read::file::{HostFile, ReadMode};
+use crate::read::gather::{self, Gather, Span};
 
 /// A `safetensors` crate error as ours, keeping it as the cause.
 pub(super) fn reference_err(e: SafeTensorError) -> Error {
@@ -110,7 +112,7 @@ pub(super) fn groups<'a>(path: &'a Path, out: &'a Path, cold: bool) -> Vec<Group
                 "tensorplace load_file, no disk queue (many readers)",
                 Role::Ours,
                 move || {
-                    let _many = crate::disk::Policy::Never.for_scope();
+                    let _many = crate::read::disk::Policy::Never.for_scope();
                     owned_load(path)
                 },
             ),
@@ -121,7 +123,7 @@ pub(super) fn groups<'a>(path: &'a Path, out: &'a Path, cold: bool) -> Vec<Group
             {
                 let mut reused = None;
                 move || {
-                    let _many = crate::disk::Policy::Never.for_scope();
+                    let _many = crate::read::disk::Policy::Never.for_scope();
                     fill_reused(path, &mut reused)
                 }
             },
@@ -223,7 +225,7 @@ fn copy_ceiling(path: &Path) -> Result<()> {
     let jobs: Vec<_> = buffer
         .as_mut_bytes()
         .chunks_mut(PIECE)
-        .zip(io::chunks(0..m.len(), PIECE))
+        .zip(gather::chunks(0..m.len(), PIECE))
         .collect();
     parallel::for_each(jobs, Threads::PerCore, |(dst, src), _| {
         dst.copy_from_slice(&m[src]);
@@ -269,7 +271,7 @@ pub(super) fn read_into(file: &HostFile<'_>, data: Span<'_>, dst: &mut [u8]) -> 
             dst,
         })
         .collect();
-    io::read_pieces(pieces, &|_| Ok(()))
+    engine::read_pieces(pieces, &|_| Ok(()))
 }
 
 /// `safetensors::serialize_to_file` of a mapped file's tensors and metadata, as a user of that

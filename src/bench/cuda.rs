@@ -11,7 +11,7 @@ use super::measure::{BenchPath, Group, Role};
 use crate::device::Device;
 use crate::device::cuda::{Arena, CudaBackend, Pinned, driver_err};
 use crate::error::Result;
-use crate::host::{HostFile, ReadMode};
+use crate::read::file::{HostFile, ReadMode};
 
 /// The group for device `ordinal`.
 pub(super) fn group(ordinal: usize, path: &Path) -> Result<Group<'_>> {

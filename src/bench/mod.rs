@@ -25,7 +25,7 @@ use std::time::Instant;
 use crate::device::{self, Device};
 use crate::dtype::Dtype;
 use crate::error::{Error, ErrorKind, Result};
-use crate::host::{HostFile, ReadMode};
+use crate::read::file::{HostFile, ReadMode};
 
 use measure::median;
 pub use measure::{BenchPath, Group, Role, Row, drop_cache, measure, table};
@@ -181,7 +181,7 @@ pub fn direct_read_path(path: &Path) -> BenchPath<'_> {
         Role::Ceiling,
         move || {
             use std::os::unix::fs::FileExt;
-            let f = crate::direct::open(path)
+            let f = crate::read::direct::open(path)
                 .map_err(|e| Error::io("opening with O_DIRECT", Some(path), e))?;
             let mut buf = crate::memory::HostBuffer::page_aligned(8 << 20)?;
             let mut at = 0u64;

@@ -11,9 +11,9 @@ use super::measure::{BenchPath, Group, Role};
 use crate::device::wgpu::{HostRegion, RING, STAGING, WgpuBackend};
 use crate::device::{Device, Upload};
 use crate::error::{Error, ErrorKind, Result};
-use crate::host::{HostFile, ReadMode};
-use crate::io::{self, Gather, Span};
 use crate::loader::Loader;
+use crate::read::file::{HostFile, ReadMode};
+use crate::read::gather::{self, Gather, Span};
 
 /// Bytes the baseline writes between submissions, so that wgpu's staging copies of the
 /// writes do not pile up into a second copy of the whole file.
@@ -104,7 +104,7 @@ fn fill_alone(path: &Path, ring: &[(wgpu::Buffer, Arc<HostRegion>)]) -> Result<(
     let gather = Gather::contiguous(start..start + file.header().data_len());
     let data = Span::all(&gather);
     let size = ring.first().map_or(0, |(_, host)| host.len());
-    for (k, r) in io::chunks(0..data.len(), size).enumerate() {
+    for (k, r) in gather::chunks(0..data.len(), size).enumerate() {
         let host = &ring[k % ring.len()].1;
         // SAFETY: no GPU work reads this memory (this stage submits none), and this run is
         // its only writer.

@@ -13,8 +13,9 @@ use memmap2::Mmap;
 
 use crate::device::{Backend, Device, LoadPlan, PlanItem, View};
 use crate::error::{Error, ErrorKind, Result};
-use crate::io::{self, Converted, PIECE, Piece};
 use crate::memory::HostBuffer;
+use crate::read::PIECE;
+use crate::read::engine::{self, Converted, Piece};
 use crate::tensor::{CpuStorage, Storage, Tensor};
 
 /// Alignment of each tensor's start in an owned arena.
@@ -65,7 +66,7 @@ impl Backend for CpuBackend {
             // A long tensor read directly whose file offset is 64-aligned goes where its
             // blocks land in place (the arena is page-aligned when that large).
             let at = match item.conversion {
-                None => io::staging_offset(total, item.file, &item.span(), ALIGN),
+                None => engine::staging_offset(total, item.file, &item.span(), ALIGN),
                 Some(_) => total,
             };
             placements.push(Placement::Arena(at));
@@ -119,8 +120,8 @@ fn fill(plan: &LoadPlan<'_>, placements: &[Placement], arena: &mut [u8]) -> Resu
     }
     let advance = |n| plan.advance(n);
     plan.advance(0)?;
-    io::read_pieces(copies, &advance)?;
-    io::read_pieces(conversions, &advance)
+    engine::read_pieces(copies, &advance)?;
+    engine::read_pieces(conversions, &advance)
 }
 
 /// Cuts one item into pieces of at most [`PIECE`] input bytes, with their destinations.

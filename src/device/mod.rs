@@ -13,8 +13,8 @@ use crate::convert::Conversion;
 use crate::dtype::Dtype;
 use crate::error::{Error, ErrorKind, Result};
 use crate::header::TensorInfo;
-use crate::host::HostFile;
-use crate::io::{Gather, Span};
+use crate::read::file::HostFile;
+use crate::read::gather::{Gather, Span};
 use crate::slice::Selection;
 use crate::tensor::Tensor;
 

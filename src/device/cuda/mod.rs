@@ -29,8 +29,9 @@ use cudarc::driver::{CudaContext, CudaStream, DriverError, result};
 use crate::convert::Conversion;
 use crate::device::{Backend, Device, LoadPlan, PlanItem, Upload};
 use crate::error::{Error, ErrorKind, Result};
-use crate::host::HostFile;
-use crate::io::{LONG_RUN, Span};
+use crate::read::LONG_RUN;
+use crate::read::file::HostFile;
+use crate::read::gather::Span;
 use crate::tensor::{Storage, Tensor};
 
 pub use kernels::CONVERT_PTX;

@@ -13,8 +13,8 @@ use cudarc::driver::sys;
 use super::{CudaBackend, Current, STREAMS, Transfer, driver_err};
 use crate::device::LoadPlan;
 use crate::error::Result;
-use crate::host::HostFile;
-use crate::host::page_size;
+use crate::read::file::HostFile;
+use crate::read::file::page_size;
 
 /// Size of one registered chunk of the mapping.
 const CHUNK: usize = 512 << 20;

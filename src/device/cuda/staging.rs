@@ -11,7 +11,9 @@ use super::memory::{Current, Pinned};
 use super::{ALIGN, CudaBackend, STREAMS, Transfer, driver_err};
 use crate::device::LoadPlan;
 use crate::error::{Error, ErrorKind, Result};
-use crate::io::{self, LONG_RUN, PIECE, Piece};
+use crate::read::engine::{self, Piece};
+use crate::read::gather;
+use crate::read::{LONG_RUN, PIECE};
 
 /// Pinned staging buffers in the ring, and the size of each.
 const RING: usize = 4;
@@ -75,7 +77,7 @@ fn batches<'t, 'n>(pieces: &'t [Transfer<'n>]) -> Vec<Batch<'t, 'n>> {
                     at
                 }
                 None => {
-                    let placed = io::staging_offset(used, t.file, &t.src, ALIGN);
+                    let placed = engine::staging_offset(used, t.file, &t.src, ALIGN);
                     let at = if placed + len <= STAGING {
                         placed
                     } else {
@@ -125,10 +127,10 @@ pub(crate) fn stage_and_copy(
         .ok_or_else(|| Error::new(ErrorKind::Backend, "no staging ring"))?;
     let pieces: Vec<Transfer<'_>> = transfers
         .iter()
-        .flat_map(|t| io::chunks(0..t.src.len(), STAGING).map(|r| t.part(r)))
+        .flat_map(|t| gather::chunks(0..t.src.len(), STAGING).map(|r| t.part(r)))
         .collect();
     let batches = batches(&pieces);
-    let threads = io::pool_for(pieces.iter().map(|t| t.file));
+    let threads = engine::pool_for(pieces.iter().map(|t| t.file));
     let ring = RefCell::new(ring);
     // Up to three buffers are read at once while the fourth's copies run: the readers never
     // wait for the copies to be queued.
@@ -186,15 +188,15 @@ pub(crate) fn stage_and_copy(
         // The progress callback is the caller's code: it may have changed the context.
         current.restore(&backend.ctx)
     };
-    io::read_batches(threads, RING - 1, start, finish, &|_| plan.advance(0))?;
+    engine::read_batches(threads, RING - 1, start, finish, &|_| plan.advance(0))?;
     backend.sync_all()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host::HostFile;
-    use crate::io::{Gather, Span};
+    use crate::read::file::HostFile;
+    use crate::read::gather::{Gather, Span};
 
     /// Neighbouring short transfers become one copy staged at the same distances as their
     /// destinations; a gap that could hold another tensor, a long transfer, a destination

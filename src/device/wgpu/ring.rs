@@ -13,8 +13,10 @@ use super::upload::{MapState, MappedRange, Write, map_async, mapped_pieces, wait
 use super::{WgpuBackend, backend_err, pad4};
 use crate::device::LoadPlan;
 use crate::error::Result;
-use crate::host::HostFile;
-use crate::io::{self, Destination, PIECE, Piece, Source, Span};
+use crate::read::PIECE;
+use crate::read::engine::{self, Destination, Piece, Source};
+use crate::read::file::HostFile;
+use crate::read::gather::{self, Span};
 
 /// Staging buffers in the ring.
 pub(crate) const RING: usize = 4;
@@ -176,7 +178,7 @@ impl Staging {
                     at = offset as usize + padded;
                     let (dst, pad) = dst.split_at_mut(len);
                     pad.fill(0);
-                    for (r, dst) in io::chunks(0..len, PIECE).zip(dst.chunks_mut(PIECE)) {
+                    for (r, dst) in gather::chunks(0..len, PIECE).zip(dst.chunks_mut(PIECE)) {
                         pieces.push(Piece {
                             tensor: t.tensor,
                             file: t.file,
@@ -265,7 +267,7 @@ pub(super) fn stream(
         Some(r) if r.is_empty() && small.is_none() => (r, size),
         _ => (&mut own, small.unwrap_or(size)),
     };
-    let threads = io::pool_for(transfers.iter().map(|t| t.file));
+    let threads = engine::pool_for(transfers.iter().map(|t| t.file));
     let queue: VecDeque<Transfer<'_, '_>> = transfers.iter().map(Transfer::clone).collect();
     let state = RefCell::new(Stream {
         ring,
@@ -314,7 +316,7 @@ pub(super) fn stream(
         st.last = Some(index);
         plan.advance(batch.iter().map(|t| t.src.len() as u64).sum())
     };
-    io::read_batches(threads, RING - 1, start, finish, &|_| plan.advance(0))?;
+    engine::read_batches(threads, RING - 1, start, finish, &|_| plan.advance(0))?;
     let last = state.into_inner().last;
     backend.wait(last)
 }
@@ -325,7 +327,7 @@ pub(super) fn stream(
 fn own_size(transfers: &[Transfer<'_, '_>], size: u64) -> Option<u64> {
     let need = transfers.iter().try_fold(0u64, |n, t| {
         n.checked_add(pad4(t.src.len() as u64))?
-            .checked_add(crate::direct::BLOCK as u64 + 256)
+            .checked_add(crate::read::direct::BLOCK as u64 + 256)
     })?;
     let need = need.checked_next_multiple_of(1 << 20)?;
     (need < size).then_some(need)
@@ -363,7 +365,7 @@ fn next_batch<'n, 'b>(
     while let Some(t) = queue.pop_front() {
         let len = t.src.len() as u64;
         let placed = match kind {
-            Ring::Imported => io::staging_offset(used as usize, t.file, &t.src, 4) as u64,
+            Ring::Imported => engine::staging_offset(used as usize, t.file, &t.src, 4) as u64,
             Ring::Mapped => used,
         };
         if placed + pad4(len) <= size {

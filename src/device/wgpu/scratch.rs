@@ -8,8 +8,8 @@ use super::upload::{MapState, Path, Write, fill, map_async, wait_mapped};
 use super::{Kernel, WgpuBackend, pad4};
 use crate::device::{LoadPlan, PlanItem};
 use crate::error::Result;
-use crate::host::HostFile;
-use crate::io::Span;
+use crate::read::file::HostFile;
+use crate::read::gather::Span;
 
 /// Size of the scratch buffer conversions read their input from (less where the device
 /// allows less): device memory for a load that converts is its output plus this.

@@ -15,9 +15,11 @@ use super::scratch::{Convert, SCRATCH, convert_through_scratch};
 use super::{Kernel, WgpuBackend, WgpuStorage, backend_err, pad4};
 use crate::device::{Device, LoadPlan, Upload};
 use crate::error::{Error, ErrorKind, Result};
-use crate::host::HostFile;
-use crate::io::{self, Destination, PIECE, Piece, Source, Span};
 use crate::parallel::{self, Threads};
+use crate::read::PIECE;
+use crate::read::engine::{self, Destination, Piece, Source};
+use crate::read::file::HostFile;
+use crate::read::gather::{self, Span};
 use crate::tensor::{Storage, Tensor};
 
 /// The outcome of a `map_async`, set by its callback once the device has run the work
@@ -124,7 +126,7 @@ pub(super) fn fill(
     host_memory: bool,
     advance: &(dyn Fn(u64) -> Result<()> + Sync),
 ) -> Result<()> {
-    io::read_pieces(mapped_pieces(writes, host_memory), advance)
+    engine::read_pieces(mapped_pieces(writes, host_memory), advance)
 }
 
 /// The engine's pieces of `writes`: [`PIECE`] bytes each (8-aligned, wgpu's MAP_ALIGNMENT).
@@ -135,7 +137,7 @@ pub(super) fn mapped_pieces<'n>(
     writes
         .iter()
         .flat_map(|w| {
-            io::chunks(0..w.src.len(), PIECE).map(move |r| Piece {
+            gather::chunks(0..w.src.len(), PIECE).map(move |r| Piece {
                 tensor: w.tensor,
                 file: w.file,
                 dst: MappedRange {
@@ -289,7 +291,7 @@ pub(super) fn upload(backend: &Arc<WgpuBackend>, plan: &LoadPlan<'_>) -> Result<
             let transfers: Vec<Transfer<'_, '_>> = targets
                 .flat_map(|(item, dst)| {
                     let span = item.span();
-                    io::chunks(0..span.len(), staging_size as usize)
+                    gather::chunks(0..span.len(), staging_size as usize)
                         .map(|r| Transfer {
                             tensor: item.name,
                             file: item.file,

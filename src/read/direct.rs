@@ -11,10 +11,10 @@ use std::fs::File;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
-use crate::disk::Queue;
 use crate::error::{Error, ErrorKind, Result};
-use crate::io::PIECE;
 use crate::memory::HostBuffer;
+use crate::read::PIECE;
+use crate::read::disk::Queue;
 
 /// The alignment of every direct request: a multiple of every disk's logical block size
 /// in use (512 and 4096 bytes).
@@ -49,7 +49,7 @@ impl DirectFile {
     /// Opens `path` for direct reads, or says why the file system refuses.
     pub(crate) fn open(path: &Path) -> std::io::Result<DirectFile> {
         let file = open(path)?;
-        let queue = crate::disk::queue_for(&file);
+        let queue = crate::read::disk::queue_for(&file);
         Ok(DirectFile { file, queue })
     }
 

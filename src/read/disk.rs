@@ -6,14 +6,9 @@
 //! they arrive out of order, and on a small host the many threads take the cores the copies
 //! need. For such a disk a load's direct reads go through its [`Queue`]: one thread per disk,
 //! for the life of the process, that issues every request to it in order while the load's
-//! workers (one per core) copy what was read. Measured on this project's 2-core VM (a virtio
-//! disk; a C probe reading a cold 1 GiB file in 4 MiB pieces and copying them into touched
-//! memory, alternating runs, median GB/s): one thread reading 8 MiB at a time and copying
-//! nothing 2.37; 16 threads each reading and copying its own pieces 1.68; a queue thread and
-//! 2 copying workers 2.28 (and 1.40 with 16 workers: on two cores, many threads starve the
-//! queue's). In the harness (`bench --cold --device cpu`), the engine's reads into memory
-//! kept from run to run went from 0.68x and 0.79x of a sequential `O_DIRECT` read to 0.88x
-//! and 0.96x. Disks that take many requests at once (NVMe, SSDs) keep the many-thread reads.
+//! workers (one per core) copy what was read; more workers than cores would starve the
+//! queue's thread. README's performance section has the measurements behind this. Disks that
+//! take many requests at once (NVMe, SSDs) keep the many-thread reads.
 
 use std::collections::HashMap;
 use std::fs::File;

@@ -8,9 +8,9 @@ use std::sync::{Arc, OnceLock};
 
 use memmap2::Mmap;
 
-use crate::direct::DirectFile;
 use crate::error::{Error, ErrorKind, Result};
 use crate::header::{Header, N_LEN, TensorInfo};
+use crate::read::direct::DirectFile;
 
 /// How a file's bytes are read.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -194,8 +194,8 @@ impl<'a> HostFile<'a> {
     /// Marks a mapped file as one the load takes a small part of (a slice, a tensor-parallel
     /// part): the engine then reads its long runs with `pread` even where the file is in the
     /// page cache, which beats faulting the mapping's pages in for a few scattered regions
-    /// (measured on the 2-core test machine: 1/8 of a 1 GB checkpoint in 21–27 ms against
-    /// 32–39 ms). Returns whether it was marked (caller bytes and unmapped files are not).
+    /// (README's performance section has the figures). Returns whether it was marked (caller
+    /// bytes and unmapped files are not).
     pub(crate) fn mark_partial(&self) -> bool {
         let mapped = matches!(self.source, Source::Mapped(..));
         if mapped {
@@ -257,9 +257,8 @@ impl<'a> HostFile<'a> {
     /// them, else with a positioned read.
     pub(crate) fn read_direct(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
         match self.direct_file() {
-            Ok(file) => {
-                crate::direct::read(file, offset, buf).map_err(|e| e.with_opt_file(self.path()))
-            }
+            Ok(file) => crate::read::direct::read(file, offset, buf)
+                .map_err(|e| e.with_opt_file(self.path())),
             Err(_) => self.pread_at(offset, buf),
         }
     }
@@ -325,8 +324,8 @@ impl<'a> HostFile<'a> {
     /// The fraction of the data section's pages that are in the page cache (for a mapped
     /// file; 1 for bytes in memory, 0 for a file read with pread), from `mincore` over every
     /// page of a file of up to 4,096 pages, and over 256 runs of 16 pages spread evenly
-    /// beyond: `mincore` costs about 30 ns a page, so that a whole 1 GB file would cost a
-    /// load of a small part of it more than the reading (8 ms for 8 shards of 125 MB).
+    /// beyond: `mincore` costs a little per page, and over a whole large file it would cost a
+    /// load of a small part of it more than the reading.
     pub fn resident_fraction(&self) -> f64 {
         let map = match &self.source {
             Source::Mapped(m, _) => m,
