@@ -72,6 +72,7 @@
 #![warn(missing_docs)]
 
 mod atomic;
+mod backend;
 mod checkpoint;
 mod convert;
 mod device;
@@ -81,6 +82,7 @@ mod header;
 mod loader;
 mod memory;
 mod parallel;
+mod plan;
 mod read;
 mod reader;
 mod save;
@@ -93,16 +95,17 @@ pub mod bench;
 
 use std::path::Path;
 
-pub use checkpoint::{Checkpoint, INDEX_NAME, TensorEntry, open};
 #[cfg(feature = "cuda")]
-pub use device::cuda::CudaStorage;
+pub use backend::cuda::CudaStorage;
 #[cfg(feature = "wgpu")]
-pub use device::wgpu::WgpuStorage;
-pub use device::{Device, IntoDevice, Upload};
+pub use backend::wgpu::WgpuStorage;
+pub use checkpoint::{Checkpoint, INDEX_NAME, TensorEntry, open};
+pub use device::{Device, IntoDevice};
 pub use dtype::Dtype;
 pub use error::{Error, ErrorKind, Result};
 pub use header::Metadata;
 pub use loader::{LoadReport, Loader, Progress, ReadPath};
+pub use plan::Upload;
 pub use read::file::ReadMode;
 pub use reader::{MemoryRead, Reader};
 pub use save::{
@@ -116,13 +119,13 @@ pub use tensor::{CpuStorage, Element, Storage, Tensor, Tensors};
 #[doc(hidden)]
 pub mod internals {
     pub use crate::atomic::{hold_writes, remove_temporaries, write_atomically};
+    #[cfg(feature = "cuda")]
+    pub use crate::backend::cuda::{CONVERT_PTX, CudaBackend};
+    pub use crate::backend::list as list_devices;
+    #[cfg(feature = "wgpu")]
+    pub use crate::backend::wgpu::{Kernel, WgpuBackend};
     pub use crate::checkpoint::is_multi_file;
     pub use crate::convert::Conversion;
-    #[cfg(feature = "cuda")]
-    pub use crate::device::cuda::{CONVERT_PTX, CudaBackend};
-    pub use crate::device::list as list_devices;
-    #[cfg(feature = "wgpu")]
-    pub use crate::device::wgpu::{Kernel, WgpuBackend};
     pub use crate::header::{Header, TensorInfo};
     pub use crate::read::file::HostFile;
 }

@@ -10,12 +10,14 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
+use crate::backend;
 use crate::checkpoint::{self, Checkpoint};
-use crate::device::{self, Device, IntoDevice, LoadPlan, PlanEntry, Upload, View};
+use crate::device::{Device, IntoDevice};
 use crate::dtype::Dtype;
 use crate::error::{Error, ErrorKind, Result};
 use crate::header::{Metadata, TensorInfo};
 use crate::parallel::{self, Threads};
+use crate::plan::{LoadPlan, PlanEntry, Upload, View};
 use crate::read::file::{Fetch, HostFile, ReadMode};
 use crate::reader::Reader;
 use crate::slice::{Selection, Slice};
@@ -244,7 +246,7 @@ impl<'a> Loader<'a> {
     /// return for it (an invalid device string, an absent GPU, no adapter of that name).
     pub fn describe(&self) -> Result<String> {
         let device = self.device.clone()?;
-        device::open(device, self.adapter.as_deref()).map(|b| b.describe())
+        backend::open(device, self.adapter.as_deref()).map(|b| b.describe())
     }
 
     /// Stops the load, from another thread, once `flag` is set: the load returns an
@@ -411,7 +413,7 @@ impl<'a> Loader<'a> {
         view: View,
         metadata: Option<Metadata>,
     ) -> Result<Tensors> {
-        let backend = device::open(device, self.adapter.as_deref())?;
+        let backend = backend::open(device, self.adapter.as_deref())?;
         let progress = &self.progress;
         let report = |done: u64, total: u64| {
             if let Some(p) = progress {

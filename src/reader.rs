@@ -12,12 +12,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use memmap2::{Advice, Mmap};
 
+use crate::backend::{self, Backend};
 use crate::checkpoint::{self, Checkpoint};
-use crate::device::{self, Backend, Device, LoadPlan, PlanEntry, Upload};
+use crate::device::Device;
 use crate::dtype::Dtype;
 use crate::error::{Error, ErrorKind, Result};
 use crate::header::{Metadata, TensorInfo};
 use crate::memory::{BLOCK_PIECE, Carver, HostBuffer};
+use crate::plan::{LoadPlan, PlanEntry, Upload};
 use crate::read;
 use crate::read::file::{Fetch, HostFile, ReadMode};
 use crate::read::gather::Gather;
@@ -86,7 +88,7 @@ impl Reader {
         dtype: Option<Dtype>,
         upload: Upload,
     ) -> Result<Reader> {
-        let backend = device::open(device, adapter)?;
+        let backend = backend::open(device, adapter)?;
         let (paths, metadata) = if checkpoint::is_multi_file(path) {
             let ckpt = Checkpoint::open(path)?;
             let paths: Vec<PathBuf> = ckpt.files().map(Path::to_path_buf).collect();

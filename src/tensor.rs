@@ -23,10 +23,10 @@ pub enum Storage {
     Cpu(CpuStorage),
     /// A view into a CUDA device arena.
     #[cfg(feature = "cuda")]
-    Cuda(crate::device::cuda::CudaStorage),
+    Cuda(crate::backend::cuda::CudaStorage),
     /// A wgpu buffer (or a range of one).
     #[cfg(feature = "wgpu")]
-    Wgpu(crate::device::wgpu::WgpuStorage),
+    Wgpu(crate::backend::wgpu::WgpuStorage),
 }
 
 impl Storage {

@@ -8,8 +8,8 @@ use std::path::Path;
 use cudarc::driver::sys;
 
 use super::measure::{BenchPath, Group, Role};
+use crate::backend::cuda::{Arena, CudaBackend, Pinned, driver_err};
 use crate::device::Device;
-use crate::device::cuda::{Arena, CudaBackend, Pinned, driver_err};
 use crate::error::Result;
 use crate::read::file::{HostFile, ReadMode};
 

@@ -22,7 +22,8 @@ mod wgpu;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::device::{self, Device};
+use crate::backend;
+use crate::device::Device;
 use crate::dtype::Dtype;
 use crate::error::{Error, ErrorKind, Result};
 use crate::read::file::{HostFile, ReadMode};
@@ -125,7 +126,7 @@ pub fn machine() -> serde_json::Value {
     serde_json::json!({
         "cpu": cpu,
         "cores": std::thread::available_parallelism().map_or(1, |n| n.get()),
-        "devices": device::list(),
+        "devices": backend::list(),
     })
 }
 

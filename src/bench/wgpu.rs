@@ -8,10 +8,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::measure::{BenchPath, Group, Role};
-use crate::device::wgpu::{HostRegion, RING, STAGING, WgpuBackend};
-use crate::device::{Device, Upload};
+use crate::backend::wgpu::{HostRegion, RING, STAGING, WgpuBackend};
+use crate::device::Device;
 use crate::error::{Error, ErrorKind, Result};
 use crate::loader::Loader;
+use crate::plan::Upload;
 use crate::read::file::{HostFile, ReadMode};
 use crate::read::gather::{self, Gather, Span};
 

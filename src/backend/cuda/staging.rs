@@ -9,8 +9,8 @@ use cudarc::driver::sys::{self, CUdeviceptr};
 
 use super::memory::{Current, Pinned};
 use super::{ALIGN, CudaBackend, STREAMS, Transfer, driver_err};
-use crate::device::LoadPlan;
 use crate::error::{Error, ErrorKind, Result};
+use crate::plan::LoadPlan;
 use crate::read::engine::{self, Piece};
 use crate::read::gather;
 use crate::read::{LONG_RUN, PIECE};

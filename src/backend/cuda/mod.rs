@@ -26,9 +26,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::driver::sys::{self, CUdeviceptr};
 use cudarc::driver::{CudaContext, CudaStream, DriverError, result};
 
+use crate::backend::Backend;
 use crate::convert::Conversion;
-use crate::device::{Backend, Device, LoadPlan, PlanItem, Upload};
+use crate::device::Device;
 use crate::error::{Error, ErrorKind, Result};
+use crate::plan::{LoadPlan, PlanItem, Upload};
 use crate::read::LONG_RUN;
 use crate::read::file::HostFile;
 use crate::read::gather::Span;

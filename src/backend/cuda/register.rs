@@ -11,8 +11,8 @@ use cudarc::driver::CudaEvent;
 use cudarc::driver::sys;
 
 use super::{CudaBackend, Current, STREAMS, Transfer, driver_err};
-use crate::device::LoadPlan;
 use crate::error::Result;
+use crate::plan::LoadPlan;
 use crate::read::file::HostFile;
 use crate::read::file::page_size;
 

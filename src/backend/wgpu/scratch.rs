@@ -6,8 +6,8 @@
 use super::ring::{Transfer, stream};
 use super::upload::{MapState, Path, Write, fill, map_async, wait_mapped};
 use super::{Kernel, WgpuBackend, pad4};
-use crate::device::{LoadPlan, PlanItem};
 use crate::error::Result;
+use crate::plan::{LoadPlan, PlanItem};
 use crate::read::file::HostFile;
 use crate::read::gather::Span;
 

@@ -27,8 +27,10 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::device::{Backend, Device, LoadPlan};
+use crate::backend::Backend;
+use crate::device::Device;
 use crate::error::{Error, ErrorKind, Result};
+use crate::plan::LoadPlan;
 use crate::tensor::Tensor;
 
 pub use kernels::Kernel;

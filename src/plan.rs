@@ -1,127 +1,21 @@
-//! Devices: parsing device strings, the upload strategies, the [`Backend`] trait every
-//! device implements, the [`LoadPlan`] a backend receives (every tensor of a load, from one
-//! file or many, at once), and
-//! `auto` selection.
+//! [`LoadPlan`]: everything one load asks of a device (every tensor to place, from one file
+//! or many, at once, each with the file bytes it reads, its shape, dtype and conversion), the
+//! [`Upload`] strategy asked for, and the progress and interrupt a backend reports to.
 
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 use crate::convert::Conversion;
+use crate::device::Device;
 use crate::dtype::Dtype;
 use crate::error::{Error, ErrorKind, Result};
 use crate::header::TensorInfo;
 use crate::read::file::HostFile;
 use crate::read::gather::{Gather, Span};
 use crate::slice::Selection;
-use crate::tensor::Tensor;
-
-pub(crate) mod cpu;
-#[cfg(feature = "cuda")]
-pub(crate) mod cuda;
-#[cfg(feature = "wgpu")]
-pub(crate) mod wgpu;
-
-/// Where tensors go.
-///
-/// Parsed from the strings of the `device` parameter: `cpu`; `cuda`, `cuda:N`, `gpu`,
-/// `gpu:N` (JAX's name, meaning CUDA); `wgpu` (the best adapter), `wgpu:N` (the Nth adapter
-/// in the order `tensorplace devices` lists); `auto` (CUDA, else wgpu on a real GPU, else
-/// the CPU).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum Device {
-    /// Host memory.
-    Cpu,
-    /// The CUDA device of this ordinal.
-    Cuda(usize),
-    /// A wgpu adapter: `None` for the best one, `Some(n)` for the nth.
-    Wgpu(Option<usize>),
-    /// The best device present: CUDA, then wgpu on a real GPU, then the CPU.
-    #[default]
-    Auto,
-}
-
-impl FromStr for Device {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        let lower = s.trim().to_ascii_lowercase();
-        let (kind, index) = match lower.split_once(':') {
-            Some((k, i)) => {
-                let i = i.parse::<usize>().map_err(|_| {
-                    Error::new(
-                        ErrorKind::InvalidDevice,
-                        format!("{s:?}: the part after ':' must be a device number"),
-                    )
-                })?;
-                (k, Some(i))
-            }
-            None => (lower.as_str(), None),
-        };
-        Ok(match (kind, index) {
-            ("cpu", None) => Device::Cpu,
-            ("auto", None) => Device::Auto,
-            ("cuda" | "gpu", i) => Device::Cuda(i.unwrap_or(0)),
-            ("wgpu", i) => Device::Wgpu(i),
-            _ => {
-                return Err(Error::new(
-                    ErrorKind::InvalidDevice,
-                    format!("{s:?}: expected cpu, cuda, cuda:N, gpu, gpu:N, wgpu, wgpu:N or auto"),
-                ));
-            }
-        })
-    }
-}
-
-impl fmt::Display for Device {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Device::Cpu => f.write_str("cpu"),
-            Device::Cuda(i) => write!(f, "cuda:{i}"),
-            Device::Wgpu(None) => f.write_str("wgpu"),
-            Device::Wgpu(Some(i)) => write!(f, "wgpu:{i}"),
-            Device::Auto => f.write_str("auto"),
-        }
-    }
-}
-
-/// Anything that names a device: a [`Device`] or a device string.
-pub trait IntoDevice {
-    /// The device, or an [`ErrorKind::InvalidDevice`] error.
-    fn into_device(self) -> Result<Device>;
-}
-
-impl IntoDevice for Device {
-    fn into_device(self) -> Result<Device> {
-        Ok(self)
-    }
-}
-
-impl IntoDevice for &Device {
-    fn into_device(self) -> Result<Device> {
-        Ok(*self)
-    }
-}
-
-impl IntoDevice for &str {
-    fn into_device(self) -> Result<Device> {
-        self.parse()
-    }
-}
-
-impl IntoDevice for String {
-    fn into_device(self) -> Result<Device> {
-        self.parse()
-    }
-}
-
-impl IntoDevice for &String {
-    fn into_device(self) -> Result<Device> {
-        self.parse()
-    }
-}
 
 /// How tensors go up to a GPU: a [`Loader`](crate::Loader) option.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -468,141 +362,9 @@ impl<'f> LoadPlan<'f> {
     }
 }
 
-/// A device that can receive a whole [`LoadPlan`].
-pub(crate) trait Backend: Send + Sync + fmt::Debug {
-    /// The device this backend places tensors on.
-    fn device(&self) -> Device;
-    /// A human description, such as `cuda:0 (NVIDIA H100 80GB HBM3)`.
-    fn describe(&self) -> String;
-    /// Places every tensor of the plan, returning them in the plan's order.
-    fn upload(&self, plan: &LoadPlan<'_>) -> Result<Vec<Tensor>>;
-}
-
-/// Opens the backend for `device`, resolving `auto`; `adapter` picks the wgpu adapter of
-/// the device `wgpu` by name.
-///
-/// An explicit GPU that is not compiled in, absent, or whose driver fails is an
-/// [`ErrorKind::DeviceUnavailable`] error, never a fallback; `auto` falls back to the CPU.
-pub(crate) fn open(device: Device, adapter: Option<&str>) -> Result<Arc<dyn Backend>> {
-    match device {
-        Device::Cpu => Ok(Arc::new(cpu::CpuBackend)),
-        Device::Cuda(ordinal) => open_cuda(ordinal),
-        Device::Wgpu(index) => open_wgpu(index, adapter),
-        Device::Auto => Ok(open_auto()),
-    }
-}
-
-impl Device {
-    /// The device a load onto `self` would use: `auto` resolved to the device present, an
-    /// explicit device checked. An absent GPU is an [`ErrorKind::DeviceUnavailable`] error.
-    pub fn probe(self) -> Result<Device> {
-        open(self, None).map(|b| b.device())
-    }
-
-    /// A human description of the device a load onto `self` would use, such as
-    /// `cuda:0 (NVIDIA H100 80GB HBM3)`, or why it is unavailable. A loader that picks a
-    /// wgpu adapter by name says which with [`Loader::describe`](crate::Loader::describe).
-    pub fn describe(self) -> Result<String> {
-        open(self, None).map(|b| b.describe())
-    }
-}
-
-fn open_auto() -> Arc<dyn Backend> {
-    if let Ok(b) = open_cuda(0) {
-        return b;
-    }
-    #[cfg(feature = "wgpu")]
-    if let Ok(b) = wgpu::WgpuBackend::open_best_hardware() {
-        return b;
-    }
-    Arc::new(cpu::CpuBackend)
-}
-
-#[cfg(feature = "cuda")]
-fn open_cuda(ordinal: usize) -> Result<Arc<dyn Backend>> {
-    cuda::CudaBackend::open(ordinal).map(|b| b as Arc<dyn Backend>)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn open_cuda(ordinal: usize) -> Result<Arc<dyn Backend>> {
-    Err(Error::new(
-        ErrorKind::DeviceUnavailable,
-        format!("cuda:{ordinal}: the CUDA backend is not compiled in (enable the `cuda` feature)"),
-    ))
-}
-
-#[cfg(feature = "wgpu")]
-fn open_wgpu(index: Option<usize>, adapter: Option<&str>) -> Result<Arc<dyn Backend>> {
-    wgpu::WgpuBackend::open(index, adapter).map(|b| b as Arc<dyn Backend>)
-}
-
-#[cfg(not(feature = "wgpu"))]
-fn open_wgpu(index: Option<usize>, _adapter: Option<&str>) -> Result<Arc<dyn Backend>> {
-    let name = Device::Wgpu(index);
-    Err(Error::new(
-        ErrorKind::DeviceUnavailable,
-        format!("{name}: the wgpu backend is not compiled in (enable the `wgpu` feature)"),
-    ))
-}
-
-/// One line per device present: CUDA devices, then wgpu adapters, then the CPU. Devices
-/// whose backend is not compiled in or whose driver is missing are listed with the reason.
-pub fn list() -> Vec<String> {
-    let mut out = Vec::new();
-    #[cfg(feature = "cuda")]
-    match cuda::list() {
-        Ok(v) => out.extend(v),
-        Err(e) => out.push(format!("cuda: none ({e})")),
-    }
-    #[cfg(not(feature = "cuda"))]
-    out.push("cuda: not compiled in".to_owned());
-    #[cfg(feature = "wgpu")]
-    match wgpu::list() {
-        Ok(v) if !v.is_empty() => out.extend(v),
-        Ok(_) => out.push("wgpu: no adapter".to_owned()),
-        Err(e) => out.push(format!("wgpu: none ({e})")),
-    }
-    #[cfg(not(feature = "wgpu"))]
-    out.push("wgpu: not compiled in".to_owned());
-    out.push(format!("cpu: {} threads", crate::parallel::cores()));
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn device_strings() {
-        assert_eq!("cpu".parse::<Device>().unwrap(), Device::Cpu);
-        assert_eq!("cuda".parse::<Device>().unwrap(), Device::Cuda(0));
-        assert_eq!("CUDA:1".parse::<Device>().unwrap(), Device::Cuda(1));
-        assert_eq!("gpu:2".parse::<Device>().unwrap(), Device::Cuda(2));
-        assert_eq!("gpu".parse::<Device>().unwrap(), Device::Cuda(0));
-        assert_eq!("wgpu".parse::<Device>().unwrap(), Device::Wgpu(None));
-        assert_eq!("wgpu:3".parse::<Device>().unwrap(), Device::Wgpu(Some(3)));
-        assert_eq!("auto".parse::<Device>().unwrap(), Device::Auto);
-        for bad in ["", "tpu", "cuda:", "cuda:x", "cpu:0", "cuda:-1", "auto:1"] {
-            let e = bad.parse::<Device>().unwrap_err();
-            assert_eq!(e.kind(), ErrorKind::InvalidDevice, "{bad}");
-        }
-        for d in [
-            Device::Cpu,
-            Device::Cuda(1),
-            Device::Wgpu(None),
-            Device::Wgpu(Some(0)),
-        ] {
-            assert_eq!(d.to_string().parse::<Device>().unwrap(), d);
-        }
-    }
-
-    #[test]
-    fn auto_never_fails_and_cpu_is_there() {
-        let b = open(Device::Auto, None).unwrap();
-        assert!(!b.describe().is_empty());
-        assert_ne!(Device::Auto.probe().unwrap(), Device::Auto);
-        assert_eq!(Device::Cpu.probe().unwrap(), Device::Cpu);
-    }
 
     #[test]
     fn upload_strategies_parse() {

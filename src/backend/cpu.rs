@@ -11,9 +11,11 @@ use std::sync::Arc;
 
 use memmap2::Mmap;
 
-use crate::device::{Backend, Device, LoadPlan, PlanItem, View};
+use crate::backend::Backend;
+use crate::device::Device;
 use crate::error::{Error, ErrorKind, Result};
 use crate::memory::HostBuffer;
+use crate::plan::{LoadPlan, PlanItem, View};
 use crate::read::PIECE;
 use crate::read::engine::{self, Converted, Piece};
 use crate::tensor::{CpuStorage, Storage, Tensor};
