@@ -70,6 +70,8 @@
 //! one over it, so saving over a loaded file is safe.
 
 #![warn(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 mod atomic;
 mod backend;
@@ -85,8 +87,10 @@ mod parallel;
 mod plan;
 mod read;
 mod reader;
+mod report;
 mod save;
 mod slice;
+mod storage;
 mod tensor;
 
 #[cfg(feature = "cli")]
@@ -104,15 +108,17 @@ pub use device::{Device, IntoDevice};
 pub use dtype::Dtype;
 pub use error::{Error, ErrorKind, Result};
 pub use header::Metadata;
-pub use loader::{LoadReport, Loader, Progress, ReadPath};
+pub use loader::{Loader, Progress};
 pub use plan::Upload;
 pub use read::file::ReadMode;
 pub use reader::{MemoryRead, Reader};
+pub use report::{LoadReport, ReadPath};
 pub use save::{
     Serialized, TensorView, save, save_file, save_views, save_views_file, serialize_views,
 };
 pub use slice::{Slice, SliceIndex};
-pub use tensor::{CpuStorage, Element, Storage, Tensor, Tensors};
+pub use storage::{CpuStorage, Storage};
+pub use tensor::{Element, Tensor, Tensors};
 
 /// Not part of the API: what the command-line tool, the benchmark harness and the tests
 /// reach inside the crate. It may change in any release.

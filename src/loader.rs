@@ -1,5 +1,5 @@
-//! [`Loader`]: a load with options, the [`Progress`] it reports while it runs, and the
-//! [`LoadReport`] its tensors carry afterwards.
+//! [`Loader`]: a load with options, and the [`Progress`] it reports while it runs (its
+//! tensors carry a [`LoadReport`](crate::LoadReport) afterwards).
 //!
 //! Every option a load takes is here, on the builder: the library reads no environment
 //! variable and keeps no process-wide switch, so two loads in one process with different
@@ -20,6 +20,7 @@ use crate::parallel::{self, Threads};
 use crate::plan::{LoadPlan, PlanEntry, Upload, View};
 use crate::read::file::{Fetch, HostFile, ReadMode};
 use crate::reader::Reader;
+use crate::report::{LoadReport, ReadPath};
 use crate::slice::{Selection, Slice};
 use crate::tensor::Tensors;
 
@@ -30,47 +31,6 @@ pub struct Progress {
     pub done: u64,
     /// Bytes to place in all.
     pub total: u64,
-}
-
-/// How a load went: where the tensors are, how the file's bytes were taken, how they went
-/// up to a GPU, and every fallback taken on the way.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct LoadReport {
-    /// The device the tensors are on (`auto` resolved).
-    pub device: Device,
-    /// How the file's bytes were taken.
-    pub read: ReadPath,
-    /// How the bytes went up to a GPU: `Register`, `Staging` or `InPlace` (`None` on the CPU).
-    pub upload: Option<Upload>,
-    /// Fallbacks taken, in words: direct reads refused by the file system, a registration
-    /// refused by the driver, and so on.
-    pub notes: Vec<String>,
-}
-
-/// How a load took the file's bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum ReadPath {
-    /// Nothing was copied: CPU tensors view the mapping.
-    Views,
-    /// Copies from memory: the page cache through the mapping, or the caller's bytes.
-    Memory,
-    /// Positioned reads (`pread`) on many threads.
-    Pread,
-    /// Direct reads (`O_DIRECT`) on many threads, past the page cache.
-    Direct,
-}
-
-impl std::fmt::Display for ReadPath {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            ReadPath::Views => "zero-copy views of the mapping, nothing copied",
-            ReadPath::Memory => "copies from memory (the page cache or the caller's bytes)",
-            ReadPath::Pread => "positioned reads (pread)",
-            ReadPath::Direct => "direct reads (O_DIRECT)",
-        })
-    }
 }
 
 type Filter<'a> = Box<dyn Fn(&str) -> bool + 'a>;
@@ -457,7 +417,7 @@ impl<'a> Loader<'a> {
                  or more were read with pread rather than through the mapping"
             ));
         }
-        let placed = backend.upload(&plan)?;
+        let placed = backend::place(&*backend, &plan)?;
         plan.finish();
         let used = files.iter().find_map(|f| f.fetch_used());
         let read = match used {

@@ -24,7 +24,8 @@ use crate::read;
 use crate::read::file::{Fetch, HostFile, ReadMode};
 use crate::read::gather::Gather;
 use crate::slice::{Selection, Slice};
-use crate::tensor::{CpuStorage, Storage, Tensor, Tensors};
+use crate::storage::{CpuStorage, Storage};
+use crate::tensor::{Tensor, Tensors};
 
 /// A file or checkpoint opened for lazy reads: [`tensor`](Self::tensor),
 /// [`slice`](Self::slice) and [`tensors`](Self::tensors) read only what they return. `Sync`:
@@ -302,7 +303,7 @@ impl Reader {
     /// Places `entries` (in file order) on the device.
     fn place(&self, entries: Vec<PlanEntry<'_>>) -> Result<Vec<Tensor>> {
         let plan = LoadPlan::new(Some(&self.origin), entries, self.dtype)?.with_upload(self.upload);
-        let placed = self.backend.upload(&plan)?;
+        let placed = backend::place(&*self.backend, &plan)?;
         plan.finish();
         Ok(placed)
     }

@@ -426,7 +426,7 @@ mod tests {
         let bad = Tensor::from_parts(
             Dtype::F32,
             vec![2],
-            crate::tensor::Storage::Cpu(crate::tensor::CpuStorage::copy_of(&[0; 4]).unwrap()),
+            crate::storage::Storage::Cpu(crate::storage::CpuStorage::copy_of(&[0; 4]).unwrap()),
         );
         t.insert("bad", bad);
         let e = save(&t, None).unwrap_err();

@@ -6,6 +6,7 @@ mod checkpoints;
 mod cli;
 mod common;
 mod format;
+mod layout;
 #[cfg(feature = "cli")]
 mod reliability;
 mod shaders;

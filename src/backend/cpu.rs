@@ -11,14 +11,12 @@ use std::sync::Arc;
 
 use memmap2::Mmap;
 
-use crate::backend::Backend;
-use crate::device::Device;
 use crate::error::{Error, ErrorKind, Result};
 use crate::memory::HostBuffer;
 use crate::plan::{LoadPlan, PlanItem, View};
 use crate::read::PIECE;
 use crate::read::engine::{self, Converted, Piece};
-use crate::tensor::{CpuStorage, Storage, Tensor};
+use crate::storage::CpuStorage;
 
 /// Alignment of each tensor's start in an owned arena.
 pub(crate) const ALIGN: usize = 64;
@@ -36,16 +34,15 @@ enum Placement {
     Arena(usize),
 }
 
-impl Backend for CpuBackend {
-    fn device(&self) -> Device {
-        Device::Cpu
-    }
-
-    fn describe(&self) -> String {
+impl CpuBackend {
+    /// A human description, such as `cpu (16 threads)`.
+    pub(crate) fn description(&self) -> String {
         format!("cpu ({} threads)", crate::parallel::cores())
     }
 
-    fn upload(&self, plan: &LoadPlan<'_>) -> Result<Vec<Tensor>> {
+    /// Places every tensor of the plan in one arena (or as views of the mapping, where the
+    /// plan allows), returning their storages in the plan's order.
+    pub(crate) fn place(&self, plan: &LoadPlan<'_>) -> Result<Vec<CpuStorage>> {
         // A view needs a mapping and the tensor's bytes, unconverted, in one run.
         let view_of = |item: &PlanItem<'_>| {
             let map = item
@@ -85,21 +82,16 @@ impl Backend for CpuBackend {
         let mut arena = HostBuffer::zeroed(total).map_err(|e| plan.err(e))?;
         fill(plan, &placements, arena.as_mut_bytes())?;
         let arena = Arc::new(arena);
-        let tensors = plan
+        let storages = plan
             .items()
             .iter()
             .zip(&placements)
-            .map(|(item, placement)| {
-                let storage = match placement {
-                    Placement::Arena(at) => {
-                        CpuStorage::owned(arena.clone(), *at..*at + item.out_len)
-                    }
-                    Placement::View(map, range) => CpuStorage::mapped(map.clone(), range.clone()),
-                };
-                Tensor::from_parts(item.out_dtype, item.shape.clone(), Storage::Cpu(storage))
+            .map(|(item, placement)| match placement {
+                Placement::Arena(at) => CpuStorage::owned(arena.clone(), *at..*at + item.out_len),
+                Placement::View(map, range) => CpuStorage::mapped(map.clone(), range.clone()),
             })
             .collect();
-        Ok(tensors)
+        Ok(storages)
     }
 }
 

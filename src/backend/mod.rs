@@ -8,6 +8,7 @@ use std::sync::Arc;
 use crate::device::Device;
 use crate::error::Result;
 use crate::plan::LoadPlan;
+use crate::storage::Storage;
 use crate::tensor::Tensor;
 
 pub(crate) mod cpu;
@@ -22,8 +23,58 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
     fn device(&self) -> Device;
     /// A human description, such as `cuda:0 (NVIDIA H100 80GB HBM3)`.
     fn describe(&self) -> String;
-    /// Places every tensor of the plan, returning them in the plan's order.
-    fn upload(&self, plan: &LoadPlan<'_>) -> Result<Vec<Tensor>>;
+    /// Places every tensor of the plan, returning their storages in the plan's order.
+    fn upload(&self, plan: &LoadPlan<'_>) -> Result<Vec<Storage>>;
+}
+
+impl Backend for cpu::CpuBackend {
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+    fn describe(&self) -> String {
+        self.description()
+    }
+    fn upload(&self, plan: &LoadPlan<'_>) -> Result<Vec<Storage>> {
+        Ok(self.place(plan)?.into_iter().map(Storage::Cpu).collect())
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Backend for cuda::CudaBackend {
+    fn device(&self) -> Device {
+        Device::Cuda(self.ordinal())
+    }
+    fn describe(&self) -> String {
+        self.description()
+    }
+    fn upload(&self, plan: &LoadPlan<'_>) -> Result<Vec<Storage>> {
+        Ok(self.place(plan)?.into_iter().map(Storage::Cuda).collect())
+    }
+}
+
+#[cfg(feature = "wgpu")]
+impl Backend for wgpu::WgpuBackend {
+    fn device(&self) -> Device {
+        Device::Wgpu(Some(self.index()))
+    }
+    fn describe(&self) -> String {
+        self.description()
+    }
+    fn upload(&self, plan: &LoadPlan<'_>) -> Result<Vec<Storage>> {
+        Ok(self.place(plan)?.into_iter().map(Storage::Wgpu).collect())
+    }
+}
+
+/// Places every tensor of `plan` on `backend`'s device: the one place a load's [`Tensor`]s
+/// are made, each of its plan item's output dtype and shape.
+pub(crate) fn place(backend: &dyn Backend, plan: &LoadPlan<'_>) -> Result<Vec<Tensor>> {
+    let storages = backend.upload(plan)?;
+    Ok(plan
+        .items()
+        .iter()
+        .zip(storages)
+        .map(|(item, storage)| Tensor::from_parts(item.out_dtype, item.shape.clone(), storage))
+        .collect())
 }
 
 /// Opens the backend for `device`, resolving `auto`; `adapter` picks the wgpu adapter of

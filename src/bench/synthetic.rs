@@ -6,7 +6,8 @@ use std::sync::Arc;
 use crate::dtype::Dtype;
 use crate::error::Result;
 use crate::memory::HostBuffer;
-use crate::tensor::{CpuStorage, Storage, Tensor, Tensors};
+use crate::storage::{CpuStorage, Storage};
+use crate::tensor::{Tensor, Tensors};
 
 /// What a synthetic checkpoint holds.
 #[derive(Debug, Clone)]

@@ -26,7 +26,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::driver::sys::{self, CUdeviceptr};
 use cudarc::driver::{CudaContext, CudaStream, DriverError, result};
 
-use crate::backend::Backend;
 use crate::convert::Conversion;
 use crate::device::Device;
 use crate::error::{Error, ErrorKind, Result};
@@ -34,7 +33,6 @@ use crate::plan::{LoadPlan, PlanItem, Upload};
 use crate::read::LONG_RUN;
 use crate::read::file::HostFile;
 use crate::read::gather::Span;
-use crate::tensor::{Storage, Tensor};
 
 pub use kernels::CONVERT_PTX;
 use kernels::Kernels;
@@ -463,22 +461,26 @@ impl<'n> Convert<'n> {
     }
 }
 
-impl Backend for CudaBackend {
-    fn device(&self) -> Device {
-        Device::Cuda(self.ordinal)
+impl CudaBackend {
+    /// The device's ordinal.
+    pub(crate) fn ordinal(&self) -> usize {
+        self.ordinal
     }
 
-    fn describe(&self) -> String {
+    /// A human description, such as `cuda:0 (NVIDIA H100 80GB HBM3)`.
+    pub(crate) fn description(&self) -> String {
         format!("cuda:{} ({})", self.ordinal, self.name)
     }
 
-    fn upload(&self, plan: &LoadPlan<'_>) -> Result<Vec<Tensor>> {
+    /// Places every tensor of the plan in one device arena, returning their storages in the
+    /// plan's order.
+    pub(crate) fn place(&self, plan: &LoadPlan<'_>) -> Result<Vec<CudaStorage>> {
         let this = CudaBackend::open(self.ordinal)?;
         guarded(self.ordinal, || upload(&this, plan)).map_err(|e| plan.err(e))
     }
 }
 
-fn upload(backend: &Arc<CudaBackend>, plan: &LoadPlan<'_>) -> Result<Vec<Tensor>> {
+fn upload(backend: &Arc<CudaBackend>, plan: &LoadPlan<'_>) -> Result<Vec<CudaStorage>> {
     let ordinal = backend.ordinal;
     // The path of each file of the load, decided (and refused) before anything is placed.
     let mut paths: Vec<(&HostFile<'_>, UploadPath)> = Vec::new();
@@ -587,14 +589,11 @@ fn upload(backend: &Arc<CudaBackend>, plan: &LoadPlan<'_>) -> Result<Vec<Tensor>
     Ok(items
         .iter()
         .zip(&slots)
-        .map(|(item, &out)| {
-            let storage = CudaStorage {
-                backend: backend.clone(),
-                arena: arena.clone(),
-                offset: out,
-                len: item.out_len,
-            };
-            Tensor::from_parts(item.out_dtype, item.shape.clone(), Storage::Cuda(storage))
+        .map(|(item, &out)| CudaStorage {
+            backend: backend.clone(),
+            arena: arena.clone(),
+            offset: out,
+            len: item.out_len,
         })
         .collect())
 }

@@ -14,6 +14,7 @@
 
 mod host_import;
 mod kernels;
+mod map;
 mod ring;
 mod scratch;
 mod upload;
@@ -27,14 +28,12 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::backend::Backend;
 use crate::device::Device;
 use crate::error::{Error, ErrorKind, Result};
 use crate::plan::LoadPlan;
-use crate::tensor::Tensor;
 
 pub use kernels::Kernel;
-use upload::{map_async, wait_mapped};
+use map::{map_async, wait_mapped};
 
 pub(super) fn backend_err(msg: impl Into<String>) -> Error {
     Error::new(ErrorKind::Backend, msg)
@@ -538,12 +537,9 @@ fn unavailable(name: Device, why: &str) -> Error {
     Error::new(ErrorKind::DeviceUnavailable, format!("{name}: {why}"))
 }
 
-impl Backend for WgpuBackend {
-    fn device(&self) -> Device {
-        Device::Wgpu(Some(self.index))
-    }
-
-    fn describe(&self) -> String {
+impl WgpuBackend {
+    /// A human description, such as `wgpu:0 (NVIDIA H100, Vulkan, DiscreteGpu, host import)`.
+    pub(crate) fn description(&self) -> String {
         format!(
             "wgpu:{} ({}, {:?}, {:?}{})",
             self.index,
@@ -558,7 +554,9 @@ impl Backend for WgpuBackend {
         )
     }
 
-    fn upload(&self, plan: &LoadPlan<'_>) -> Result<Vec<Tensor>> {
+    /// Places every tensor of the plan in a buffer of its own, returning their storages in
+    /// the plan's order.
+    pub(crate) fn place(&self, plan: &LoadPlan<'_>) -> Result<Vec<WgpuStorage>> {
         let this = WgpuBackend::open(Some(self.index), None)?;
         upload::upload(&this, plan).map_err(|e| plan.err(e))
     }

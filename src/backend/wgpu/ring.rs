@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use super::host_import::HostRegion;
-use super::upload::{MapState, MappedRange, Write, map_async, mapped_pieces, wait_mapped};
+use super::map::{MapState, MappedRange, Write, map_async, mapped_pieces, wait_mapped};
 use super::{WgpuBackend, backend_err, pad4};
 use crate::error::Result;
 use crate::plan::LoadPlan;
@@ -224,6 +224,15 @@ impl Destination for Slot<'_> {
             Slot::Host(bytes) => bytes.write(src),
         }
     }
+}
+
+/// How a load's bytes reach the device's buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Path {
+    /// Written into the tensors' own buffers, mapped.
+    InPlace,
+    /// Through a staging ring.
+    Staged(Ring),
 }
 
 /// The kind of staging ring a load streams through.

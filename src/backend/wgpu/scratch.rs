@@ -3,8 +3,8 @@
 //! write the outputs from it, so that a load that converts needs its output plus the scratch
 //! on the device, whatever its size.
 
-use super::ring::{Transfer, stream};
-use super::upload::{MapState, Path, Write, fill, map_async, wait_mapped};
+use super::map::{MapState, Write, fill, map_async, wait_mapped};
+use super::ring::{Path, Transfer, stream};
 use super::{Kernel, WgpuBackend, pad4};
 use crate::error::Result;
 use crate::plan::{LoadPlan, PlanItem};

@@ -8,56 +8,17 @@
 //!
 //! Tensors to convert go through one bounded scratch buffer ([`scratch`](super::scratch)).
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
-use super::ring::{Ring, STAGING, Transfer, stream};
+use super::map::{Write, fill};
+use super::ring::{Path, Ring, STAGING, Transfer, stream};
 use super::scratch::{Convert, SCRATCH, convert_through_scratch};
 use super::{Kernel, WgpuBackend, WgpuStorage, backend_err, pad4};
 use crate::device::Device;
 use crate::error::{Error, ErrorKind, Result};
 use crate::parallel::{self, Threads};
 use crate::plan::{LoadPlan, Upload};
-use crate::read::PIECE;
-use crate::read::engine::{self, Destination, Piece, Source};
-use crate::read::file::HostFile;
-use crate::read::gather::{self, Span};
-use crate::tensor::{Storage, Tensor};
-
-/// The outcome of a `map_async`, set by its callback once the device has run the work
-/// queued before it.
-pub(super) struct MapState(Arc<OnceLock<std::result::Result<(), wgpu::BufferAsyncError>>>);
-
-/// Asks to map all of `buffer`; [`wait_mapped`] waits for it.
-pub(super) fn map_async(buffer: &wgpu::Buffer, mode: wgpu::MapMode) -> MapState {
-    let state = Arc::new(OnceLock::new());
-    let done = state.clone();
-    buffer.slice(..).map_async(mode, move |r| {
-        let _ = done.set(r);
-    });
-    MapState(state)
-}
-
-/// Waits until `state`'s mapping is done: first for `after` (the last submission that used
-/// the buffer, so that later submissions need not finish), then until the callback ran.
-pub(super) fn wait_mapped(
-    backend: &WgpuBackend,
-    state: &MapState,
-    after: Option<wgpu::SubmissionIndex>,
-) -> Result<()> {
-    if let Some(index) = after {
-        backend.wait(Some(index))?;
-    }
-    loop {
-        match state.0.get() {
-            Some(Ok(())) => return Ok(()),
-            Some(Err(e)) => return Err(backend_err(format!("mapping a buffer failed: {e}"))),
-            None => {
-                backend.check_lost()?;
-                backend.wait(None)?;
-            }
-        }
-    }
-}
+use crate::read::gather;
 
 /// A buffer to create for a load.
 struct BufferSpec<'n> {
@@ -66,100 +27,6 @@ struct BufferSpec<'n> {
     size: usize,
     /// Whether the file's bytes are written into it (so, in place, it is created mapped).
     written: bool,
-}
-
-/// `len` bytes at `offset` of a mapped buffer, zero-padded to 4 bytes.
-pub(super) struct MappedRange {
-    buffer: wgpu::Buffer,
-    offset: u64,
-    len: usize,
-    /// Whether the mapping is plain host memory (an adapter that shares it): then the bytes
-    /// are read straight into it. Elsewhere it may be write-combined device memory behind
-    /// the bus, which is only ever copied into.
-    host_memory: bool,
-}
-
-impl Destination for MappedRange {
-    fn write(self, src: Source<'_>) -> Result<()> {
-        let padded = pad4(self.len as u64);
-        let mut view = self
-            .buffer
-            .get_mapped_range_mut(self.offset..self.offset + padded)
-            .map_err(|e| backend_err(format!("mapping a buffer: {e}")))?;
-        let whole = self.len / 4 * 4;
-        if self.host_memory {
-            let ptr = view.slice(..).as_raw_ptr();
-            // SAFETY: the view maps `padded` bytes of host memory for writing, held until
-            // the end of this scope, and no other view of them exists (each piece maps its
-            // own range); the engine only writes through the slice.
-            let dst = unsafe {
-                std::slice::from_raw_parts_mut(ptr.as_ptr().cast::<u8>(), padded as usize)
-            };
-            let (bytes, pad) = dst.split_at_mut(self.len);
-            pad.fill(0);
-            return src.read_into(bytes);
-        }
-        let bytes = src.bytes()?;
-        view.slice(..whole).copy_from_slice(&bytes[..whole]);
-        if whole < padded as usize {
-            let mut tail = [0u8; 4];
-            tail[..self.len - whole].copy_from_slice(&bytes[whole..]);
-            view.slice(whole..).copy_from_slice(&tail);
-        }
-        Ok(())
-    }
-}
-
-/// A write of the bytes `src` of `file` (of `tensor`) into a mapped buffer at `offset`
-/// (8-aligned).
-pub(super) struct Write<'n, 'b> {
-    pub tensor: &'n str,
-    pub file: &'n HostFile<'n>,
-    pub buffer: &'b wgpu::Buffer,
-    pub offset: u64,
-    pub src: Span<'n>,
-}
-
-/// Writes file bytes into mapped buffers through the host I/O engine, in pieces of
-/// [`PIECE`] bytes (8-aligned, wgpu's MAP_ALIGNMENT) spread over every core.
-pub(super) fn fill(
-    writes: &[Write<'_, '_>],
-    host_memory: bool,
-    advance: &(dyn Fn(u64) -> Result<()> + Sync),
-) -> Result<()> {
-    engine::read_pieces(mapped_pieces(writes, host_memory), advance)
-}
-
-/// The engine's pieces of `writes`: [`PIECE`] bytes each (8-aligned, wgpu's MAP_ALIGNMENT).
-pub(super) fn mapped_pieces<'n>(
-    writes: &[Write<'n, '_>],
-    host_memory: bool,
-) -> Vec<Piece<'n, MappedRange>> {
-    writes
-        .iter()
-        .flat_map(|w| {
-            gather::chunks(0..w.src.len(), PIECE).map(move |r| Piece {
-                tensor: w.tensor,
-                file: w.file,
-                dst: MappedRange {
-                    buffer: w.buffer.clone(),
-                    offset: w.offset + r.start as u64,
-                    len: r.len(),
-                    host_memory,
-                },
-                src: w.src.part(r),
-            })
-        })
-        .collect()
-}
-
-/// How a load's bytes reach the device's buffers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Path {
-    /// Written into the tensors' own buffers, mapped.
-    InPlace,
-    /// Through a staging ring.
-    Staged(Ring),
 }
 
 /// The path this load takes, or why the strategy asked for cannot be used.
@@ -179,7 +46,7 @@ fn path(backend: &WgpuBackend, upload: Upload) -> std::result::Result<Path, &'st
     }
 }
 
-pub(super) fn upload(backend: &Arc<WgpuBackend>, plan: &LoadPlan<'_>) -> Result<Vec<Tensor>> {
+pub(super) fn upload(backend: &Arc<WgpuBackend>, plan: &LoadPlan<'_>) -> Result<Vec<WgpuStorage>> {
     let path = path(backend, plan.upload())
         .map_err(|why| plan.unsupported_upload(Device::Wgpu(Some(backend.index)), why))?;
     plan.note_upload(match path {
@@ -318,13 +185,10 @@ pub(super) fn upload(backend: &Arc<WgpuBackend>, plan: &LoadPlan<'_>) -> Result<
         Ok(items
             .iter()
             .zip(outs)
-            .map(|(item, buffer)| {
-                let storage = WgpuStorage {
-                    backend: backend.clone(),
-                    buffer,
-                    len: item.out_len,
-                };
-                Tensor::from_parts(item.out_dtype, item.shape.clone(), Storage::Wgpu(storage))
+            .map(|(item, buffer)| WgpuStorage {
+                backend: backend.clone(),
+                buffer,
+                len: item.out_len,
             })
             .collect())
     })
