@@ -50,7 +50,8 @@
 //! - `cuda` (default): the CUDA backend. libcuda is loaded at run time, so the crate builds
 //!   without a CUDA toolkit; without a driver, `cuda` is an error and `auto` moves on.
 //! - `wgpu` (default): the wgpu backend (Vulkan, Metal, DX12, GL) with its WGSL shaders.
-//! - `cli` (default): the `tensorplace` tool and its benchmark harness.
+//! - `bench` (unstable, not part of the API): the benchmark harness behind `tensorplace bench`
+//!   (the `tensorplace` tool is the workspace's `tensorplace-cli` crate).
 //!
 //! With `default-features = false` only the CPU path is built.
 //!
@@ -93,7 +94,7 @@ mod slice;
 mod storage;
 mod tensor;
 
-#[cfg(feature = "cli")]
+#[cfg(feature = "bench")]
 #[doc(hidden)]
 pub mod bench;
 

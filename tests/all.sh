@@ -3,8 +3,9 @@
 #
 #   bash tests/all.sh
 #
-# 1. The Rust suites: `cargo test -- --show-output` (every feature; GPU tests print why they
-#    skip), then the CPU-only build's.
+# 1. The Rust suites: `cargo test -- --show-output` over the workspace's default members (the
+#    library with every feature, GPU tests printing why they skip, and the command-line crate,
+#    whose binary the library's CLI tests run), then the CPU-only library's.
 # 2. The Python package: a virtual environment in target/py (created and filled from PyPI on
 #    first use: maturin, pytest, numpy, ml_dtypes, safetensors, jax[cpu]), the package built
 #    and installed from python/, then pytest on python/tests (torch tests skip where torch is
@@ -14,7 +15,7 @@ cd "$(dirname "$0")/.."
 export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp}
 
 cargo test -- --show-output
-cargo test --no-default-features -- --show-output
+cargo test -p tensorplace --no-default-features -- --show-output
 
 py=target/py/bin/python
 if [ ! -x "$py" ]; then

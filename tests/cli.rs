@@ -6,12 +6,18 @@ use tensorplace::internals::Conversion;
 use crate::common;
 
 /// The binary: the one `TENSORPLACE_BIN` names (set by a script that carries the tests to
-/// another machine), else the one cargo built.
+/// another machine), else the one cargo built beside this test (the workspace's
+/// `tensorplace-cli` crate: `cargo test` builds it with the library's tests).
 pub fn exe() -> std::path::PathBuf {
-    match std::env::var_os("TENSORPLACE_BIN") {
-        Some(p) => p.into(),
-        None => env!("CARGO_BIN_EXE_tensorplace").into(),
+    if let Some(p) = std::env::var_os("TENSORPLACE_BIN") {
+        return p.into();
     }
+    // target/<profile>/deps/integration-HASH → target/<profile>/tensorplace
+    let me = std::env::current_exe().unwrap_or_default();
+    let profile = me.parent().and_then(|deps| deps.parent());
+    profile.map_or_else(Default::default, |dir| {
+        dir.join(format!("tensorplace{}", std::env::consts::EXE_SUFFIX))
+    })
 }
 
 /// Whether the binary is missing (test binaries carried to another machine without

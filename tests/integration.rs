@@ -2,11 +2,9 @@
 
 mod backends;
 mod checkpoints;
-#[cfg(feature = "cli")]
 mod cli;
 mod common;
 mod format;
 mod layout;
-#[cfg(feature = "cli")]
 mod reliability;
 mod shaders;

@@ -34,7 +34,7 @@ static POLICY: AtomicU8 = AtomicU8::new(0);
 impl Policy {
     /// Makes this the policy for files opened for direct reads until the guard drops, then
     /// puts back the automatic one.
-    #[cfg_attr(not(feature = "cli"), allow(dead_code))]
+    #[cfg_attr(not(feature = "bench"), allow(dead_code))]
     pub(crate) fn for_scope(self) -> impl Drop {
         struct Restore;
         impl Drop for Restore {

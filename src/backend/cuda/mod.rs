@@ -36,7 +36,7 @@ use crate::read::gather::Span;
 
 pub use kernels::CONVERT_PTX;
 use kernels::Kernels;
-#[cfg(feature = "cli")]
+#[cfg(feature = "bench")]
 pub(crate) use memory::Pinned;
 pub(crate) use memory::{Arena, Current};
 

@@ -19,9 +19,9 @@ mod ring;
 mod scratch;
 mod upload;
 
-#[cfg(feature = "cli")]
+#[cfg(feature = "bench")]
 pub(crate) use host_import::HostRegion;
-#[cfg(feature = "cli")]
+#[cfg(feature = "bench")]
 pub(crate) use ring::{RING, STAGING};
 
 use std::collections::HashMap;
@@ -432,7 +432,7 @@ impl WgpuBackend {
 
     /// `len` bytes of fresh host memory imported as a `COPY_SRC` buffer, as the staging
     /// ring's are (`None` where the device cannot import host memory): for the harness.
-    #[cfg(feature = "cli")]
+    #[cfg(feature = "bench")]
     pub(crate) fn import_host(
         &self,
         len: usize,
