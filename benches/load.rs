@@ -12,12 +12,12 @@ use clap::Parser;
 #[command(name = "load", about = "tensorplace's load benchmark")]
 struct Args {
     #[command(flatten)]
-    bench: tensorplace::bench::BenchArgs,
+    bench: tensorplace_bench::BenchArgs,
 }
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    match tensorplace::bench::run(&args.bench) {
+    match tensorplace_bench::run(&args.bench) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("load: {e}");

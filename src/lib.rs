@@ -94,10 +94,6 @@ mod slice;
 mod storage;
 mod tensor;
 
-#[cfg(feature = "bench")]
-#[doc(hidden)]
-pub mod bench;
-
 use std::path::Path;
 
 #[cfg(feature = "cuda")]
@@ -121,8 +117,9 @@ pub use slice::{Slice, SliceIndex};
 pub use storage::{CpuStorage, Storage};
 pub use tensor::{Element, Tensor, Tensors};
 
-/// Not part of the API: what the command-line tool, the benchmark harness and the tests
-/// reach inside the crate. It may change in any release.
+/// Not part of the API: what the command-line tool and the tests reach inside the crate, and
+/// with the `unstable-internals` feature what the benchmark harness (`tensorplace-bench`)
+/// does. It may change in any release.
 #[doc(hidden)]
 pub mod internals {
     pub use crate::atomic::{hold_writes, remove_temporaries, write_atomically};
@@ -135,6 +132,33 @@ pub mod internals {
     pub use crate::convert::Conversion;
     pub use crate::header::{Header, TensorInfo};
     pub use crate::read::file::HostFile;
+
+    #[cfg(all(feature = "unstable-internals", feature = "cuda"))]
+    pub use crate::backend::cuda::{Arena, Pinned, driver_err};
+    #[cfg(all(feature = "unstable-internals", feature = "wgpu"))]
+    pub use crate::backend::wgpu::{HostRegion, RING, STAGING};
+    #[cfg(feature = "unstable-internals")]
+    pub use crate::{
+        memory::HostBuffer,
+        parallel::{Threads, for_each},
+        read::PIECE,
+        read::direct::open as open_direct,
+        read::engine::{Destination, Piece, Source, read_pieces},
+        read::gather::{Gather, Span, chunks},
+    };
+
+    /// A CPU tensor of `dtype` and `shape` on bytes `range` of `buffer` (the harness builds
+    /// large synthetic files without a copy); the range's length must be the tensor's.
+    #[cfg(feature = "unstable-internals")]
+    pub fn host_tensor(
+        dtype: crate::Dtype,
+        shape: Vec<usize>,
+        buffer: std::sync::Arc<HostBuffer>,
+        range: std::ops::Range<usize>,
+    ) -> crate::Tensor {
+        let storage = crate::CpuStorage::owned(buffer, range);
+        crate::Tensor::from_parts(dtype, shape, crate::Storage::Cpu(storage))
+    }
 }
 
 /// Loads every tensor of the file at `path` onto `device` (a [`Device`] or a device

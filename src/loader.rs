@@ -89,6 +89,7 @@ pub struct Loader<'a> {
     split: Option<Split<'a>>,
     progress: Option<ProgressFn<'a>>,
     read_mode: ReadMode,
+    disk_queue: bool,
     upload: Upload,
     adapter: Option<String>,
     interrupt: Option<&'a AtomicBool>,
@@ -104,6 +105,7 @@ impl std::fmt::Debug for Loader<'_> {
             .field("split", &self.split.as_ref().map(|s| (s.rank, s.world)))
             .field("progress", &self.progress.is_some())
             .field("read_mode", &self.read_mode)
+            .field("disk_queue", &self.disk_queue)
             .field("upload", &self.upload)
             .field("adapter", &self.adapter)
             .field("interrupt", &self.interrupt.is_some())
@@ -123,6 +125,7 @@ impl<'a> Loader<'a> {
             split: None,
             progress: None,
             read_mode: ReadMode::Mmap,
+            disk_queue: true,
             upload: Upload::Auto,
             adapter: None,
             interrupt: None,
@@ -182,6 +185,15 @@ impl<'a> Loader<'a> {
     /// How the file is read: mapped (the default) or with positioned reads.
     pub fn read_mode(mut self, mode: ReadMode) -> Self {
         self.read_mode = mode;
+        self
+    }
+
+    /// Whether direct reads from a disk the kernel calls rotational go through one queue
+    /// thread per disk, in order (the default: such disks, virtual ones included, serve one
+    /// in-order stream best), or every reader thread makes its own requests (`false`).
+    /// Disks that take many requests at once (NVMe, SSDs) never queue.
+    pub fn disk_queue(mut self, queued: bool) -> Self {
+        self.disk_queue = queued;
         self
     }
 
@@ -255,6 +267,7 @@ impl<'a> Loader<'a> {
             self.device.clone()?,
             self.adapter.as_deref(),
             self.read_mode,
+            self.disk_queue,
             self.dtype,
             self.upload,
         )
@@ -282,7 +295,7 @@ impl<'a> Loader<'a> {
         if checkpoint::is_multi_file(path) {
             return self.load_opened(&Checkpoint::open(path)?, view);
         }
-        let file = HostFile::open(path, self.read_mode)?;
+        let file = self.open_file(path, self.read_mode)?;
         self.check_slices(|n| file.header().tensors().contains_key(n), Some(path))?;
         let metadata = file.header().metadata().cloned();
         self.load_files(device, Some(path), &[file], view, metadata)
@@ -298,9 +311,10 @@ impl<'a> Loader<'a> {
         } else {
             Threads::Caller
         };
-        let mode = self.read_mode;
+        let (mode, disk_queue) = (self.read_mode, self.disk_queue);
         let files = parallel::map(chosen, threads, |(path, header, names)| {
-            let file = HostFile::open(path, mode)?;
+            let mut file = HostFile::open(path, mode)?;
+            file.set_disk_queue(disk_queue);
             // The layout the checkpoint recorded must still hold.
             for name in names {
                 let now = file.header().tensors().get(name);
@@ -324,6 +338,13 @@ impl<'a> Loader<'a> {
         })?;
         let metadata = checkpoint.metadata().cloned();
         self.load_files(device, Some(checkpoint.path()), &files, view, metadata)
+    }
+
+    /// Opens `path` to be read as `mode` says, with this loader's disk queue choice.
+    fn open_file(&self, path: &Path, mode: ReadMode) -> Result<HostFile<'static>> {
+        let mut file = HostFile::open(path, mode)?;
+        file.set_disk_queue(self.disk_queue);
+        Ok(file)
     }
 
     /// Whether the filter keeps `name`.

@@ -17,7 +17,7 @@ const MAPPED: usize = 256 << 10;
 /// A cache line: the heap's unit, so that a heap buffer starts on a 64-byte boundary.
 #[derive(Debug, Clone, Copy)]
 #[repr(C, align(64))]
-pub(crate) struct Line([u8; 64]);
+pub struct Line([u8; 64]);
 
 // SAFETY: `Line` is 64 bytes with alignment 64: no padding, and every bit pattern (all zeros
 // included) is a valid `[u8; 64]`.
@@ -27,7 +27,11 @@ unsafe impl bytemuck::Pod for Line {}
 
 /// Zeroed host memory of a fixed length, aligned to 64 bytes at least (a page for large ones).
 #[derive(Debug)]
-pub(crate) enum HostBuffer {
+pub struct HostBuffer(Memory);
+
+/// Where a [`HostBuffer`]'s bytes are.
+#[derive(Debug)]
+enum Memory {
     /// From the heap, in cache lines.
     Heap { lines: Vec<Line>, len: usize },
     /// `len` bytes at `start` of an anonymous private mapping.
@@ -40,7 +44,7 @@ pub(crate) enum HostBuffer {
 
 impl HostBuffer {
     /// A zeroed buffer of `len` bytes, or an [`ErrorKind::OutOfMemory`] error.
-    pub(crate) fn zeroed(len: usize) -> Result<HostBuffer> {
+    pub fn zeroed(len: usize) -> Result<HostBuffer> {
         let oom = |why: String| {
             Error::new(
                 ErrorKind::OutOfMemory,
@@ -52,7 +56,7 @@ impl HostBuffer {
         }
         let lines = bytemuck::allocation::try_zeroed_vec(len.div_ceil(64))
             .map_err(|()| oom(String::new()))?;
-        Ok(HostBuffer::Heap { lines, len })
+        Ok(HostBuffer(Memory::Heap { lines, len }))
     }
 
     /// A zeroed anonymous mapping of `len` bytes (at least one page), page-aligned whatever
@@ -61,7 +65,7 @@ impl HostBuffer {
     /// read into huge pages reaches the disk in requests of megabytes, where small pages cut
     /// it at the few hundred pages a request may list (README's performance section has the
     /// figures).
-    pub(crate) fn page_aligned(len: usize) -> Result<HostBuffer> {
+    pub fn page_aligned(len: usize) -> Result<HostBuffer> {
         let oom = |why: String| {
             Error::new(
                 ErrorKind::OutOfMemory,
@@ -85,43 +89,49 @@ impl HostBuffer {
             0..HUGE => 0,
             _ => (map.as_ptr() as usize).next_multiple_of(HUGE) - map.as_ptr() as usize,
         };
-        Ok(HostBuffer::Mapped { map, start, len })
+        Ok(HostBuffer(Memory::Mapped { map, start, len }))
     }
 
     /// A buffer holding a copy of `bytes`.
-    pub(crate) fn copy_of(bytes: &[u8]) -> Result<HostBuffer> {
+    pub fn copy_of(bytes: &[u8]) -> Result<HostBuffer> {
         let mut b = HostBuffer::zeroed(bytes.len())?;
         b.as_mut_bytes().copy_from_slice(bytes);
         Ok(b)
     }
 
     /// The bytes.
-    pub(crate) fn as_bytes(&self) -> &[u8] {
-        match self {
-            HostBuffer::Heap { lines, len } => &bytemuck::cast_slice(lines)[..*len],
-            HostBuffer::Mapped { map, start, len } => &map[*start..*start + *len],
+    pub fn as_bytes(&self) -> &[u8] {
+        match &self.0 {
+            Memory::Heap { lines, len } => &bytemuck::cast_slice(lines)[..*len],
+            Memory::Mapped { map, start, len } => &map[*start..*start + *len],
         }
     }
 
     /// The bytes, writable.
-    pub(crate) fn as_mut_bytes(&mut self) -> &mut [u8] {
-        match self {
-            HostBuffer::Heap { lines, len } => &mut bytemuck::cast_slice_mut(lines)[..*len],
-            HostBuffer::Mapped { map, start, len } => &mut map[*start..*start + *len],
+    pub fn as_mut_bytes(&mut self) -> &mut [u8] {
+        match &mut self.0 {
+            Memory::Heap { lines, len } => &mut bytemuck::cast_slice_mut(lines)[..*len],
+            Memory::Mapped { map, start, len } => &mut map[*start..*start + *len],
         }
     }
 
     /// The number of bytes.
-    pub(crate) fn len(&self) -> usize {
+    pub fn len(&self) -> usize {
         self.as_bytes().len()
+    }
+
+    /// Whether there are no bytes.
+    #[cfg_attr(not(feature = "unstable-internals"), allow(dead_code))]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
 /// The size of a [`Block`]: one huge page.
-pub(crate) const BLOCK: usize = HUGE;
+pub const BLOCK: usize = HUGE;
 
 /// Reads at most this large are carved from shared [`Block`]s (at least 32 per block).
-pub(crate) const BLOCK_PIECE: usize = BLOCK / 32;
+pub const BLOCK_PIECE: usize = BLOCK / 32;
 
 /// One huge page of host memory that many small tensors read one at a time share, each its
 /// own range of it, written once ([`Carved`]) and then only read. Without it each small read
@@ -129,7 +139,7 @@ pub(crate) const BLOCK_PIECE: usize = BLOCK / 32;
 /// a few KB itself); a block costs one fault for all of its tensors. Freed when the last of
 /// them is.
 #[derive(Debug)]
-pub(crate) struct Block {
+pub struct Block {
     /// Owns the memory; never borrowed as a whole once the block is made (writers and readers
     /// each touch their own range, through `base`).
     _memory: HostBuffer,
@@ -151,7 +161,7 @@ impl Block {
     ///
     /// `range` must lie inside the block and be one a [`Carved`] was given and has finished
     /// writing (sealed): nothing writes those bytes any more.
-    pub(crate) unsafe fn bytes(&self, range: std::ops::Range<usize>) -> &[u8] {
+    pub unsafe fn bytes(&self, range: std::ops::Range<usize>) -> &[u8] {
         debug_assert!(range.start <= range.end && range.end <= self.len);
         // SAFETY: inside the block (the caller's contract), written once and now only read.
         unsafe { std::slice::from_raw_parts(self.base.add(range.start), range.len()) }
@@ -161,7 +171,7 @@ impl Block {
 /// Hands out ranges of shared [`Block`]s to small reads, 64-byte aligned, a new block when the
 /// current one is full (the full one lives on while its tensors do).
 #[derive(Debug, Default)]
-pub(crate) struct Carver {
+pub struct Carver {
     /// The block being carved and the bytes of it given out.
     current: std::sync::Mutex<Option<(std::sync::Arc<Block>, usize)>>,
 }
@@ -169,7 +179,7 @@ pub(crate) struct Carver {
 impl Carver {
     /// A range of `len` bytes (at most [`BLOCK_PIECE`]) of a shared block, for the caller alone
     /// to write.
-    pub(crate) fn carve(&self, len: usize) -> Result<Carved> {
+    pub fn carve(&self, len: usize) -> Result<Carved> {
         debug_assert!(len <= BLOCK_PIECE);
         let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
         let fits = |used: usize| used.checked_add(len).is_some_and(|end| end <= BLOCK);
@@ -199,14 +209,14 @@ impl Carver {
 /// A range of a [`Block`] that its holder alone may write; [`seal`](Self::seal) ends the
 /// writing and shares it.
 #[derive(Debug)]
-pub(crate) struct Carved {
+pub struct Carved {
     block: std::sync::Arc<Block>,
     range: std::ops::Range<usize>,
 }
 
 impl Carved {
     /// The range's bytes (zeroed at first), writable.
-    pub(crate) fn as_mut_bytes(&mut self) -> &mut [u8] {
+    pub fn as_mut_bytes(&mut self) -> &mut [u8] {
         // SAFETY: the carver gave this range to this `Carved` alone (ranges never overlap,
         // and it is not `Clone`), inside the block; nobody reads it before it is sealed.
         unsafe {
@@ -215,7 +225,7 @@ impl Carved {
     }
 
     /// The block and the range, written: from now on only read.
-    pub(crate) fn seal(self) -> (std::sync::Arc<Block>, std::ops::Range<usize>) {
+    pub fn seal(self) -> (std::sync::Arc<Block>, std::ops::Range<usize>) {
         (self.block, self.range)
     }
 }
@@ -231,7 +241,7 @@ mod tests {
             assert_eq!(b.len(), len);
             assert!(b.as_bytes().iter().all(|&x| x == 0));
             assert_eq!(b.as_bytes().as_ptr() as usize % 64, 0);
-            assert_eq!(matches!(b, HostBuffer::Mapped { .. }), len >= MAPPED);
+            assert_eq!(matches!(b.0, Memory::Mapped { .. }), len >= MAPPED);
             // Large ones start on a huge-page boundary, so that huge pages can back all of it.
             if len >= HUGE {
                 assert_eq!(b.as_bytes().as_ptr() as usize % HUGE, 0, "{len}");

@@ -11,7 +11,7 @@ const IO_THREADS: usize = 16;
 
 /// Which pool a piece of work runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Threads {
+pub enum Threads {
     /// The calling thread alone: work too small to be worth handing off.
     Caller,
     /// One thread per core: memory-bound work (copies from the page cache, conversions).
@@ -23,7 +23,7 @@ pub(crate) enum Threads {
 /// The cores this process may use, asked once: the standard library's answer reads the
 /// process's cgroup files on every call (an open, reads and a close: more than a small
 /// tensor's whole read costs).
-pub(crate) fn cores() -> usize {
+pub fn cores() -> usize {
     static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
@@ -52,20 +52,20 @@ impl Threads {
 /// process forked from one that made it has none of its threads (a pool there would wait
 /// for ever on work no thread takes), so it makes its own (the parent's copy is left alone,
 /// never dropped: its threads are not there to be joined).
-pub(crate) struct PerProcess<T: 'static> {
+pub struct PerProcess<T: 'static> {
     cell: Mutex<Option<(u32, &'static T)>>,
 }
 
 impl<T: 'static> PerProcess<T> {
     /// None made yet.
-    pub(crate) const fn new() -> Self {
+    pub const fn new() -> Self {
         PerProcess {
             cell: Mutex::new(None),
         }
     }
 
     /// This process's value, made by `make` on first use in it.
-    pub(crate) fn get(&self, make: impl FnOnce() -> T) -> &'static T {
+    pub fn get(&self, make: impl FnOnce() -> T) -> &'static T {
         let pid = std::process::id();
         let mut cell = self.cell.lock().unwrap_or_else(|p| p.into_inner());
         match *cell {
@@ -82,7 +82,7 @@ impl<T: 'static> PerProcess<T> {
 /// Runs `work` on every job on the pool `threads` names (or here, if that pool could not
 /// be started), each worker with its own scratch buffer. Returns the first error; a panic
 /// in `work` becomes an error.
-pub(crate) fn for_each<J: Send>(
+pub fn for_each<J: Send>(
     jobs: Vec<J>,
     threads: Threads,
     work: impl Fn(J, &mut Vec<u8>) -> Result<()> + Sync,
@@ -184,7 +184,7 @@ impl Latch {
 /// is one) stops the queueing, skips the queued jobs not yet started, and is returned once
 /// the running ones have ended: nothing a job writes is in use when this returns.
 #[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
-pub(crate) fn batches<J: Send>(
+pub fn batches<J: Send>(
     threads: Threads,
     ahead: usize,
     mut start: impl FnMut(usize) -> Result<Option<Vec<J>>>,
@@ -278,7 +278,7 @@ fn run_guarded<J>(
 }
 
 /// Runs `work` on every job and returns the results in the jobs' order (see [`for_each`]).
-pub(crate) fn map<J: Send, R: Send>(
+pub fn map<J: Send, R: Send>(
     jobs: Vec<J>,
     threads: Threads,
     work: impl Fn(J) -> Result<R> + Sync,

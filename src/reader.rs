@@ -79,13 +79,15 @@ impl std::fmt::Debug for Reader {
 
 impl Reader {
     /// Opens `path` (a file, a folder of shards or an index) for reads onto `device`
-    /// (resolved now: an absent GPU is an error here), each file read as `mode` says, floating
-    /// tensors cast to `dtype` where given.
+    /// (resolved now: an absent GPU is an error here), each file read as `mode` says (its
+    /// direct reads through its disk's queue where `disk_queue`), floating tensors cast to
+    /// `dtype` where given.
     pub(crate) fn open(
         path: &Path,
         device: Device,
         adapter: Option<&str>,
         mode: ReadMode,
+        disk_queue: bool,
         dtype: Option<Dtype>,
         upload: Upload,
     ) -> Result<Reader> {
@@ -102,6 +104,7 @@ impl Reader {
         for (k, p) in paths.iter().enumerate() {
             let mut file = HostFile::open(p, mode)?;
             file.set_lazy();
+            file.set_disk_queue(disk_queue);
             // One file's header is its own index.
             for (name, _) in file.tensors().filter(|_| paths.len() > 1) {
                 if index.insert(name.to_owned(), k).is_some() {

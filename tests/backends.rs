@@ -440,7 +440,8 @@ fn drop_cache(path: &std::path::Path) {
 
 /// Direct reads give the file's bytes for tensors at every alignment (offsets and lengths
 /// not multiples of 512 or 4096, tensors across the engine's 4 MiB pieces), on a file
-/// dropped from the page cache, on every device; a cold mapped file is read directly too.
+/// dropped from the page cache, on every device, through the disk's queue and without it; a
+/// cold mapped file is read directly too.
 #[test]
 fn direct_reads_give_the_same_bytes_at_every_alignment() {
     let dir = tempfile::tempdir().unwrap();
@@ -467,6 +468,14 @@ fn direct_reads_give_the_same_bytes_at_every_alignment() {
             .load_file(&path)
             .unwrap();
         assert_same(device, &loaded, &want);
+        // Each reader thread making its own requests (no disk queue): the same bytes.
+        drop_cache(&path);
+        let unqueued = Loader::new(device)
+            .read_mode(ReadMode::Direct)
+            .disk_queue(false)
+            .load_file(&path)
+            .unwrap();
+        assert_same(device, &unqueued, &want);
         let report = loaded.report().unwrap();
         println!("{device}: ReadMode::Direct: {:?}", report);
         assert!(

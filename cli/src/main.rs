@@ -14,13 +14,13 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use sha2::{Digest, Sha256};
 
-use tensorplace::bench::{self, BenchArgs};
 use tensorplace::internals::{
     Conversion, HostFile, TensorInfo, is_multi_file, list_devices, write_atomically,
 };
 use tensorplace::{
     Device, Dtype, Error, ErrorKind, Loader, ReadMode, ReadPath, Result, Slice, Tensors, Upload,
 };
+use tensorplace_bench::{self as bench, BenchArgs};
 
 #[derive(Parser)]
 #[command(

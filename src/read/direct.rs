@@ -18,7 +18,7 @@ use crate::read::disk::Queue;
 
 /// The alignment of every direct request: a multiple of every disk's logical block size
 /// in use (512 and 4096 bytes).
-pub(crate) const BLOCK: usize = 4096;
+pub const BLOCK: usize = 4096;
 
 /// The bounce buffer's size: a whole piece and the partial blocks on either side.
 const BOUNCE: usize = PIECE + 2 * BLOCK;
@@ -30,7 +30,7 @@ thread_local! {
 }
 
 /// Opens `path` for direct reads, or says why the file system refuses.
-pub(crate) fn open(path: &Path) -> std::io::Result<File> {
+pub fn open(path: &Path) -> std::io::Result<File> {
     std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_DIRECT)
@@ -40,22 +40,27 @@ pub(crate) fn open(path: &Path) -> std::io::Result<File> {
 /// A file opened for direct reads, with the queue of its disk where that disk has one (see
 /// [`crate::disk`]): every request then goes through the queue.
 #[derive(Debug)]
-pub(crate) struct DirectFile {
+pub struct DirectFile {
     file: File,
     queue: Option<&'static Queue>,
 }
 
 impl DirectFile {
-    /// Opens `path` for direct reads, or says why the file system refuses.
-    pub(crate) fn open(path: &Path) -> std::io::Result<DirectFile> {
+    /// Opens `path` for direct reads, or says why the file system refuses; `queued`: its
+    /// requests go through its disk's queue where the disk has one.
+    pub fn open(path: &Path, queued: bool) -> std::io::Result<DirectFile> {
         let file = open(path)?;
-        let queue = crate::read::disk::queue_for(&file);
+        let queue = if queued {
+            crate::read::disk::queue_for(&file)
+        } else {
+            None
+        };
         Ok(DirectFile { file, queue })
     }
 
     /// Whether its requests go through its disk's queue (so that the threads reading it
     /// need not be many).
-    pub(crate) fn is_queued(&self) -> bool {
+    pub fn is_queued(&self) -> bool {
         self.queue.is_some()
     }
 
@@ -75,7 +80,7 @@ impl DirectFile {
 /// Reads `dst.len()` bytes at `offset` of `file` into `dst`: the whole blocks straight into
 /// `dst` where its address allows (see the module), the rest in aligned requests of up to
 /// [`BOUNCE`] bytes through the bounce buffer.
-pub(crate) fn read(file: &DirectFile, offset: usize, dst: &mut [u8]) -> Result<()> {
+pub fn read(file: &DirectFile, offset: usize, dst: &mut [u8]) -> Result<()> {
     BOUNCE_BUFFER.with(|cell| {
         let mut cell = cell.borrow_mut();
         let bounce = match &mut *cell {

@@ -14,45 +14,10 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Condvar, Mutex};
 
 use crate::parallel::PerProcess;
-
-/// Which disks get a queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Policy {
-    /// Those the kernel calls rotational.
-    Auto,
-    /// None: every reader thread reads for itself (the benchmark's comparison).
-    Never,
-}
-
-static POLICY: AtomicU8 = AtomicU8::new(0);
-
-impl Policy {
-    /// Makes this the policy for files opened for direct reads until the guard drops, then
-    /// puts back the automatic one.
-    #[cfg_attr(not(feature = "bench"), allow(dead_code))]
-    pub(crate) fn for_scope(self) -> impl Drop {
-        struct Restore;
-        impl Drop for Restore {
-            fn drop(&mut self) {
-                POLICY.store(Policy::Auto as u8, Ordering::SeqCst);
-            }
-        }
-        POLICY.store(self as u8, Ordering::SeqCst);
-        Restore
-    }
-}
-
-fn policy() -> Policy {
-    match POLICY.load(Ordering::SeqCst) {
-        0 => Policy::Auto,
-        _ => Policy::Never,
-    }
-}
 
 /// A read to do: `len` bytes at `offset` of the open file `fd` into `ptr`.
 struct Request {
@@ -71,7 +36,7 @@ struct Request {
 unsafe impl Send for Request {}
 
 /// The requests of one disk, served in order by its thread.
-pub(crate) struct Queue {
+pub struct Queue {
     pending: Mutex<Vec<Request>>,
     ready: Condvar,
 }
@@ -99,14 +64,14 @@ impl Queue {
 
     /// A queue of its own, whatever the disk, for tests of the reads made through one.
     #[cfg(test)]
-    pub(crate) fn for_tests() -> &'static Queue {
+    pub fn for_tests() -> &'static Queue {
         static QUEUE: std::sync::OnceLock<&'static Queue> = std::sync::OnceLock::new();
         QUEUE.get_or_init(|| Queue::start().expect("a thread for the test queue"))
     }
 
     /// Reads `buf.len()` bytes at `offset` of `file` into `buf`, on the queue's thread (a
     /// `pread` there, its result here), running `meanwhile` on this thread while it waits.
-    pub(crate) fn read_at_while(
+    pub fn read_at_while(
         &self,
         file: &File,
         buf: &mut [u8],
@@ -185,10 +150,7 @@ impl Queue {
 
 /// The queue of the disk holding `file`, where the policy gives it one (a rotational
 /// disk), or `None`: its reads are then made by the reader threads themselves.
-pub(crate) fn queue_for(file: &File) -> Option<&'static Queue> {
-    if policy() == Policy::Never {
-        return None;
-    }
+pub fn queue_for(file: &File) -> Option<&'static Queue> {
     let dev = file.metadata().ok()?.dev();
     // Per process: a forked child has none of its parent's queue threads.
     static QUEUES: PerProcess<Mutex<HashMap<u64, Option<&'static Queue>>>> = PerProcess::new();

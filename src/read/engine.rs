@@ -26,7 +26,7 @@ const RUN_SPAN: usize = PIECE;
 const RUN_GAP: usize = 64 << 10;
 
 /// A piece of a load: the bytes `src` of `file` go to `dst`.
-pub(crate) struct Piece<'n, D> {
+pub struct Piece<'n, D> {
     /// The tensor the bytes belong to, for errors.
     pub tensor: &'n str,
     /// The file they come from.
@@ -38,7 +38,7 @@ pub(crate) struct Piece<'n, D> {
 }
 
 /// Where a piece's bytes go.
-pub(crate) trait Destination: Send {
+pub trait Destination: Send {
     /// Takes the piece's bytes from `src`.
     fn write(self, src: Source<'_>) -> Result<()>;
 }
@@ -51,7 +51,7 @@ impl Destination for &mut [u8] {
 }
 
 /// Host memory that receives the piece converted from one dtype to another.
-pub(crate) struct Converted<'a> {
+pub struct Converted<'a> {
     /// The conversion.
     pub conversion: Conversion,
     /// The output, `conversion.output_len(src.len())` bytes.
@@ -66,7 +66,7 @@ impl Destination for Converted<'_> {
 }
 
 /// The bytes of one piece, on their way: in memory already, or to be read.
-pub(crate) struct Source<'a> {
+pub struct Source<'a> {
     file: &'a HostFile<'a>,
     span: Span<'a>,
     fetch: Fetch,
@@ -78,14 +78,14 @@ pub(crate) struct Source<'a> {
 
 impl<'a> Source<'a> {
     /// Copies (or reads) the bytes into `dst`, which must have the piece's length.
-    pub(crate) fn read_into(self, dst: &mut [u8]) -> Result<()> {
+    pub fn read_into(self, dst: &mut [u8]) -> Result<()> {
         let memory = self.memory();
         read_span(self.file, self.fetch, memory, &self.span, dst)
     }
 
     /// The bytes: borrowed from memory where they are one run there, else read (or
     /// gathered) into the thread's scratch buffer.
-    pub(crate) fn bytes(self) -> Result<&'a [u8]> {
+    pub fn bytes(self) -> Result<&'a [u8]> {
         let memory = self.memory();
         let mut segments = self.span.gather.segments(self.span.dense.clone());
         if let (Some(memory), Some((range, _)), None) = (memory, segments.next(), segments.next()) {
@@ -173,12 +173,7 @@ fn read(file: &HostFile<'_>, fetch: Fetch, at: usize, dst: &mut [u8]) -> Result<
 /// offset is a multiple of `align` goes at the first offset congruent to its file offset
 /// modulo the direct-read block, so that its whole blocks are read straight into the buffer
 /// with no bounce copy (at most one block of the buffer left unused); anything else at `at`.
-pub(crate) fn staging_offset(
-    at: usize,
-    file: &HostFile<'_>,
-    src: &Span<'_>,
-    align: usize,
-) -> usize {
+pub fn staging_offset(at: usize, file: &HostFile<'_>, src: &Span<'_>, align: usize) -> usize {
     let block = crate::read::direct::BLOCK;
     match src.as_range() {
         Some(r) if r.len() >= LONG_RUN && r.start % align == 0 && file.fetch() == Fetch::Direct => {
@@ -192,7 +187,7 @@ pub(crate) fn staging_offset(
 /// disk by the reader threads themselves, so that many requests are in flight; else one
 /// thread per core (copies from memory, and reads that a disk's queue makes: the threads
 /// copy while it reads, and more of them than cores would only take the cores it needs).
-pub(crate) fn pool_for<'f>(files: impl IntoIterator<Item = &'f HostFile<'f>>) -> Threads {
+pub fn pool_for<'f>(files: impl IntoIterator<Item = &'f HostFile<'f>>) -> Threads {
     let own_reads = |f: &HostFile<'_>| f.fetch() != Fetch::Memory && !f.is_queued();
     match files.into_iter().any(own_reads) {
         true => Threads::Io,
@@ -207,7 +202,7 @@ pub(crate) fn pool_for<'f>(files: impl IntoIterator<Item = &'f HostFile<'f>>) ->
 ///
 /// How is each file's [`fetch`](HostFile::fetch): copies from memory run on one thread per
 /// core, reads from a disk on the reader pool's many threads.
-pub(crate) fn read_pieces<D: Destination>(
+pub fn read_pieces<D: Destination>(
     pieces: Vec<Piece<'_, D>>,
     advance: &(dyn Fn(u64) -> Result<()> + Sync),
 ) -> Result<()> {
@@ -234,7 +229,7 @@ pub(crate) fn read_pieces<D: Destination>(
 /// [`read_pieces`]'s; the first stops the rest, and nothing is being written when this
 /// returns.
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
-pub(crate) fn read_batches<'d, D: Destination + 'd>(
+pub fn read_batches<'d, D: Destination + 'd>(
     threads: Threads,
     ahead: usize,
     mut start: impl FnMut(usize) -> Result<Option<Vec<Piece<'d, D>>>>,

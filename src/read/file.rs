@@ -68,6 +68,8 @@ pub struct HostFile<'a> {
     partial: std::sync::atomic::AtomicBool,
     /// Whether it serves lazy reads of one tensor at a time (see `set_lazy`).
     lazy: bool,
+    /// Whether its direct reads may go through its disk's queue (see `set_disk_queue`).
+    disk_queue: bool,
 }
 
 impl std::fmt::Debug for HostFile<'_> {
@@ -175,6 +177,7 @@ impl<'a> HostFile<'a> {
             fetch: OnceLock::new(),
             partial: std::sync::atomic::AtomicBool::new(false),
             lazy: false,
+            disk_queue: true,
         }
     }
 
@@ -217,6 +220,13 @@ impl<'a> HostFile<'a> {
         self.lazy = true;
     }
 
+    /// Whether its direct reads go through its disk's queue where the disk has one (the
+    /// default: see [`crate::read::disk`]), or each reader thread makes its own requests.
+    /// Takes effect before the file's first direct read.
+    pub fn set_disk_queue(&mut self, queued: bool) {
+        self.disk_queue = queued;
+    }
+
     /// Whether the file serves lazy reads (see `set_lazy`).
     pub(crate) fn is_lazy(&self) -> bool {
         self.lazy
@@ -244,7 +254,7 @@ impl<'a> HostFile<'a> {
     fn direct_file(&self) -> std::result::Result<&DirectFile, &str> {
         self.direct
             .get_or_init(|| match &self.path {
-                Some(p) => DirectFile::open(p).map_err(|e| {
+                Some(p) => DirectFile::open(p, self.disk_queue).map_err(|e| {
                     format!("the file system refuses O_DIRECT ({e}): positioned reads instead")
                 }),
                 None => Err("caller bytes cannot be read directly".to_owned()),

@@ -5,7 +5,7 @@
 use std::ops::Range;
 
 /// Splits `range` into consecutive ranges of at most `max` bytes (an empty range gives none).
-pub(crate) fn chunks(range: Range<usize>, max: usize) -> impl Iterator<Item = Range<usize>> {
+pub fn chunks(range: Range<usize>, max: usize) -> impl Iterator<Item = Range<usize>> {
     let max = max.max(1);
     let end = range.end;
     range
@@ -17,7 +17,7 @@ pub(crate) fn chunks(range: Range<usize>, max: usize) -> impl Iterator<Item = Ra
 /// a tensor that is not contiguous in the file, runs of `width` bytes repeated over `outer`
 /// dimensions (`(count, stride)` pairs, the last varying fastest), concatenated in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Gather {
+pub struct Gather {
     start: usize,
     width: usize,
     outer: Vec<(usize, usize)>,
@@ -72,6 +72,11 @@ impl Gather {
             * self.width
     }
 
+    /// Whether no byte is gathered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// The length of each run.
     pub fn width(&self) -> usize {
         self.width
@@ -79,7 +84,7 @@ impl Gather {
 
     /// The file range from the first byte gathered to the last (empty where none is).
     pub fn bounds(&self) -> Range<usize> {
-        if self.len() == 0 {
+        if self.is_empty() {
             return self.start..self.start;
         }
         // Strides are positive: the last run starts furthest into the file.
@@ -133,7 +138,7 @@ impl Gather {
 
 /// The file ranges of part of a [`Gather`], run after run: an odometer over the outer
 /// dimensions, so that each step costs an addition.
-pub(crate) struct Segments<'g> {
+pub struct Segments<'g> {
     gather: &'g Gather,
     digits: Vec<usize>,
     run_start: usize,
@@ -169,7 +174,7 @@ impl Iterator for Segments<'_> {
 
 /// Input bytes of a piece: the range `dense` of a gather's bytes.
 #[derive(Debug, Clone)]
-pub(crate) struct Span<'g> {
+pub struct Span<'g> {
     /// The tensor's gather.
     pub gather: &'g Gather,
     /// The bytes of it, in gathered order.
@@ -188,6 +193,12 @@ impl<'g> Span<'g> {
     /// Its length in bytes.
     pub fn len(&self) -> usize {
         self.dense.len()
+    }
+
+    /// Whether it has no bytes.
+    #[cfg_attr(not(feature = "unstable-internals"), allow(dead_code))]
+    pub fn is_empty(&self) -> bool {
+        self.dense.is_empty()
     }
 
     /// The part of it at `range` (relative to its start).

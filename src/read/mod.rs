@@ -4,21 +4,21 @@
 //! [`gather`] (which bytes of a file a tensor or a slice takes) and [`engine`] (pieces of
 //! many files read into their destinations on every core).
 
-pub(crate) mod direct;
-pub(crate) mod disk;
-pub(crate) mod engine;
-pub(crate) mod file;
-pub(crate) mod gather;
+pub mod direct;
+pub mod disk;
+pub mod engine;
+pub mod file;
+pub mod gather;
 
 /// Input bytes per unit of work: big enough to amortize a thread's start, small enough that
 /// every thread has work. A multiple of every element size and of 4 KiB.
-pub(crate) const PIECE: usize = 4 << 20;
+pub const PIECE: usize = 4 << 20;
 
 /// Runs at least this long of a file a load takes a small part of are read with `pread`
 /// rather than copied out of the mapping (see `HostFile::mark_partial`).
-pub(crate) const LONG_RUN: usize = 64 << 10;
+pub const LONG_RUN: usize = 64 << 10;
 
 /// Pieces shorter than this that are read from a disk (directly or with `pread`) are read
 /// together with their neighbours in the file: one request for a run of them, so that a file
 /// of many small tensors (norms, biases, scales) costs a few large requests, not one each.
-pub(crate) const SMALL: usize = 256 << 10;
+pub const SMALL: usize = 256 << 10;

@@ -16,13 +16,13 @@ use crate::error::{Error, ErrorKind, Result};
 /// the caller had current (torch's or candle's, perhaps on another GPU) is current again
 /// afterwards. Pushing reads no error cudarc recorded on the context, so clean-up (frees,
 /// unregistering) always runs in the right context. Tied to its thread.
-pub(crate) struct Current {
+pub struct Current {
     _thread: PhantomData<*const ()>,
 }
 
 impl Current {
     /// Makes `ctx` current until the guard drops.
-    pub(crate) fn push(ctx: &CudaContext) -> Result<Current> {
+    pub fn push(ctx: &CudaContext) -> Result<Current> {
         // SAFETY: `cu_ctx` is the context `ctx` keeps alive (retained by cudarc); pushing it
         // changes only this thread's context stack, popped once by Drop.
         unsafe { sys::cuCtxPushCurrent_v2(ctx.cu_ctx()) }
@@ -35,7 +35,7 @@ impl Current {
 
     /// Makes `ctx` current again, in the pushed entry's place, after code that is not ours
     /// (a progress callback) may have changed the thread's current context.
-    pub(crate) fn restore(&self, ctx: &CudaContext) -> Result<()> {
+    pub fn restore(&self, ctx: &CudaContext) -> Result<()> {
         let current = result::ctx::get_current()
             .map_err(|e| driver_err(ctx.ordinal(), "reading the current context", e))?;
         if current != Some(ctx.cu_ctx()) {
@@ -57,14 +57,14 @@ impl Drop for Current {
 
 /// A device allocation, freed on drop.
 #[derive(Debug)]
-pub(crate) struct Arena {
+pub struct Arena {
     ctx: Arc<CudaContext>,
     ptr: CUdeviceptr,
 }
 
 impl Arena {
     /// Allocates `len` bytes (at least one) on the context's device.
-    pub(crate) fn alloc(ctx: &Arc<CudaContext>, len: usize) -> Result<Arena> {
+    pub fn alloc(ctx: &Arc<CudaContext>, len: usize) -> Result<Arena> {
         let ordinal = ctx.ordinal();
         let _current = Current::push(ctx)?;
         // SAFETY: the context is current on this thread; the pointer is freed exactly once, by Drop.
@@ -82,12 +82,12 @@ impl Arena {
     }
 
     /// The device address of the first byte.
-    pub(crate) fn ptr(&self) -> CUdeviceptr {
+    pub fn ptr(&self) -> CUdeviceptr {
         self.ptr
     }
 
     /// The context that owns the allocation.
-    pub(crate) fn context(&self) -> &Arc<CudaContext> {
+    pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
     }
 }
@@ -105,7 +105,7 @@ impl Drop for Arena {
 /// Page-locked host memory from `cuMemHostAlloc`, with the event of the last copy that
 /// reads it: [`host_mut`](Self::host_mut) waits for that copy before lending the bytes, as
 /// cudarc's `PinnedHostSlice` does.
-pub(crate) struct Pinned {
+pub struct Pinned {
     ctx: Arc<CudaContext>,
     ptr: *mut u8,
     len: usize,
@@ -118,7 +118,7 @@ unsafe impl Send for Pinned {}
 
 impl Pinned {
     /// Allocates `len` bytes of page-locked host memory.
-    pub(crate) fn alloc(ctx: &Arc<CudaContext>, len: usize) -> Result<Pinned> {
+    pub fn alloc(ctx: &Arc<CudaContext>, len: usize) -> Result<Pinned> {
         let ordinal = ctx.ordinal();
         let _current = Current::push(ctx)?;
         // SAFETY: the context is current; the pointer is freed exactly once, by Drop.
@@ -138,7 +138,7 @@ impl Pinned {
     }
 
     /// The bytes, writable, once the last copy reading them has completed.
-    pub(crate) fn host_mut(&mut self) -> Result<&mut [u8]> {
+    pub fn host_mut(&mut self) -> Result<&mut [u8]> {
         if let Some(e) = self.last_copy.take() {
             e.synchronize().map_err(|e| {
                 driver_err(
@@ -159,7 +159,7 @@ impl Pinned {
     /// # Safety
     /// The caller keeps this buffer alive, queues no copy from it and takes no other view of
     /// its bytes while the slice is in use.
-    pub(crate) unsafe fn host_unbound<'x>(&mut self) -> Result<&'x mut [u8]> {
+    pub unsafe fn host_unbound<'x>(&mut self) -> Result<&'x mut [u8]> {
         let bytes = self.host_mut()?;
         // SAFETY: the same bytes `host_mut` lends, waited for; the caller keeps the contract
         // above in place of the borrow.
@@ -168,13 +168,13 @@ impl Pinned {
 
     /// The address of byte `offset`, for a copy queued on a stream. The caller must call
     /// [`copied_on`](Self::copied_on) after queuing its copies.
-    pub(crate) fn device_source(&self, offset: usize) -> *const std::ffi::c_void {
+    pub fn device_source(&self, offset: usize) -> *const std::ffi::c_void {
         // SAFETY: callers pass offsets inside the buffer (at most `len`).
         unsafe { self.ptr.add(offset.min(self.len)) }.cast()
     }
 
     /// Records that copies reading this buffer were queued on `stream`.
-    pub(crate) fn copied_on(&mut self, stream: &CudaStream) -> Result<()> {
+    pub fn copied_on(&mut self, stream: &CudaStream) -> Result<()> {
         let ordinal = self.ctx.ordinal();
         let e = self
             .ctx

@@ -36,9 +36,9 @@ use crate::read::gather::Span;
 
 pub use kernels::CONVERT_PTX;
 use kernels::Kernels;
-#[cfg(feature = "bench")]
-pub(crate) use memory::Pinned;
-pub(crate) use memory::{Arena, Current};
+#[cfg(feature = "unstable-internals")]
+pub use memory::Pinned;
+pub use memory::{Arena, Current};
 
 /// Alignment of each tensor's start in the arena.
 pub(crate) const ALIGN: usize = 256;
@@ -51,7 +51,8 @@ const SCRATCH: usize = 512 << 20;
 /// 12.8): older ones mark every unregistered page dirty, a write-back of the whole file.
 const CLEAN_REGISTER_DRIVER: i32 = 12080;
 
-pub(crate) fn driver_err(ordinal: usize, what: &str, e: DriverError) -> Error {
+/// A driver call's failure as a [`ErrorKind::Backend`] error naming the device and the step.
+pub fn driver_err(ordinal: usize, what: &str, e: DriverError) -> Error {
     Error::new(ErrorKind::Backend, format!("cuda:{ordinal}: {what}: {e}")).with_source(e)
 }
 
@@ -256,7 +257,7 @@ impl CudaBackend {
 
     /// Makes the device's context current on this thread until the guard drops, when the
     /// caller's is restored.
-    pub(crate) fn current(&self) -> Result<Current> {
+    pub fn current(&self) -> Result<Current> {
         Current::push(&self.ctx)
     }
 

@@ -139,7 +139,7 @@ pub(super) fn open(
 
 /// Host memory imported into the device: its bytes are written by the host through
 /// [`as_ptr`](Self::as_ptr) while no submission that reads them is pending.
-pub(crate) struct HostRegion {
+pub struct HostRegion {
     /// Owns the memory (an anonymous mapping); never touched through a reference once the
     /// region exists, only through `ptr`.
     _memory: HostBuffer,
@@ -156,13 +156,19 @@ unsafe impl Sync for HostRegion {}
 
 impl HostRegion {
     /// The first byte.
-    pub(crate) fn as_ptr(&self) -> *mut u8 {
+    pub fn as_ptr(&self) -> *mut u8 {
         self.ptr
     }
 
     /// Its length in bytes.
-    pub(crate) fn len(&self) -> usize {
+    pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// Whether it has no bytes.
+    #[cfg_attr(not(feature = "unstable-internals"), allow(dead_code))]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 

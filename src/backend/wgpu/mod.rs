@@ -19,10 +19,10 @@ mod ring;
 mod scratch;
 mod upload;
 
-#[cfg(feature = "bench")]
-pub(crate) use host_import::HostRegion;
-#[cfg(feature = "bench")]
-pub(crate) use ring::{RING, STAGING};
+#[cfg(feature = "unstable-internals")]
+pub use host_import::HostRegion;
+#[cfg(feature = "unstable-internals")]
+pub use ring::{RING, STAGING};
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -432,11 +432,8 @@ impl WgpuBackend {
 
     /// `len` bytes of fresh host memory imported as a `COPY_SRC` buffer, as the staging
     /// ring's are (`None` where the device cannot import host memory): for the harness.
-    #[cfg(feature = "bench")]
-    pub(crate) fn import_host(
-        &self,
-        len: usize,
-    ) -> Option<Result<(wgpu::Buffer, Arc<HostRegion>)>> {
+    #[cfg(feature = "unstable-internals")]
+    pub fn import_host(&self, len: usize) -> Option<Result<(wgpu::Buffer, Arc<HostRegion>)>> {
         let importer = self.importer.as_ref()?;
         Some(importer.import(&self.device, len))
     }
@@ -483,7 +480,8 @@ impl WgpuBackend {
         Ok(out)
     }
 
-    pub(crate) fn wait(&self, index: Option<wgpu::SubmissionIndex>) -> Result<()> {
+    /// Waits for the device: until submission `index` is done, or all queued work.
+    pub fn wait(&self, index: Option<wgpu::SubmissionIndex>) -> Result<()> {
         self.device
             .poll(wgpu::PollType::Wait {
                 submission_index: index,
@@ -493,12 +491,9 @@ impl WgpuBackend {
             .map_err(|e| backend_err(format!("waiting for the device: {e}")))
     }
 
-    pub(crate) fn new_buffer(
-        &self,
-        label: &str,
-        size: u64,
-        usage: wgpu::BufferUsages,
-    ) -> wgpu::Buffer {
+    /// A new unmapped buffer of `size` bytes and `usage`, labelled `label` (within an error
+    /// scope of the caller's where a failure must be caught).
+    pub fn new_buffer(&self, label: &str, size: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
         self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size,

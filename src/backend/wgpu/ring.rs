@@ -19,9 +19,9 @@ use crate::read::file::HostFile;
 use crate::read::gather::{self, Span};
 
 /// Staging buffers in the ring.
-pub(crate) const RING: usize = 4;
+pub const RING: usize = 4;
 /// Size of one staging buffer (less where the device allows less).
-pub(crate) const STAGING: u64 = 64 << 20;
+pub const STAGING: u64 = 64 << 20;
 /// One piece of a tensor on its way through the ring: the bytes `src` of `file` into `dst`
 /// at `dst_offset`.
 #[derive(Clone)]

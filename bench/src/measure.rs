@@ -5,8 +5,8 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Instant;
 
-use crate::error::Result;
-use crate::memory::HostBuffer;
+use tensorplace::Result;
+use tensorplace::internals::HostBuffer;
 
 /// What a measured path is to the others in its group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -256,8 +256,8 @@ pub fn table(rows: &[Row]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::{Error, ErrorKind};
     use std::time::Duration;
+    use tensorplace::{Error, ErrorKind};
 
     #[test]
     fn medians_and_ratios() {

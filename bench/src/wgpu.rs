@@ -8,13 +8,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::measure::{BenchPath, Group, Role};
-use crate::backend::wgpu::{HostRegion, RING, STAGING, WgpuBackend};
-use crate::device::Device;
-use crate::error::{Error, ErrorKind, Result};
-use crate::loader::Loader;
-use crate::plan::Upload;
-use crate::read::file::{HostFile, ReadMode};
-use crate::read::gather::{self, Gather, Span};
+use tensorplace::internals::{
+    Gather, HostFile, HostRegion, RING, STAGING, Span, WgpuBackend, chunks,
+};
+use tensorplace::{Device, Error, ErrorKind, Loader, ReadMode, Result, Upload};
 
 /// Bytes the baseline writes between submissions, so that wgpu's staging copies of the
 /// writes do not pile up into a second copy of the whole file.
@@ -41,7 +38,7 @@ pub(super) fn group(index: Option<usize>, path: &Path) -> Result<Group<'_>> {
     let baseline = backend.clone();
     let mut paths = vec![
         BenchPath::new(label, Role::Ours, move || {
-            let t = crate::load_file(path, device)?;
+            let t = tensorplace::load_file(path, device)?;
             drop(t);
             Ok(())
         }),
@@ -105,7 +102,7 @@ fn fill_alone(path: &Path, ring: &[(wgpu::Buffer, Arc<HostRegion>)]) -> Result<(
     let gather = Gather::contiguous(start..start + file.header().data_len());
     let data = Span::all(&gather);
     let size = ring.first().map_or(0, |(_, host)| host.len());
-    for (k, r) in gather::chunks(0..data.len(), size).enumerate() {
+    for (k, r) in chunks(0..data.len(), size).enumerate() {
         let host = &ring[k % ring.len()].1;
         // SAFETY: no GPU work reads this memory (this stage submits none), and this run is
         // its only writer.

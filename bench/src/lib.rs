@@ -22,11 +22,8 @@ mod wgpu;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::backend;
-use crate::device::Device;
-use crate::dtype::Dtype;
-use crate::error::{Error, ErrorKind, Result};
-use crate::read::file::{HostFile, ReadMode};
+use tensorplace::internals::{HostFile, list_devices};
+use tensorplace::{Device, Dtype, Error, ErrorKind, ReadMode, Result};
 
 use measure::median;
 pub use measure::{BenchPath, Group, Role, Row, drop_cache, measure, table};
@@ -126,7 +123,7 @@ pub fn machine() -> serde_json::Value {
     serde_json::json!({
         "cpu": cpu,
         "cores": std::thread::available_parallelism().map_or(1, |n| n.get()),
-        "devices": backend::list(),
+        "devices": list_devices(),
     })
 }
 
@@ -182,9 +179,9 @@ pub fn direct_read_path(path: &Path) -> BenchPath<'_> {
         Role::Ceiling,
         move || {
             use std::os::unix::fs::FileExt;
-            let f = crate::read::direct::open(path)
+            let f = tensorplace::internals::open_direct(path)
                 .map_err(|e| Error::io("opening with O_DIRECT", Some(path), e))?;
-            let mut buf = crate::memory::HostBuffer::page_aligned(8 << 20)?;
+            let mut buf = tensorplace::internals::HostBuffer::page_aligned(8 << 20)?;
             let mut at = 0u64;
             loop {
                 let n = f
@@ -245,7 +242,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if args.sweep {
         return sweep(args, dir.path());
     }
-    if args.checkpoint || crate::checkpoint::is_multi_file(&path) {
+    if args.checkpoint || tensorplace::internals::is_multi_file(&path) {
         return checkpoints(args, &path, dir.path());
     }
     let file = HostFile::open(&path, ReadMode::Mmap)?;
@@ -353,9 +350,9 @@ impl Report {
 /// The checkpoint groups (see [`BenchArgs::checkpoint`]): `input` is the synthetic file, or
 /// the user's checkpoint folder.
 fn checkpoints(args: &BenchArgs, input: &Path, tmp: &Path) -> Result<()> {
-    let (one, sharded) = if crate::checkpoint::is_multi_file(input) {
+    let (one, sharded) = if tensorplace::internals::is_multi_file(input) {
         let one = tmp.join("one.safetensors");
-        crate::save_file(&crate::load_file(input, Device::Cpu)?, &one, None)?;
+        tensorplace::save_file(&tensorplace::load_file(input, Device::Cpu)?, &one, None)?;
         (one, input.to_path_buf())
     } else {
         let sharded = tmp.join("sharded");
@@ -363,7 +360,7 @@ fn checkpoints(args: &BenchArgs, input: &Path, tmp: &Path) -> Result<()> {
         checkpoint::write_sharded(input, &sharded, 8)?;
         (input.to_path_buf(), sharded)
     };
-    let ckpt = crate::open(&sharded)?;
+    let ckpt = tensorplace::open(&sharded)?;
     let bytes = ckpt.data_len();
     say!(
         "checkpoint: {} ({} files, {} tensors, {} data bytes) against {}; {} runs after a warm-up, page cache warm",
@@ -390,7 +387,7 @@ fn checkpoints(args: &BenchArgs, input: &Path, tmp: &Path) -> Result<()> {
     let many = tmp.join("many");
     std::fs::create_dir_all(&many).map_err(|e| Error::io("creating", Some(&many), e))?;
     checkpoint::write_many(&many, 100, 1000)?;
-    let opened = crate::open(&many)?;
+    let opened = tensorplace::open(&many)?;
     let header_bytes: u64 = opened
         .files()
         .map(|f| std::fs::metadata(f).map_or(0, |m| m.len()))
@@ -430,7 +427,7 @@ fn sweep(args: &BenchArgs, dir: &Path) -> Result<()> {
             unsafe { libc::sync() };
             measure::prime_memory(bytes);
             let t = Instant::now();
-            let loaded = crate::load_file(p, d)?;
+            let loaded = tensorplace::load_file(p, d)?;
             drop(loaded);
             if i > 0 {
                 v.push(t.elapsed().as_secs_f64());

@@ -8,10 +8,8 @@ use std::path::Path;
 use cudarc::driver::sys;
 
 use super::measure::{BenchPath, Group, Role};
-use crate::backend::cuda::{Arena, CudaBackend, Pinned, driver_err};
-use crate::device::Device;
-use crate::error::Result;
-use crate::read::file::{HostFile, ReadMode};
+use tensorplace::internals::{Arena, CudaBackend, HostFile, Pinned, driver_err};
+use tensorplace::{Device, ReadMode, Result};
 
 /// The group for device `ordinal`.
 pub(super) fn group(ordinal: usize, path: &Path) -> Result<Group<'_>> {
@@ -30,7 +28,7 @@ pub(super) fn group(ordinal: usize, path: &Path) -> Result<Group<'_>> {
         device: device.to_string(),
         paths: vec![
             BenchPath::new("tensorplace load_file", Role::Ours, move || {
-                let t = crate::load_file(path, device)?;
+                let t = tensorplace::load_file(path, device)?;
                 drop(t);
                 Ok(())
             }),

@@ -3,11 +3,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::dtype::Dtype;
-use crate::error::Result;
-use crate::memory::HostBuffer;
-use crate::storage::{CpuStorage, Storage};
-use crate::tensor::{Tensor, Tensors};
+use tensorplace::internals::{HostBuffer, host_tensor};
+use tensorplace::{Dtype, Result, Tensors};
 
 /// What a synthetic checkpoint holds.
 #[derive(Debug, Clone)]
@@ -78,14 +75,10 @@ pub fn synthetic_tensors(spec: &Synthetic) -> Result<Tensors> {
     let mut tensors = Tensors::new();
     let mut at = 0usize;
     for (name, dtype, shape, len) in plan {
-        let storage = CpuStorage::owned(arena.clone(), at..at + len);
-        tensors.insert(
-            name,
-            Tensor::from_parts(dtype, shape, Storage::Cpu(storage)),
-        );
+        tensors.insert(name, host_tensor(dtype, shape, arena.clone(), at..at + len));
         at += len;
     }
-    let mut md = crate::Metadata::new();
+    let mut md = tensorplace::Metadata::new();
     md.insert("format".into(), "pt".into());
     md.insert("generator".into(), "tensorplace synthetic".into());
     tensors.set_metadata(Some(md));
@@ -95,7 +88,7 @@ pub fn synthetic_tensors(spec: &Synthetic) -> Result<Tensors> {
 /// Writes a synthetic checkpoint to `path`.
 pub fn write_synthetic(path: &Path, spec: &Synthetic) -> Result<()> {
     let t = synthetic_tensors(spec)?;
-    crate::save_file(&t, path, None)
+    tensorplace::save_file(&t, path, None)
 }
 
 /// `len` pseudo-random bytes (xorshift64*).
@@ -118,12 +111,9 @@ pub(crate) fn write_sized(path: &Path, sizes: &[usize]) -> Result<()> {
     let mut tensors = Tensors::new();
     let mut at = 0usize;
     for (i, &len) in sizes.iter().enumerate() {
-        let storage = CpuStorage::owned(arena.clone(), at..at + len);
-        tensors.insert(
-            format!("t{i:05}"),
-            Tensor::from_parts(Dtype::U8, vec![len], Storage::Cpu(storage)),
-        );
+        let t = host_tensor(Dtype::U8, vec![len], arena.clone(), at..at + len);
+        tensors.insert(format!("t{i:05}"), t);
         at += len;
     }
-    crate::save_file(&tensors, path, None)
+    tensorplace::save_file(&tensors, path, None)
 }

@@ -8,11 +8,7 @@ use safetensors::SafeTensors;
 
 use super::cpu::{map, reference_err};
 use super::measure::{BenchPath, Group, Role};
-use crate::checkpoint::INDEX_NAME;
-use crate::device::Device;
-use crate::error::{Error, ErrorKind, Result};
-use crate::loader::Loader;
-use crate::tensor::{Tensor, Tensors};
+use tensorplace::{Device, Error, ErrorKind, INDEX_NAME, Loader, Result, Tensor, Tensors};
 
 /// The parts of the tensor-parallel row: part 0 of this many.
 pub(super) const WORLD: usize = 8;
@@ -20,7 +16,7 @@ pub(super) const WORLD: usize = 8;
 /// Writes the tensors of the file `one` into `shards` files of `dir` (tensors in file order,
 /// cut into runs of about equal bytes, as `transformers` cuts), with their index.
 pub(super) fn write_sharded(one: &Path, dir: &Path, shards: usize) -> Result<()> {
-    let all = crate::load_file(one, Device::Cpu)?;
+    let all = tensorplace::load_file(one, Device::Cpu)?;
     let total = all.total_bytes().max(1);
     let mut weight_map = serde_json::Map::new();
     let mut part = Tensors::new();
@@ -32,11 +28,11 @@ pub(super) fn write_sharded(one: &Path, dir: &Path, shards: usize) -> Result<()>
         weight_map.insert(tensor_name.to_owned(), name(k).into());
         done += t.len_bytes();
         if done * shards >= total * (k + 1) && k + 1 < shards {
-            crate::save_file(&std::mem::take(&mut part), dir.join(name(k)), None)?;
+            tensorplace::save_file(&std::mem::take(&mut part), dir.join(name(k)), None)?;
             k += 1;
         }
     }
-    crate::save_file(&part, dir.join(name(k)), None)?;
+    tensorplace::save_file(&part, dir.join(name(k)), None)?;
     let index = serde_json::json!({
         "metadata": {"total_size": all.total_bytes()},
         "weight_map": weight_map,
@@ -58,7 +54,7 @@ pub(super) fn write_many(dir: &Path, shards: usize, per_shard: usize) -> Result<
             t.insert(name.clone(), Tensor::from_slice(vec![2, 2], &values)?);
             weight_map.insert(name, file.clone().into());
         }
-        crate::save_file(&t, dir.join(&file), None)?;
+        tensorplace::save_file(&t, dir.join(&file), None)?;
     }
     let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
     std::fs::write(dir.join(INDEX_NAME), index.to_string())
@@ -80,7 +76,7 @@ fn tp_dim(name: &str, shape: &[usize]) -> Option<usize> {
 /// one tensor-parallel part against the whole.
 pub(super) fn groups<'a>(device: Device, one: &'a Path, dir: &'a Path) -> Vec<Group<'a>> {
     let whole = move || -> Result<()> {
-        let t = crate::load_file(dir, device)?;
+        let t = tensorplace::load_file(dir, device)?;
         std::hint::black_box(t.len());
         Ok(())
     };
@@ -92,7 +88,7 @@ pub(super) fn groups<'a>(device: Device, one: &'a Path, dir: &'a Path) -> Vec<Gr
                 "tensorplace load_file(the same tensors in one file)",
                 Role::Baseline,
                 move || {
-                    let t = crate::load_file(one, device)?;
+                    let t = tensorplace::load_file(one, device)?;
                     std::hint::black_box(t.len());
                     Ok(())
                 },
@@ -138,7 +134,7 @@ pub(super) fn open_group(dir: &Path) -> Result<Group<'_>> {
                 "tensorplace::open (headers, index checked)",
                 Role::Ours,
                 move || {
-                    let c = crate::open(dir)?;
+                    let c = tensorplace::open(dir)?;
                     std::hint::black_box(c.len());
                     Ok(())
                 },

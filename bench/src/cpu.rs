@@ -7,14 +7,10 @@ use std::path::{Path, PathBuf};
 use safetensors::{SafeTensorError, SafeTensors};
 
 use super::measure::{BenchPath, Group, Role};
-use crate::device::Device;
-use crate::error::{Error, ErrorKind, Result};
-use crate::memory::HostBuffer;
-use crate::parallel::{self, Threads};
-use crate::read::PIECE;
-use crate::read::engine::{self, Piece};
-use crate::read::file::{HostFile, ReadMode};
-use crate::read::gather::{self, Gather, Span};
+use tensorplace::internals::{
+    Gather, HostBuffer, HostFile, PIECE, Piece, Span, Threads, chunks, for_each, read_pieces,
+};
+use tensorplace::{Device, Error, ErrorKind, Loader, ReadMode, Result};
 
 /// A `safetensors` crate error as ours, keeping it as the cause.
 pub(super) fn reference_err(e: SafeTensorError) -> Error {
@@ -56,7 +52,8 @@ pub(super) fn groups<'a>(path: &'a Path, out: &'a Path, cold: bool) -> Vec<Group
                 move || {
                     // SAFETY: the harness wrote the file (or was given it) and nothing changes it
                     // while the tensors, dropped below, live.
-                    let t = unsafe { crate::Loader::new(Device::Cpu).load_file_mapped(path) }?;
+                    let t =
+                        unsafe { tensorplace::Loader::new(Device::Cpu).load_file_mapped(path) }?;
                     std::hint::black_box(t.len());
                     Ok(())
                 },
@@ -80,7 +77,7 @@ pub(super) fn groups<'a>(path: &'a Path, out: &'a Path, cold: bool) -> Vec<Group
             BenchPath::new(
                 "tensorplace load_file (owned copies)",
                 Role::Ours,
-                move || owned_load(path),
+                move || owned_load(path, true),
             ),
             BenchPath::new(
                 "safetensors deserialize + copy each",
@@ -97,7 +94,7 @@ pub(super) fn groups<'a>(path: &'a Path, out: &'a Path, cold: bool) -> Vec<Group
                 Role::Stage,
                 {
                     let mut reused = None;
-                    move || fill_reused(path, &mut reused)
+                    move || fill_reused(path, &mut reused, true)
                 },
             ),
         ],
@@ -111,10 +108,7 @@ pub(super) fn groups<'a>(path: &'a Path, out: &'a Path, cold: bool) -> Vec<Group
             BenchPath::new(
                 "tensorplace load_file, no disk queue (many readers)",
                 Role::Ours,
-                move || {
-                    let _many = crate::read::disk::Policy::Never.for_scope();
-                    owned_load(path)
-                },
+                move || owned_load(path, false),
             ),
         );
         owned.paths.push(BenchPath::new(
@@ -122,14 +116,11 @@ pub(super) fn groups<'a>(path: &'a Path, out: &'a Path, cold: bool) -> Vec<Group
             Role::Stage,
             {
                 let mut reused = None;
-                move || {
-                    let _many = crate::read::disk::Policy::Never.for_scope();
-                    fill_reused(path, &mut reused)
-                }
+                move || fill_reused(path, &mut reused, false)
             },
         ));
     }
-    let loaded = crate::load_file(path, Device::Cpu);
+    let loaded = tensorplace::load_file(path, Device::Cpu);
     // One mapping for both reference saves.
     let reference = std::rc::Rc::new(map(path));
     let reference_fsync = reference.clone();
@@ -141,7 +132,7 @@ pub(super) fn groups<'a>(path: &'a Path, out: &'a Path, cold: bool) -> Vec<Group
                 Role::Ours,
                 move || {
                     let t = loaded.as_ref().map_err(Error::clone)?;
-                    crate::save_file(t, out, None)
+                    tensorplace::save_file(t, out, None)
                 },
             ),
             BenchPath::new("safetensors serialize_to_file", Role::Baseline, move || {
@@ -187,10 +178,10 @@ pub(super) fn small_tensor_group<'a>(label: &str, path: &'a Path) -> Group<'a> {
             BenchPath::new(
                 "tensorplace load_file (owned copies)",
                 Role::Ours,
-                move || owned_load(path),
+                move || owned_load(path, true),
             ),
             BenchPath::new("tensorplace load_file, pread", Role::Ours, move || {
-                let t = crate::Loader::new(Device::Cpu)
+                let t = tensorplace::Loader::new(Device::Cpu)
                     .read_mode(ReadMode::Pread)
                     .load_file(path)?;
                 std::hint::black_box(t.len());
@@ -225,9 +216,9 @@ fn copy_ceiling(path: &Path) -> Result<()> {
     let jobs: Vec<_> = buffer
         .as_mut_bytes()
         .chunks_mut(PIECE)
-        .zip(gather::chunks(0..m.len(), PIECE))
+        .zip(chunks(0..m.len(), PIECE))
         .collect();
-    parallel::for_each(jobs, Threads::PerCore, |(dst, src), _| {
+    for_each(jobs, Threads::PerCore, |(dst, src), _| {
         dst.copy_from_slice(&m[src]);
         Ok(())
     })?;
@@ -236,8 +227,12 @@ fn copy_ceiling(path: &Path) -> Result<()> {
 }
 
 /// The owned load the harness times: every tensor of the file copied into host memory.
-fn owned_load(path: &Path) -> Result<()> {
-    let t = crate::load_file(path, Device::Cpu)?;
+/// `load_file` onto the CPU, its direct reads through the disk's queue where `queued` (the
+/// default) or each reader thread's own.
+fn owned_load(path: &Path, queued: bool) -> Result<()> {
+    let t = Loader::new(Device::Cpu)
+        .disk_queue(queued)
+        .load_file(path)?;
     std::hint::black_box(t.len());
     Ok(())
 }
@@ -246,8 +241,9 @@ fn owned_load(path: &Path) -> Result<()> {
 /// with `--cold`, by direct reads on the reader pool) into memory kept from run to run, so
 /// that no page of it is touched for the first time. Against the owned load, what the first
 /// touch of its fresh arena costs.
-fn fill_reused(path: &Path, reused: &mut Option<HostBuffer>) -> Result<()> {
-    let file = HostFile::open(path, ReadMode::Mmap)?;
+fn fill_reused(path: &Path, reused: &mut Option<HostBuffer>, queued: bool) -> Result<()> {
+    let mut file = HostFile::open(path, ReadMode::Mmap)?;
+    file.set_disk_queue(queued);
     let start = file.header().data_start();
     let len = file.header().data_len();
     let buffer = match reused {
@@ -271,7 +267,7 @@ pub(super) fn read_into(file: &HostFile<'_>, data: Span<'_>, dst: &mut [u8]) -> 
             dst,
         })
         .collect();
-    engine::read_pieces(pieces, &|_| Ok(()))
+    read_pieces(pieces, &|_| Ok(()))
 }
 
 /// `safetensors::serialize_to_file` of a mapped file's tensors and metadata, as a user of that
