@@ -257,16 +257,10 @@ fn loader<'a>(
     read_mode: &str,
 ) -> PyResult<Loader<'a>> {
     let device: Device = device.parse().map_err(py_err)?;
-    let mode = match read_mode {
-        "mmap" => ReadMode::Mmap,
-        "pread" => ReadMode::Pread,
-        "direct" => ReadMode::Direct,
-        other => {
-            return Err(PyValueError::new_err(format!(
-                "read_mode {other:?}: expected mmap, pread or direct"
-            )));
-        }
-    };
+    // The crate's names (safetensors' `backend=` values); a bad one is a ValueError.
+    let mode: ReadMode = read_mode
+        .parse()
+        .map_err(|e: tensorplace::Error| PyValueError::new_err(e.to_string()))?;
     let mut l = Loader::new(device).read_mode(mode);
     if let Some(names) = names {
         l = l.filter(move |n| names.contains(n));

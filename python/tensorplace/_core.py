@@ -47,9 +47,6 @@ def _make_error(kind: str, message: str, file: Optional[str], tensor: Optional[s
 _native.set_error_maker(_make_error)
 
 
-_BACKENDS = {"mmap": "mmap", "pread": "pread", "read": "pread", "direct": "direct"}
-
-
 def load_file(filename, device: str = "cpu", names: Optional[List[str]] = None, backend: str = "mmap",
               slices: Optional[List[tuple]] = None):
     """The tensors of ``filename`` (a file, or a sharded checkpoint: a folder or its index)
@@ -58,9 +55,7 @@ def load_file(filename, device: str = "cpu", names: Optional[List[str]] = None, 
     not in the page cache). ``slices``: (name, slice text) pairs, such as
     ``("w", "[0:128, :]")``: that tensor is loaded as that part of it, reading only its
     bytes."""
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend {backend!r}: expected one of {sorted(_BACKENDS)}")
-    return _native.load_file(os.fspath(filename), device, names, _BACKENDS[backend], slices)
+    return _native.load_file(os.fspath(filename), device, names, backend, slices)
 
 
 def slice_text(index) -> Optional[str]:
@@ -135,8 +130,6 @@ class safe_open:
     pass. ``backend``: as :func:`load_file`'s."""
 
     def __init__(self, filename, framework: str, device: Any = "cpu", *, backend: str = "mmap"):
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend {backend!r}: expected one of {sorted(_BACKENDS)}")
         self._filename = os.fspath(filename)
         module = _framework(framework)
         self._array = module.to_array
@@ -144,7 +137,7 @@ class safe_open:
         # copied into shared blocks and viewed there (no DLPack exchange per tensor).
         arrays = getattr(module, "host_arrays", None)
         self._reader = _native.open(
-            self._filename, module.device_name(device), _BACKENDS[backend], module.to_array, arrays() if arrays else None
+            self._filename, module.device_name(device), backend, module.to_array, arrays() if arrays else None
         )
         # The commonest call in a loop goes straight to the native reader (no Python frame).
         self.get_tensor = self._reader.get_array

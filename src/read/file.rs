@@ -36,6 +36,34 @@ pub enum ReadMode {
     Direct,
 }
 
+impl std::str::FromStr for ReadMode {
+    type Err = Error;
+
+    /// `mmap`, `pread` (or `read`), `direct`: the names of safetensors' `backend=` keyword and
+    /// of the command line's flags, ignoring case.
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "mmap" => Ok(ReadMode::Mmap),
+            "pread" | "read" => Ok(ReadMode::Pread),
+            "direct" => Ok(ReadMode::Direct),
+            _ => Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("read mode {s:?}: expected mmap, pread or direct"),
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for ReadMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ReadMode::Mmap => "mmap",
+            ReadMode::Pread => "pread",
+            ReadMode::Direct => "direct",
+        })
+    }
+}
+
 /// How a load takes a file's bytes: decided once per opened file, when first asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Fetch {
@@ -448,6 +476,16 @@ fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_modes_parse_and_print() {
+        for mode in [ReadMode::Mmap, ReadMode::Pread, ReadMode::Direct] {
+            assert_eq!(mode.to_string().parse::<ReadMode>().unwrap(), mode);
+        }
+        assert_eq!(" READ ".parse::<ReadMode>().unwrap(), ReadMode::Pread);
+        let e = "fast".parse::<ReadMode>().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unsupported);
+    }
 
     #[test]
     fn every_source_reads_the_same_bytes() {
