@@ -9,7 +9,8 @@ installed), with the error's ``kind``, ``file`` and ``tensor``; a missing file's
 ``FileNotFoundError`` (as safetensors raises), a denied one's a ``PermissionError``.
 """
 
-from ._core import TensorplaceError, TensorplaceFileNotFoundError, TensorplacePermissionError, safe_open
+from ._core import TensorplaceError, TensorplaceFileNotFoundError, TensorplacePermissionError
+from ._safe_open import safe_open
 
 __all__ = ["TensorplaceError", "TensorplaceFileNotFoundError", "TensorplacePermissionError", "safe_open"]
 __version__ = "0.1.0"
