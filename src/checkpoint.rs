@@ -66,6 +66,28 @@ struct Index {
     total_size: Option<u64>,
 }
 
+impl Index {
+    /// The `metadata` of an index's JSON: its `total_size`, and every entry as text.
+    fn of(json: &serde_json::Value) -> Index {
+        let metadata = json.get("metadata").and_then(|m| m.as_object());
+        Index {
+            total_size: metadata
+                .and_then(|m| m.get("total_size"))
+                .and_then(|v| v.as_u64()),
+            metadata: metadata
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| match v {
+                            serde_json::Value::String(s) => (k.clone(), s.clone()),
+                            other => (k.clone(), other.to_string()),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+}
+
 /// One tensor of a [`Checkpoint`], as its shard's header describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -95,6 +117,129 @@ pub fn is_multi_file(path: &Path) -> bool {
 
 fn index_err(file: &Path, msg: impl Into<String>) -> Error {
     Error::new(ErrorKind::InvalidIndex, msg).with_file(file)
+}
+
+/// What an index's `weight_map` maps each tensor to, in its order, and the shards it names,
+/// in name order; a file name that is not one inside the folder is an error.
+fn weight_map<'j>(
+    index_path: &Path,
+    map: &'j serde_json::Map<String, serde_json::Value>,
+) -> Result<(IndexMap<&'j str, &'j str>, Vec<&'j str>)> {
+    let mut weight_map: IndexMap<&str, &str> = IndexMap::with_capacity(map.len());
+    let mut files: Vec<&str> = Vec::new();
+    for (name, file) in map {
+        let file = file.as_str().ok_or_else(|| {
+            index_err(
+                index_path,
+                format!("the weight_map entry of {name:?} is not a file name"),
+            )
+            .with_tensor(name)
+        })?;
+        let relative = Path::new(file);
+        if !relative
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)))
+        {
+            return Err(index_err(
+                index_path,
+                format!("{file:?} is not a file name inside the checkpoint's folder"),
+            )
+            .with_tensor(name));
+        }
+        weight_map.insert(name, file);
+        if !files.contains(&file) {
+            files.push(file);
+        }
+    }
+    files.sort_unstable();
+    Ok((weight_map, files))
+}
+
+/// The paths of the shards `files` in `dir`; a missing one is an error naming the first
+/// tensor the index maps to it.
+fn shard_paths(
+    dir: &Path,
+    index_path: &Path,
+    files: &[&str],
+    weight_map: &IndexMap<&str, &str>,
+) -> Result<Vec<PathBuf>> {
+    let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
+    for (file, path) in files.iter().zip(&paths) {
+        if !path.is_file() {
+            let first = weight_map.iter().find(|(_, f)| *f == file).map(|(n, _)| *n);
+            let e = index_err(
+                path,
+                format!(
+                    "a shard the index names is missing ({})",
+                    index_path.display()
+                ),
+            );
+            return Err(match first {
+                Some(name) => e.with_tensor(name),
+                None => e,
+            });
+        }
+    }
+    Ok(paths)
+}
+
+/// Every tensor the index maps is in the shard it maps it to (`shards` in the order of
+/// `files`).
+fn check_mapped_tensors(
+    files: &[&str],
+    weight_map: &IndexMap<&str, &str>,
+    shards: &[Shard],
+) -> Result<()> {
+    for (&name, &file) in weight_map {
+        let k = files.binary_search(&file).unwrap_or(0);
+        if shards[k].header.tensors().contains_key(name) {
+            continue;
+        }
+        let holder = shards
+            .iter()
+            .find(|s| s.header.tensors().contains_key(name));
+        let msg = match holder {
+            Some(other) => format!(
+                "the index maps it to this file, but {} holds it",
+                other.path.display()
+            ),
+            None => "the index maps it to this file, and no shard holds it".to_owned(),
+        };
+        return Err(index_err(&shards[k].path, msg).with_tensor(name));
+    }
+    Ok(())
+}
+
+/// Every tensor of a shard is in the index, mapped to that shard (a tensor in two shards is
+/// caught here or by `Checkpoint::from_shards`).
+fn check_indexed_tensors(
+    dir: &Path,
+    index_path: &Path,
+    weight_map: &IndexMap<&str, &str>,
+    shards: &[Shard],
+) -> Result<()> {
+    for shard in shards {
+        for name in shard.header.tensors().keys() {
+            match weight_map.get(name.as_str()) {
+                Some(file) if dir.join(file) == shard.path => {}
+                Some(file) => {
+                    return Err(index_err(
+                        &shard.path,
+                        format!("this shard holds it too, but the index maps it to {file}"),
+                    )
+                    .with_tensor(name));
+                }
+                None => {
+                    return Err(index_err(
+                        &shard.path,
+                        format!("the index ({}) never mentions it", index_path.display()),
+                    )
+                    .with_tensor(name));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 impl Checkpoint {
@@ -145,109 +290,13 @@ impl Checkpoint {
             .get("weight_map")
             .and_then(|m| m.as_object())
             .ok_or_else(|| bad("no \"weight_map\" object".into()))?;
-        // The shards, in name order, and what the index maps to each.
-        let mut weight_map: IndexMap<&str, &str> = IndexMap::with_capacity(map.len());
-        let mut files: Vec<&str> = Vec::new();
-        for (name, file) in map {
-            let file = file.as_str().ok_or_else(|| {
-                bad(format!(
-                    "the weight_map entry of {name:?} is not a file name"
-                ))
-                .with_tensor(name)
-            })?;
-            let relative = Path::new(file);
-            if !relative
-                .components()
-                .all(|c| matches!(c, Component::Normal(_)))
-            {
-                return Err(bad(format!(
-                    "{file:?} is not a file name inside the checkpoint's folder"
-                ))
-                .with_tensor(name));
-            }
-            weight_map.insert(name, file);
-            if !files.contains(&file) {
-                files.push(file);
-            }
-        }
-        files.sort_unstable();
-        let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
-        for (file, path) in files.iter().zip(&paths) {
-            if !path.is_file() {
-                let first = weight_map.iter().find(|(_, f)| *f == file).map(|(n, _)| *n);
-                let e = index_err(
-                    path,
-                    format!(
-                        "a shard the index names is missing ({})",
-                        index_path.display()
-                    ),
-                );
-                return Err(match first {
-                    Some(name) => e.with_tensor(name),
-                    None => e,
-                });
-            }
-        }
+        let (weight_map, files) = weight_map(index_path, map)?;
+        let paths = shard_paths(dir, index_path, &files, &weight_map)?;
         let shards = read_headers(&paths)?;
-        // Every tensor the index maps is in the shard it maps it to.
-        for (&name, &file) in &weight_map {
-            let k = files.binary_search(&file).unwrap_or(0);
-            if shards[k].header.tensors().contains_key(name) {
-                continue;
-            }
-            let holder = shards
-                .iter()
-                .find(|s| s.header.tensors().contains_key(name));
-            let msg = match holder {
-                Some(other) => format!(
-                    "the index maps it to this file, but {} holds it",
-                    other.path.display()
-                ),
-                None => "the index maps it to this file, and no shard holds it".to_owned(),
-            };
-            return Err(index_err(&shards[k].path, msg).with_tensor(name));
-        }
-        // Every tensor of a shard is in the index (a tensor in two shards is caught here or
-        // by `from_shards`).
-        for shard in &shards {
-            for name in shard.header.tensors().keys() {
-                match weight_map.get(name.as_str()) {
-                    Some(file) if dir.join(file) == shard.path => {}
-                    Some(file) => {
-                        return Err(index_err(
-                            &shard.path,
-                            format!("this shard holds it too, but the index maps it to {file}"),
-                        )
-                        .with_tensor(name));
-                    }
-                    None => {
-                        return Err(index_err(
-                            &shard.path,
-                            format!("the index ({}) never mentions it", index_path.display()),
-                        )
-                        .with_tensor(name));
-                    }
-                }
-            }
-        }
+        check_mapped_tensors(&files, &weight_map, &shards)?;
+        check_indexed_tensors(dir, index_path, &weight_map, &shards)?;
         check_unlisted(dir, &files, &weight_map)?;
-        let metadata = json.get("metadata").and_then(|m| m.as_object());
-        let index = Index {
-            total_size: metadata
-                .and_then(|m| m.get("total_size"))
-                .and_then(|v| v.as_u64()),
-            metadata: metadata
-                .map(|m| {
-                    m.iter()
-                        .map(|(k, v)| match v {
-                            serde_json::Value::String(s) => (k.clone(), s.clone()),
-                            other => (k.clone(), other.to_string()),
-                        })
-                        .collect()
-                })
-                .unwrap_or_default(),
-        };
-        Checkpoint::from_shards(dir, shards, Some(index))
+        Checkpoint::from_shards(dir, shards, Some(Index::of(&json)))
     }
 
     fn from_shards(path: &Path, shards: Vec<Shard>, index: Option<Index>) -> Result<Checkpoint> {

@@ -401,7 +401,29 @@ impl<'a> Loader<'a> {
                 p(Progress { done, total });
             }
         };
-        let entries = files
+        let plan = LoadPlan::new(origin, self.entries(files), self.dtype)?
+            .with_view(view)
+            .with_upload(self.upload)
+            .with_progress(&report)
+            .with_interrupt(self.interrupt);
+        mark_partial_files(&plan);
+        let placed = backend::place(&*backend, &plan)?;
+        plan.finish();
+        let mut tensors: Tensors = plan
+            .items()
+            .iter()
+            .map(|i| i.name.to_owned())
+            .zip(placed)
+            .collect();
+        tensors.set_metadata(metadata);
+        tensors.set_report(load_report(backend.device(), files, &plan));
+        Ok(tensors)
+    }
+
+    /// What the load takes of `files`: every tensor the filter keeps, in file order, each
+    /// whole or as its slice or split says.
+    fn entries<'f>(&'f self, files: &'f [HostFile<'f>]) -> Vec<PlanEntry<'f>> {
+        files
             .iter()
             .flat_map(|file| {
                 file.tensors()
@@ -413,66 +435,59 @@ impl<'a> Loader<'a> {
                         selection: self.selection(name, info),
                     })
             })
-            .collect();
-        let plan = LoadPlan::new(origin, entries, self.dtype)?
-            .with_view(view)
-            .with_upload(self.upload)
-            .with_progress(&report)
-            .with_interrupt(self.interrupt);
-        // Mapped files the load takes less than half of: their long runs are read, not
-        // faulted in (items are in file order: one pass sums each file's share).
-        let (mut k, mut partial) = (0, 0);
-        while let Some(first) = plan.items().get(k) {
-            let (count, taken) = plan.items()[k..]
-                .iter()
-                .take_while(|i| std::ptr::eq(i.file, first.file))
-                .fold((0, 0), |(n, b), i| (n + 1, b + i.in_len()));
-            if taken < first.file.header().data_len() / 2 && first.file.mark_partial() {
-                partial += 1;
-            }
-            k += count;
-        }
-        if partial > 0 {
-            plan.note(format!(
-                "the load takes a small part of {partial} mapped file(s): their runs of 64 KiB \
-                 or more were read with pread rather than through the mapping"
-            ));
-        }
-        let placed = backend::place(&*backend, &plan)?;
-        plan.finish();
-        let used = files.iter().find_map(|f| f.fetch_used());
-        let read = match used {
-            Some(Fetch::Memory) => ReadPath::Memory,
-            Some(Fetch::Pread) => ReadPath::Pread,
-            Some(Fetch::Direct) => ReadPath::Direct,
-            // The engine read nothing: views on the CPU, else DMA from the mapping.
-            None if backend.device() == Device::Cpu
-                && files.iter().any(|f| f.mapping().is_some())
-                && view == View::Mapped =>
-            {
-                ReadPath::Views
-            }
-            None => ReadPath::Memory,
-        };
-        let (upload, mut notes) = plan.take_report();
-        for why in files.iter().filter_map(|f| f.direct_refused()) {
-            if !notes.iter().any(|n| n == why) {
-                notes.insert(0, why.to_owned());
-            }
-        }
-        let mut tensors: Tensors = plan
-            .items()
+            .collect()
+    }
+}
+
+/// Marks the mapped files `plan` takes less than half of, so that their long runs are read,
+/// not faulted in (the items are in file order: one pass sums each file's share), and notes
+/// it in the plan's report.
+fn mark_partial_files(plan: &LoadPlan<'_>) {
+    let (mut k, mut partial) = (0, 0);
+    while let Some(first) = plan.items().get(k) {
+        let (count, taken) = plan.items()[k..]
             .iter()
-            .map(|i| i.name.to_owned())
-            .zip(placed)
-            .collect();
-        tensors.set_metadata(metadata);
-        tensors.set_report(LoadReport {
-            device: backend.device(),
-            read,
-            upload,
-            notes,
-        });
-        Ok(tensors)
+            .take_while(|i| std::ptr::eq(i.file, first.file))
+            .fold((0, 0), |(n, b), i| (n + 1, b + i.in_len()));
+        if taken < first.file.header().data_len() / 2 && first.file.mark_partial() {
+            partial += 1;
+        }
+        k += count;
+    }
+    if partial > 0 {
+        plan.note(format!(
+            "the load takes a small part of {partial} mapped file(s): their runs of 64 KiB \
+             or more were read with pread rather than through the mapping"
+        ));
+    }
+}
+
+/// How the load of `files` onto `device` by `plan` went: how the bytes were read, the upload
+/// path, and every fallback (direct reads a file system refused first).
+fn load_report(device: Device, files: &[HostFile<'_>], plan: &LoadPlan<'_>) -> LoadReport {
+    let read = match files.iter().find_map(|f| f.fetch_used()) {
+        Some(Fetch::Memory) => ReadPath::Memory,
+        Some(Fetch::Pread) => ReadPath::Pread,
+        Some(Fetch::Direct) => ReadPath::Direct,
+        // The engine read nothing: views on the CPU, else DMA from the mapping.
+        None if device == Device::Cpu
+            && files.iter().any(|f| f.mapping().is_some())
+            && plan.view() == View::Mapped =>
+        {
+            ReadPath::Views
+        }
+        None => ReadPath::Memory,
+    };
+    let (upload, mut notes) = plan.take_report();
+    for why in files.iter().filter_map(|f| f.direct_refused()) {
+        if !notes.iter().any(|n| n == why) {
+            notes.insert(0, why.to_owned());
+        }
+    }
+    LoadReport {
+        device,
+        read,
+        upload,
+        notes,
     }
 }
