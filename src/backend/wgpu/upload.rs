@@ -17,7 +17,7 @@ use super::{Kernel, WgpuBackend, WgpuStorage, backend_err, pad4};
 use crate::device::Device;
 use crate::error::{Error, ErrorKind, Result};
 use crate::parallel::{self, Threads};
-use crate::plan::{LoadPlan, Upload};
+use crate::plan::{LoadPlan, PlanItem, Upload};
 use crate::read::gather;
 
 /// A buffer to create for a load.
@@ -46,6 +46,9 @@ fn path(backend: &WgpuBackend, upload: Upload) -> std::result::Result<Path, &'st
     }
 }
 
+/// Places every tensor of `plan` in a buffer of its own: the path chosen, the buffers
+/// created, the unconverted tensors written (in place or through a ring), the others
+/// converted through the scratch buffer.
 pub(super) fn upload(backend: &Arc<WgpuBackend>, plan: &LoadPlan<'_>) -> Result<Vec<WgpuStorage>> {
     let path = path(backend, plan.upload())
         .map_err(|why| plan.unsupported_upload(Device::Wgpu(Some(backend.index)), why))?;
@@ -54,25 +57,9 @@ pub(super) fn upload(backend: &Arc<WgpuBackend>, plan: &LoadPlan<'_>) -> Result<
         Path::Staged(Ring::Mapped) => Upload::Staging,
         Path::Staged(Ring::Imported) => Upload::HostImport,
     });
-    let direct = path == Path::InPlace;
-    let ring = match path {
-        Path::Staged(ring) => ring,
-        Path::InPlace => Ring::Mapped,
-    };
     let items = plan.items();
     let max = backend.limits.max_buffer_size;
-    let usage =
-        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
-    for item in items {
-        let biggest = item.in_len().max(item.out_len) as u64;
-        if pad4(biggest) > max {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                format!("{biggest} bytes exceed the device's max_buffer_size of {max}"),
-            )
-            .with_tensor(item.name));
-        }
-    }
+    check_sizes(items, max)?;
     let kernels: Vec<Option<Kernel>> = items
         .iter()
         .map(|i| i.conversion.map(|c| backend.kernel_for(c)))
@@ -80,98 +67,8 @@ pub(super) fn upload(backend: &Arc<WgpuBackend>, plan: &LoadPlan<'_>) -> Result<
     let staging_size = STAGING.min(max) / 256 * 256;
     let scratch_size = SCRATCH.min(max) / 256 * 256;
     backend.scoped("uploading", || {
-        // The tensors' buffers. Where the adapter shares host memory, the buffers the file's
-        // bytes go to are created mapped.
-        let make = |spec: &BufferSpec<'_>| {
-            let mapped = direct && spec.written;
-            backend.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(spec.label),
-                size: pad4(spec.size as u64),
-                usage: if mapped {
-                    usage | wgpu::BufferUsages::MAP_WRITE
-                } else {
-                    usage
-                },
-                mapped_at_creation: mapped,
-            })
-        };
-        // Creating a buffer mapped zero-fills it on the creating thread: create them on
-        // every core, the largest first, so that the fills (and page faults) run in parallel.
-        let create_all = |specs: Vec<BufferSpec<'_>>| -> Result<Vec<wgpu::Buffer>> {
-            if !direct {
-                return Ok(specs.iter().map(make).collect());
-            }
-            let slots: Vec<Mutex<Option<wgpu::Buffer>>> =
-                specs.iter().map(|_| Mutex::new(None)).collect();
-            let mut order: Vec<usize> = (0..specs.len()).collect();
-            order.sort_by_key(|&k| std::cmp::Reverse(specs[k].size));
-            parallel::for_each(order, Threads::PerCore, |k, _| {
-                let buffer = make(&specs[k]);
-                *slots[k].lock().unwrap_or_else(|p| p.into_inner()) = Some(buffer);
-                Ok(())
-            })?;
-            slots
-                .into_iter()
-                .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| backend_err("a buffer was not created"))
-        };
-        // Out of memory shows at once, before anything is read.
-        let oom = backend
-            .device
-            .push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let outs = create_all(
-            items
-                .iter()
-                .map(|i| BufferSpec {
-                    label: i.name,
-                    size: i.out_len,
-                    written: i.conversion.is_none() && i.in_len() > 0,
-                })
-                .collect(),
-        )?;
-        if let Some(e) = pollster::block_on(oom.pop()) {
-            return Err(Error::new(
-                ErrorKind::OutOfMemory,
-                format!("creating the tensors' buffers: {e}"),
-            ));
-        }
-        // The tensors kept as they are go straight into their buffers.
-        let targets = items
-            .iter()
-            .zip(&outs)
-            .filter(|(i, _)| i.in_len() > 0 && i.conversion.is_none());
-        if direct {
-            let writes: Vec<Write<'_, '_>> = targets
-                .map(|(item, buffer)| Write {
-                    tensor: item.name,
-                    file: item.file,
-                    buffer,
-                    offset: 0,
-                    src: item.span(),
-                })
-                .collect();
-            fill(&writes, true, &|n| plan.advance(n))?;
-            for w in &writes {
-                w.buffer.unmap();
-            }
-        } else {
-            let transfers: Vec<Transfer<'_, '_>> = targets
-                .flat_map(|(item, dst)| {
-                    let span = item.span();
-                    gather::chunks(0..span.len(), staging_size as usize)
-                        .map(|r| Transfer {
-                            tensor: item.name,
-                            file: item.file,
-                            dst_offset: r.start as u64,
-                            src: span.part(r),
-                            dst,
-                        })
-                        .collect::<Vec<_>>()
-                })
-                .collect();
-            stream(backend, plan, &transfers, ring, staging_size)?;
-        }
+        let outs = create_buffers(backend, items, path == Path::InPlace)?;
+        write_unconverted(backend, plan, &outs, path, staging_size)?;
         // The tensors to convert go through one bounded scratch buffer, batch after batch.
         let converts: Vec<Convert<'_, '_>> = items
             .iter()
@@ -192,4 +89,131 @@ pub(super) fn upload(backend: &Arc<WgpuBackend>, plan: &LoadPlan<'_>) -> Result<
             })
             .collect())
     })
+}
+
+/// Every tensor's input and output fit one buffer of the device.
+fn check_sizes(items: &[PlanItem<'_>], max: u64) -> Result<()> {
+    for item in items {
+        let biggest = item.in_len().max(item.out_len) as u64;
+        if pad4(biggest) > max {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("{biggest} bytes exceed the device's max_buffer_size of {max}"),
+            )
+            .with_tensor(item.name));
+        }
+    }
+    Ok(())
+}
+
+/// The tensors' buffers, in the items' order. In place (`mapped_writes`), the buffers the
+/// file's bytes go to are created mapped, on every core, the largest first: creating a buffer
+/// mapped zero-fills it on the creating thread, so the fills (and page faults) run in
+/// parallel. Out of memory shows here, before anything is read.
+fn create_buffers(
+    backend: &WgpuBackend,
+    items: &[PlanItem<'_>],
+    mapped_writes: bool,
+) -> Result<Vec<wgpu::Buffer>> {
+    let usage =
+        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+    let specs: Vec<BufferSpec<'_>> = items
+        .iter()
+        .map(|i| BufferSpec {
+            label: i.name,
+            size: i.out_len,
+            written: i.conversion.is_none() && i.in_len() > 0,
+        })
+        .collect();
+    let make = |spec: &BufferSpec<'_>| {
+        let mapped = mapped_writes && spec.written;
+        backend.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(spec.label),
+            size: pad4(spec.size as u64),
+            usage: if mapped {
+                usage | wgpu::BufferUsages::MAP_WRITE
+            } else {
+                usage
+            },
+            mapped_at_creation: mapped,
+        })
+    };
+    let oom = backend
+        .device
+        .push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+    let outs = if mapped_writes {
+        let slots: Vec<Mutex<Option<wgpu::Buffer>>> =
+            specs.iter().map(|_| Mutex::new(None)).collect();
+        let mut order: Vec<usize> = (0..specs.len()).collect();
+        order.sort_by_key(|&k| std::cmp::Reverse(specs[k].size));
+        parallel::for_each(order, Threads::PerCore, |k, _| {
+            let buffer = make(&specs[k]);
+            *slots[k].lock().unwrap_or_else(|p| p.into_inner()) = Some(buffer);
+            Ok(())
+        })?;
+        slots
+            .into_iter()
+            .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| backend_err("a buffer was not created"))?
+    } else {
+        specs.iter().map(make).collect()
+    };
+    if let Some(e) = pollster::block_on(oom.pop()) {
+        return Err(Error::new(
+            ErrorKind::OutOfMemory,
+            format!("creating the tensors' buffers: {e}"),
+        ));
+    }
+    Ok(outs)
+}
+
+/// Writes the tensors kept as they are into their buffers `outs`: in place through their
+/// mappings, or through `path`'s staging ring in pieces of `staging_size`.
+fn write_unconverted(
+    backend: &WgpuBackend,
+    plan: &LoadPlan<'_>,
+    outs: &[wgpu::Buffer],
+    path: Path,
+    staging_size: u64,
+) -> Result<()> {
+    let targets = plan
+        .items()
+        .iter()
+        .zip(outs)
+        .filter(|(i, _)| i.in_len() > 0 && i.conversion.is_none());
+    let ring = match path {
+        Path::Staged(ring) => ring,
+        Path::InPlace => {
+            let writes: Vec<Write<'_, '_>> = targets
+                .map(|(item, buffer)| Write {
+                    tensor: item.name,
+                    file: item.file,
+                    buffer,
+                    offset: 0,
+                    src: item.span(),
+                })
+                .collect();
+            fill(&writes, true, &|n| plan.advance(n))?;
+            for w in &writes {
+                w.buffer.unmap();
+            }
+            return Ok(());
+        }
+    };
+    let transfers: Vec<Transfer<'_, '_>> = targets
+        .flat_map(|(item, dst)| {
+            let span = item.span();
+            gather::chunks(0..span.len(), staging_size as usize)
+                .map(|r| Transfer {
+                    tensor: item.name,
+                    file: item.file,
+                    dst_offset: r.start as u64,
+                    src: span.part(r),
+                    dst,
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    stream(backend, plan, &transfers, ring, staging_size)
 }
