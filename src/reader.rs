@@ -168,14 +168,13 @@ impl Reader {
 
     /// The dtype and shape of tensor `name` as stored, reading nothing.
     pub fn info(&self, name: &str) -> Result<(Dtype, &[usize])> {
-        let (_, _, info) = self.locate(name)?;
-        Ok((info.dtype, &info.shape))
+        let at = self.locate(name)?;
+        Ok((at.info.dtype, &at.info.shape))
     }
 
     /// The file that holds tensor `name`.
     pub fn file_of(&self, name: &str) -> Result<&Path> {
-        let (k, _, _) = self.locate(name)?;
-        Ok(self.file_of_index(k))
+        Ok(self.file_of_index(self.locate(name)?.file))
     }
 
     /// Reads tensor `name`.
@@ -191,21 +190,23 @@ impl Reader {
     /// Reads the tensors `names` in one pass over the files (neighbours in one request where
     /// they are read from a disk), in file order; a name given twice is read once.
     pub fn tensors<'n>(&self, names: impl IntoIterator<Item = &'n str>) -> Result<Tensors> {
-        let mut wanted: Vec<(usize, usize, &str)> = Vec::new();
-        for name in names {
-            let (k, _, info) = self.locate(name)?;
-            wanted.push((k, info.data_offsets.0, name));
-        }
-        wanted.sort_unstable();
-        wanted.dedup();
+        let mut wanted: Vec<Located<'_>> = names
+            .into_iter()
+            .map(|name| self.locate(name))
+            .collect::<Result<_>>()?;
+        // File order (empty tensors may share an offset: then name order); a name given
+        // twice is read once.
+        let key = |at: &Located<'_>| (at.file, at.info.data_offsets.0);
+        wanted.sort_unstable_by(|a, b| key(a).cmp(&key(b)).then(a.name.cmp(b.name)));
+        wanted.dedup_by(|a, b| a.file == b.file && a.name == b.name);
         let entries = wanted
             .iter()
-            .map(|&(k, _, name)| self.entry(k, name, Selection::Whole))
-            .collect::<Result<Vec<_>>>()?;
+            .map(|&at| self.entry(at, Selection::Whole))
+            .collect();
         let placed = self.place(entries)?;
         let mut out: Tensors = wanted
             .iter()
-            .map(|&(_, _, name)| name.to_owned())
+            .map(|at| at.name.to_owned())
             .zip(placed)
             .collect();
         out.set_metadata(self.metadata.clone());
@@ -219,15 +220,19 @@ impl Reader {
     /// memory ([`MemoryRead::copy_to`]): a binding can copy into an object of its own.
     pub fn memory_read(&self, name: &str, slice: Option<&Slice>) -> Result<Option<MemoryRead<'_>>> {
         let selection = slice.map_or(Selection::Whole, Selection::Slice);
-        self.memory_read_of(name, selection)
+        self.memory_read_at(self.locate(name)?, selection)
     }
 
-    fn memory_read_of(
-        &self,
-        name: &str,
+    fn memory_read_at<'r>(
+        &'r self,
+        at: Located<'r>,
         selection: Selection<'_>,
-    ) -> Result<Option<MemoryRead<'_>>> {
-        let (k, name, info) = self.locate(name)?;
+    ) -> Result<Option<MemoryRead<'r>>> {
+        let Located {
+            file: k,
+            name,
+            info,
+        } = at;
         if !self.copies_from_memory(info) {
             return Ok(None);
         }
@@ -254,7 +259,8 @@ impl Reader {
     }
 
     fn read_one(&self, name: &str, selection: Selection<'_>) -> Result<Tensor> {
-        if let Some(read) = self.memory_read_of(name, selection)? {
+        let at = self.locate(name)?;
+        if let Some(read) = self.memory_read_at(at, selection)? {
             let storage = if read.len() <= BLOCK_PIECE {
                 let mut carved = self.blocks.carve(read.len()).map_err(|e| read.tag(e))?;
                 read.copy_to(carved.as_mut_bytes())?;
@@ -271,8 +277,8 @@ impl Reader {
                 Storage::Cpu(storage),
             ));
         }
-        let (k, _, _) = self.locate(name)?;
-        let entry = self.entry(k, name, selection)?;
+        let k = at.file;
+        let entry = self.entry(at, selection);
         self.place(vec![entry])?.pop().ok_or_else(|| {
             Error::new(ErrorKind::Backend, "the backend placed no tensor")
                 .with_tensor(name)
@@ -311,28 +317,18 @@ impl Reader {
         Ok(placed)
     }
 
-    fn entry<'s>(
-        &'s self,
-        k: usize,
-        name: &str,
-        selection: Selection<'s>,
-    ) -> Result<PlanEntry<'s>> {
-        let file = &self.files[k];
-        let (name, info) = file
-            .header()
-            .tensors()
-            .get_key_value(name)
-            .ok_or_else(|| self.not_found(name))?;
-        Ok(PlanEntry {
-            name,
-            file,
-            info,
+    /// The plan entry of a located tensor: what of it to take.
+    fn entry<'s>(&'s self, at: Located<'s>, selection: Selection<'s>) -> PlanEntry<'s> {
+        PlanEntry {
+            name: at.name,
+            file: &self.files[at.file],
+            info: at.info,
             selection,
-        })
+        }
     }
 
-    /// Tensor `name`'s file, its name as the header holds it, and its entry.
-    fn locate(&self, name: &str) -> Result<(usize, &str, &TensorInfo)> {
+    /// Tensor `name`: its file, its name as the header holds it, and its entry.
+    fn locate(&self, name: &str) -> Result<Located<'_>> {
         let k = match self.files.len() {
             1 => 0,
             _ => *self.index.get(name).ok_or_else(|| self.not_found(name))?,
@@ -342,7 +338,11 @@ impl Reader {
             .tensors()
             .get_key_value(name)
             .ok_or_else(|| self.not_found(name))?;
-        Ok((k, name, info))
+        Ok(Located {
+            file: k,
+            name,
+            info,
+        })
     }
 
     fn not_found(&self, name: &str) -> Error {
@@ -350,6 +350,15 @@ impl Reader {
             .with_tensor(name)
             .with_file(&self.origin)
     }
+}
+
+/// A tensor found in a [`Reader`]: its file's index, its name as the header holds it, and
+/// its header entry.
+#[derive(Debug, Clone, Copy)]
+struct Located<'r> {
+    file: usize,
+    name: &'r str,
+    info: &'r TensorInfo,
 }
 
 /// A read served by one copy out of a mapped file ([`Reader::memory_read`]): the tensor's

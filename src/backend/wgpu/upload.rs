@@ -8,12 +8,12 @@
 //!
 //! Tensors to convert go through one bounded scratch buffer ([`scratch`](super::scratch)).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use super::map::{Write, fill};
 use super::ring::{Path, Ring, STAGING, Transfer, stream};
 use super::scratch::{Convert, SCRATCH, convert_through_scratch};
-use super::{Kernel, WgpuBackend, WgpuStorage, backend_err, pad4};
+use super::{Kernel, WgpuBackend, WgpuStorage, pad4};
 use crate::device::Device;
 use crate::error::{Error, ErrorKind, Result};
 use crate::parallel::{self, Threads};
@@ -142,20 +142,11 @@ fn create_buffers(
         .device
         .push_error_scope(wgpu::ErrorFilter::OutOfMemory);
     let outs = if mapped_writes {
-        let slots: Vec<Mutex<Option<wgpu::Buffer>>> =
-            specs.iter().map(|_| Mutex::new(None)).collect();
         let mut order: Vec<usize> = (0..specs.len()).collect();
         order.sort_by_key(|&k| std::cmp::Reverse(specs[k].size));
-        parallel::for_each(order, Threads::PerCore, |k, _| {
-            let buffer = make(&specs[k]);
-            *slots[k].lock().unwrap_or_else(|p| p.into_inner()) = Some(buffer);
-            Ok(())
-        })?;
-        slots
-            .into_iter()
-            .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| backend_err("a buffer was not created"))?
+        let mut made = parallel::map(order, Threads::PerCore, |k| Ok((k, make(&specs[k]))))?;
+        made.sort_unstable_by_key(|&(k, _)| k);
+        made.into_iter().map(|(_, buffer)| buffer).collect()
     } else {
         specs.iter().map(make).collect()
     };
