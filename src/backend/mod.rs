@@ -7,10 +7,12 @@ use std::sync::Arc;
 
 use crate::device::Device;
 use crate::error::Result;
-use crate::plan::LoadPlan;
+use crate::plan::{LoadPlan, Upload};
 use crate::storage::Storage;
 use crate::tensor::Tensor;
 
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod common;
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
@@ -23,6 +25,17 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
     fn device(&self) -> Device;
     /// A human description, such as `cuda:0 (NVIDIA H100 80GB HBM3)`.
     fn describe(&self) -> String;
+    /// The upload strategies the device takes (any other is refused before the plan
+    /// reaches it). The CPU has no upload and takes every one.
+    fn uploads(&self) -> &'static [Upload] {
+        &[
+            Upload::Auto,
+            Upload::Register,
+            Upload::Staging,
+            Upload::InPlace,
+            Upload::HostImport,
+        ]
+    }
     /// Places every tensor of the plan, returning their storages in the plan's order.
     fn upload(&self, plan: &LoadPlan<'_>) -> Result<Vec<Storage>>;
 }
@@ -47,6 +60,9 @@ impl Backend for cuda::CudaBackend {
     fn describe(&self) -> String {
         self.description()
     }
+    fn uploads(&self) -> &'static [Upload] {
+        &[Upload::Auto, Upload::Register, Upload::Staging]
+    }
     fn upload(&self, plan: &LoadPlan<'_>) -> Result<Vec<Storage>> {
         Ok(self.place(plan)?.into_iter().map(Storage::Cuda).collect())
     }
@@ -60,14 +76,32 @@ impl Backend for wgpu::WgpuBackend {
     fn describe(&self) -> String {
         self.description()
     }
+    fn uploads(&self) -> &'static [Upload] {
+        &[
+            Upload::Auto,
+            Upload::Staging,
+            Upload::InPlace,
+            Upload::HostImport,
+        ]
+    }
     fn upload(&self, plan: &LoadPlan<'_>) -> Result<Vec<Storage>> {
         Ok(self.place(plan)?.into_iter().map(Storage::Wgpu).collect())
     }
 }
 
 /// Places every tensor of `plan` on `backend`'s device: the one place a load's [`Tensor`]s
-/// are made, each of its plan item's output dtype and shape.
+/// are made, each of its plan item's output dtype and shape. An upload strategy the device
+/// does not take is refused here, before anything is read.
 pub(crate) fn place(backend: &dyn Backend, plan: &LoadPlan<'_>) -> Result<Vec<Tensor>> {
+    let takes = backend.uploads();
+    if !takes.contains(&plan.upload()) {
+        let names: Vec<String> = takes.iter().map(Upload::to_string).collect();
+        let why = format!(
+            "not a strategy of this device (it takes {})",
+            names.join(", ")
+        );
+        return Err(plan.unsupported_upload(backend.device(), &why));
+    }
     let storages = backend.upload(plan)?;
     Ok(plan
         .items()

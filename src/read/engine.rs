@@ -26,6 +26,7 @@ const RUN_SPAN: usize = PIECE;
 const RUN_GAP: usize = 64 << 10;
 
 /// A piece of a load: the bytes `src` of `file` go to `dst`.
+#[derive(Clone)]
 pub struct Piece<'n, D> {
     /// The tensor the bytes belong to, for errors.
     pub tensor: &'n str,
@@ -35,6 +36,27 @@ pub struct Piece<'n, D> {
     pub src: Span<'n>,
     /// Where they go.
     pub dst: D,
+}
+
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+impl<'n, D: At> Piece<'n, D> {
+    /// The part of this piece at `range` of its bytes.
+    pub fn part(&self, range: Range<usize>) -> Piece<'n, D> {
+        Piece {
+            tensor: self.tensor,
+            file: self.file,
+            dst: self.dst.at(range.start as u64),
+            src: self.src.part(range),
+        }
+    }
+}
+
+/// A place bytes go to from which others are found by offset (a device address, a buffer
+/// and an offset in it): what lets a piece be cut in parts.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub trait At: Clone {
+    /// The place `offset` bytes further on.
+    fn at(&self, offset: u64) -> Self;
 }
 
 /// Where a piece's bytes go.

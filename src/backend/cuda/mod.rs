@@ -19,20 +19,19 @@ mod memory;
 mod register;
 mod staging;
 
-use std::collections::HashMap;
-use std::ops::Range;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::{self, CUdeviceptr};
 use cudarc::driver::{CudaContext, CudaStream, DriverError, result};
 
+use super::common::{self, Opened, guarded, scratch_batches};
 use crate::convert::Conversion;
 use crate::device::Device;
 use crate::error::{Error, ErrorKind, Result};
 use crate::plan::{LoadPlan, PlanItem, Upload};
 use crate::read::LONG_RUN;
+use crate::read::engine::{At, Piece};
 use crate::read::file::HostFile;
-use crate::read::gather::Span;
 
 pub use kernels::CONVERT_PTX;
 use kernels::Kernels;
@@ -63,14 +62,13 @@ fn unavailable(ordinal: usize, why: &str) -> Error {
     )
 }
 
-/// Runs `f`, turning a panic inside cudarc (a symbol missing from an old driver, say) into an error.
-fn guarded<T>(ordinal: usize, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| {
-        Err(unavailable(
-            ordinal,
-            "the CUDA driver panicked (a driver too old for CUDA 11?)",
-        ))
-    })
+/// The error of a panic inside cudarc (a symbol missing from an old driver, say), for
+/// [`guarded`].
+fn panicked(ordinal: usize) -> Error {
+    unavailable(
+        ordinal,
+        "the CUDA driver panicked (a driver too old for CUDA 11?)",
+    )
 }
 
 /// Whether libcuda can be loaded; probing never panics.
@@ -88,16 +86,19 @@ pub(crate) fn device_count() -> Result<usize> {
             "libcuda not found (no NVIDIA driver)",
         ));
     }
-    guarded(0, || {
-        let n = CudaContext::device_count().map_err(|e| {
-            Error::new(
-                ErrorKind::DeviceUnavailable,
-                format!("cuInit or cuDeviceGetCount failed: {e}"),
-            )
-            .with_source(e)
-        })?;
-        Ok(usize::try_from(n).unwrap_or(0))
-    })
+    guarded(
+        || panicked(0),
+        || {
+            let n = CudaContext::device_count().map_err(|e| {
+                Error::new(
+                    ErrorKind::DeviceUnavailable,
+                    format!("cuInit or cuDeviceGetCount failed: {e}"),
+                )
+                .with_source(e)
+            })?;
+            Ok(usize::try_from(n).unwrap_or(0))
+        },
+    )
 }
 
 /// One line per CUDA device, from the device's attributes alone: listing creates no context
@@ -107,10 +108,10 @@ pub(crate) fn list() -> Result<Vec<String>> {
     if n == 0 {
         return Err(Error::new(ErrorKind::DeviceUnavailable, "no CUDA device"));
     }
-    let version = guarded(0, || driver_version(0))?;
+    let version = guarded(|| panicked(0), || driver_version(0))?;
     (0..n)
         .map(|i| {
-            guarded(i, || {
+            guarded(|| panicked(i), || {
                 let ordinal = i32::try_from(i).map_err(|_| unavailable(i, "ordinal too large"))?;
                 let dev = result::device::get(ordinal)
                     .map_err(|e| driver_err(i, "cuDeviceGet", e))?;
@@ -178,31 +179,26 @@ impl CudaBackend {
     /// Opens device `ordinal`, reusing it if this process opened it before. No driver, no
     /// device, a wrong ordinal or a driver too old are each a [`ErrorKind::DeviceUnavailable`].
     pub fn open(ordinal: usize) -> Result<Arc<CudaBackend>> {
-        static OPEN: OnceLock<Mutex<HashMap<usize, Arc<CudaBackend>>>> = OnceLock::new();
-        let open = OPEN.get_or_init(Default::default);
-        let mut open = open.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(b) = open.get(&ordinal) {
-            return Ok(b.clone());
-        }
-        let count = device_count().map_err(|e| unavailable(ordinal, e.message()))?;
-        if count == 0 {
-            return Err(unavailable(ordinal, "no CUDA device"));
-        }
-        if ordinal >= count {
-            return Err(unavailable(
-                ordinal,
-                &format!("there are {count} CUDA devices, numbered from 0"),
-            ));
-        }
-        // cudarc makes a new context current (cuCtxSetCurrent): the caller's is put back.
-        let before = result::ctx::get_current().ok().flatten();
-        let created = guarded(ordinal, || CudaBackend::create(ordinal));
-        // SAFETY: `before` was current on this thread a moment ago (or none was); setting it
-        // back only changes this thread's current context.
-        let _ = unsafe { result::ctx::set_current(before.unwrap_or(std::ptr::null_mut())) };
-        let b = Arc::new(created?);
-        open.insert(ordinal, b.clone());
-        Ok(b)
+        static OPEN: Opened<CudaBackend> = Opened::new();
+        OPEN.get_or_open(ordinal, || {
+            let count = device_count().map_err(|e| unavailable(ordinal, e.message()))?;
+            if count == 0 {
+                return Err(unavailable(ordinal, "no CUDA device"));
+            }
+            if ordinal >= count {
+                return Err(unavailable(
+                    ordinal,
+                    &format!("there are {count} CUDA devices, numbered from 0"),
+                ));
+            }
+            // cudarc makes a new context current (cuCtxSetCurrent): the caller's is put back.
+            let before = result::ctx::get_current().ok().flatten();
+            let created = guarded(|| panicked(ordinal), || CudaBackend::create(ordinal));
+            // SAFETY: `before` was current on this thread a moment ago (or none was); setting
+            // it back only changes this thread's current context.
+            let _ = unsafe { result::ctx::set_current(before.unwrap_or(std::ptr::null_mut())) };
+            created
+        })
     }
 
     fn create(ordinal: usize) -> Result<CudaBackend> {
@@ -300,12 +296,41 @@ impl CudaBackend {
             // all in the page cache go through the staging ring, read by several threads.
             Upload::Auto if can_register.is_ok() && file.is_warm() => Ok(UploadPath::Register),
             Upload::Auto => Ok(UploadPath::Staging),
-            Upload::InPlace => Err("in-place writes are a wgpu strategy".to_owned()),
-            Upload::HostImport => Err(
-                "host import is a wgpu strategy (CUDA's staging ring is page-locked already)"
-                    .to_owned(),
-            ),
+            // Refused by `backend::place` before the plan reaches the backend.
+            Upload::InPlace | Upload::HostImport => Err(format!("{upload} is not CUDA's")),
         }
+    }
+
+    /// The path of each file of `plan`, decided (and refused) before anything is placed.
+    fn upload_paths<'p>(&self, plan: &LoadPlan<'p>) -> Result<Vec<(&'p HostFile<'p>, UploadPath)>> {
+        let mut paths: Vec<(&HostFile<'_>, UploadPath)> = Vec::new();
+        for item in plan.items() {
+            if !paths.iter().any(|(f, _)| std::ptr::eq(*f, item.file)) {
+                let path = self
+                    .upload_path(item.file, plan.upload())
+                    .map_err(|why| plan.unsupported_upload(Device::Cuda(self.ordinal), &why))?;
+                paths.push((item.file, path));
+            }
+        }
+        Ok(paths)
+    }
+
+    /// An [`ErrorKind::OutOfMemory`] error unless `need` bytes of device memory are free.
+    fn check_free(&self, need: usize) -> Result<()> {
+        let (free, _) = self
+            .ctx
+            .mem_get_info()
+            .map_err(|e| driver_err(self.ordinal, "cuMemGetInfo", e))?;
+        if need > free {
+            return Err(Error::new(
+                ErrorKind::OutOfMemory,
+                format!(
+                    "cuda:{}: the load needs {need} bytes of device memory, {free} are free",
+                    self.ordinal
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The conversion kernels, loaded on first use.
@@ -399,66 +424,15 @@ impl CudaStorage {
     }
 }
 
-/// One copy of a load: the bytes `src` of `file` (of `tensor`) to device address `dst`.
-#[derive(Clone)]
-pub(crate) struct Transfer<'n> {
-    tensor: &'n str,
-    file: &'n HostFile<'n>,
-    src: Span<'n>,
-    dst: CUdeviceptr,
-}
+/// One copy of a load: bytes of a file to a device address.
+pub(crate) type Transfer<'n> = Piece<'n, CUdeviceptr>;
 
-impl<'n> Transfer<'n> {
-    /// The file range of its bytes (a transfer on the register path is one run).
-    fn file_range(&self) -> Range<usize> {
-        self.src.as_range().unwrap_or(0..0)
-    }
+/// A piece of a tensor to convert, its output at an offset in the load's arena.
+type Convert<'n> = common::Convert<'n, Conversion, u64>;
 
-    /// The part of this transfer at `range` of its bytes.
-    fn part(&self, range: Range<usize>) -> Transfer<'n> {
-        Transfer {
-            tensor: self.tensor,
-            file: self.file,
-            dst: self.dst + range.start as u64,
-            src: self.src.part(range),
-        }
-    }
-}
-
-/// A piece of a tensor to convert: `elements` elements of its input (`src`, a multiple of
-/// 256 elements but for its last piece) into the output arena at `out`.
-struct Convert<'n> {
-    tensor: &'n str,
-    file: &'n HostFile<'n>,
-    src: Span<'n>,
-    conversion: Conversion,
-    elements: u64,
-    out: usize,
-}
-
-impl<'n> Convert<'n> {
-    /// The pieces of `item` (placed at `out` in the arena) whose inputs fit `scratch` bytes
-    /// with their padding.
-    fn pieces(item: &'n PlanItem<'n>, out: usize, scratch: usize) -> Vec<Convert<'n>> {
-        let Some(conversion) = item.conversion else {
-            return Vec::new();
-        };
-        item.conversion_pieces(scratch - ALIGN)
-            .into_iter()
-            .map(|p| Convert {
-                tensor: item.name,
-                file: item.file,
-                src: p.src,
-                conversion,
-                elements: p.elements,
-                out: out + p.out_offset,
-            })
-            .collect()
-    }
-
-    /// Its input's room in the scratch buffer: padded to 4 bytes, the next start aligned.
-    fn room(&self) -> usize {
-        (self.src.len() + 4).next_multiple_of(ALIGN)
+impl At for CUdeviceptr {
+    fn at(&self, offset: u64) -> Self {
+        self + offset
     }
 }
 
@@ -477,64 +451,79 @@ impl CudaBackend {
     /// plan's order.
     pub(crate) fn place(&self, plan: &LoadPlan<'_>) -> Result<Vec<CudaStorage>> {
         let this = CudaBackend::open(self.ordinal)?;
-        guarded(self.ordinal, || upload(&this, plan)).map_err(|e| plan.err(e))
+        guarded(|| panicked(self.ordinal), || upload(&this, plan)).map_err(|e| plan.err(e))
     }
 }
 
-fn upload(backend: &Arc<CudaBackend>, plan: &LoadPlan<'_>) -> Result<Vec<CudaStorage>> {
-    let ordinal = backend.ordinal;
-    // The path of each file of the load, decided (and refused) before anything is placed.
-    let mut paths: Vec<(&HostFile<'_>, UploadPath)> = Vec::new();
-    for item in plan.items() {
-        if !paths.iter().any(|(f, _)| std::ptr::eq(*f, item.file)) {
-            let path = backend
-                .upload_path(item.file, plan.upload())
-                .map_err(|why| plan.unsupported_upload(Device::Cuda(ordinal), &why))?;
-            paths.push((item.file, path));
+/// A load's place in device memory: each tensor's offset in the arena, the arena's size,
+/// the pieces to convert and the scratch buffer their inputs go through.
+struct Layout<'n> {
+    slots: Vec<usize>,
+    out_total: usize,
+    converts: Vec<Convert<'n>>,
+    scratch_len: usize,
+}
+
+impl<'n> Layout<'n> {
+    fn of(items: &'n [PlanItem<'n>]) -> Result<Layout<'n>> {
+        let overflow = || Error::new(ErrorKind::SizeOverflow, "the load's size in device memory");
+        let mut out_total = 0usize;
+        let mut slots = Vec::with_capacity(items.len());
+        for item in items {
+            slots.push(out_total);
+            // Room for the kernels' 4-byte padding, then the next start aligned.
+            out_total = out_total
+                .checked_add(item.out_len + 4)
+                .and_then(|t| t.checked_next_multiple_of(ALIGN))
+                .ok_or_else(overflow)?;
         }
+        // Conversions read their inputs from one bounded scratch buffer, batch after batch:
+        // a load needs its output plus at most SCRATCH bytes of device memory.
+        let converts: Vec<Convert<'_>> = items
+            .iter()
+            .zip(&slots)
+            .filter(|(item, _)| item.in_len() > 0)
+            .filter_map(|(item, &out)| item.conversion.map(|c| (item, c, out)))
+            .flat_map(|(item, c, out)| Convert::pieces(item, c, out as u64, SCRATCH - ALIGN))
+            .collect();
+        let scratch_len = converts
+            .iter()
+            .try_fold(0usize, |sum, c| sum.checked_add(input_room(c)))
+            .ok_or_else(overflow)?
+            .min(SCRATCH);
+        Ok(Layout {
+            slots,
+            out_total,
+            converts,
+            scratch_len,
+        })
     }
+
+    /// The device memory the load needs.
+    fn need(&self) -> Result<usize> {
+        self.out_total
+            .checked_add(self.scratch_len)
+            .ok_or_else(|| Error::new(ErrorKind::SizeOverflow, "the load's size in device memory"))
+    }
+}
+
+/// The room of a conversion's input in the scratch buffer: its bytes, the 4 bytes of
+/// padding the kernels may read, and the next start aligned.
+fn input_room(c: &Convert<'_>) -> usize {
+    (c.src.len() + 4).next_multiple_of(ALIGN)
+}
+
+/// Places every tensor of `plan` in one arena: each file's path chosen, the free memory
+/// checked, the tensors kept as they are copied up, then the others converted.
+fn upload(backend: &Arc<CudaBackend>, plan: &LoadPlan<'_>) -> Result<Vec<CudaStorage>> {
+    let paths = backend.upload_paths(plan)?;
     // The device's context is current for the load; the caller's again when it returns.
     let current = backend.current()?;
     let items = plan.items();
-    let overflow = || Error::new(ErrorKind::SizeOverflow, "the load's size in device memory");
-    let mut out_total = 0usize;
-    let mut slots = Vec::with_capacity(items.len());
-    for item in items {
-        slots.push(out_total);
-        // Room for the kernels' 4-byte padding, then the next start aligned.
-        out_total = out_total
-            .checked_add(item.out_len + 4)
-            .and_then(|t| t.checked_next_multiple_of(ALIGN))
-            .ok_or_else(overflow)?;
-    }
-    // Conversions read their inputs from one bounded scratch buffer, batch after batch: a
-    // load needs its output plus at most SCRATCH bytes of device memory.
-    let converts: Vec<Convert<'_>> = items
-        .iter()
-        .zip(&slots)
-        .filter(|(item, _)| item.in_len() > 0)
-        .flat_map(|(item, &out)| Convert::pieces(item, out, SCRATCH))
-        .collect();
-    let scratch_len = converts
-        .iter()
-        .try_fold(0usize, |sum, c| sum.checked_add(c.room()))
-        .ok_or_else(overflow)?
-        .min(SCRATCH);
-    let need = out_total.checked_add(scratch_len).ok_or_else(overflow)?;
-    let (free, _) = backend
-        .ctx
-        .mem_get_info()
-        .map_err(|e| driver_err(ordinal, "cuMemGetInfo", e))?;
-    if need > free {
-        return Err(Error::new(
-            ErrorKind::OutOfMemory,
-            format!(
-                "cuda:{ordinal}: the load needs {need} bytes of device memory, {free} are free"
-            ),
-        ));
-    }
-    let arena = Arc::new(Arena::alloc(&backend.ctx, out_total)?);
-    let scratch = match scratch_len {
+    let layout = Layout::of(items)?;
+    backend.check_free(layout.need()?)?;
+    let arena = Arc::new(Arena::alloc(&backend.ctx, layout.out_total)?);
+    let scratch = match layout.scratch_len {
         0 => None,
         n => Some(Arena::alloc(&backend.ctx, n)?),
     };
@@ -542,7 +531,7 @@ fn upload(backend: &Arc<CudaBackend>, plan: &LoadPlan<'_>) -> Result<Vec<CudaSto
     let guard = StreamGuard(backend);
     let transfers: Vec<Transfer<'_>> = items
         .iter()
-        .zip(&slots)
+        .zip(&layout.slots)
         .filter(|(i, _)| i.in_len() > 0 && i.conversion.is_none())
         .map(|(item, &out)| Transfer {
             tensor: item.name,
@@ -553,35 +542,24 @@ fn upload(backend: &Arc<CudaBackend>, plan: &LoadPlan<'_>) -> Result<Vec<CudaSto
         .collect();
     copy_up(backend, &current, plan, &paths, &transfers)?;
     if let Some(scratch) = &scratch {
+        let batches = scratch_batches(&layout.converts, layout.scratch_len as u64, |c| {
+            c.src.len() as u64 + 4
+        });
         let kernels = backend.kernels()?;
-        let mut start = 0;
-        while start < converts.len() {
-            // A batch: the pieces whose inputs fit the scratch buffer together.
-            let mut end = start;
-            let mut used = 0usize;
-            let mut batch = Vec::new();
-            while let Some(c) = converts.get(end) {
-                if end > start && used + c.room() > scratch_len {
-                    break;
-                }
-                batch.push(Transfer {
-                    tensor: c.tensor,
-                    file: c.file,
-                    src: c.src.clone(),
-                    dst: scratch.ptr() + used as u64,
-                });
-                used += c.room();
-                end += 1;
-            }
-            copy_up(backend, &current, plan, &paths, &batch)?;
+        for (batch, offsets) in batches {
+            let inputs: Vec<Transfer<'_>> = batch
+                .iter()
+                .zip(&offsets)
+                .map(|(c, &at)| c.input(scratch.ptr() + at))
+                .collect();
+            copy_up(backend, &current, plan, &paths, &inputs)?;
             backend.sync_all()?;
-            for (c, t) in converts[start..end].iter().zip(&batch) {
-                let dst = arena.ptr() + c.out as u64;
-                kernels.launch(c.conversion, t.dst, dst, c.elements, backend.stream())?;
+            for (c, t) in batch.iter().zip(&inputs) {
+                let dst = arena.ptr() + c.out;
+                kernels.launch(c.kernel, t.dst, dst, c.elements, backend.stream())?;
             }
             // The next batch's copies overwrite the scratch the kernels read.
             backend.sync_all()?;
-            start = end;
         }
     }
     backend.sync_all()?;
@@ -589,7 +567,7 @@ fn upload(backend: &Arc<CudaBackend>, plan: &LoadPlan<'_>) -> Result<Vec<CudaSto
     drop(scratch);
     Ok(items
         .iter()
-        .zip(&slots)
+        .zip(&layout.slots)
         .map(|(item, &out)| CudaStorage {
             backend: backend.clone(),
             arena: arena.clone(),

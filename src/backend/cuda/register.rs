@@ -107,10 +107,10 @@ pub(crate) fn register_and_copy<'n>(
     };
     // The whole pages of the mapping a chunk's transfers cover.
     let pages = |chunk: &[Transfer<'n>]| {
-        let start = chunk.first()?.file_range().start / page * page;
+        let start = file_range(chunk.first()?).start / page * page;
         let end = chunk
             .iter()
-            .map(|t| t.file_range().end)
+            .map(|t| file_range(t).end)
             .max()
             .unwrap_or(start)
             .next_multiple_of(page)
@@ -147,7 +147,7 @@ pub(crate) fn register_and_copy<'n>(
         let stream = &backend.streams[k % STREAMS];
         let mut queued = Ok(0u64);
         for t in chunk {
-            let src = (base + t.file_range().start) as *const c_void;
+            let src = (base + file_range(t).start) as *const c_void;
             // SAFETY: the source lies in the registered chunk, which stays registered and
             // mapped until its event or every stream is synchronized (`Registered`); the
             // destination lies inside a device allocation of at least that size that the
@@ -182,4 +182,9 @@ pub(crate) fn register_and_copy<'n>(
     }
     drop(registered);
     Ok(Vec::new())
+}
+
+/// The file range of a transfer's bytes (on the register path, one run).
+fn file_range(t: &Transfer<'_>) -> std::ops::Range<usize> {
+    t.src.as_range().unwrap_or(0..0)
 }

@@ -6,9 +6,8 @@ use std::sync::{Arc, OnceLock};
 use super::{WgpuBackend, backend_err, pad4};
 use crate::error::Result;
 use crate::read::PIECE;
-use crate::read::engine::{self, Destination, Piece, Source};
-use crate::read::file::HostFile;
-use crate::read::gather::{self, Span};
+use crate::read::engine::{self, At, Destination, Piece, Source};
+use crate::read::gather;
 
 /// The outcome of a `map_async`, set by its callback once the device has run the work
 /// queued before it.
@@ -88,20 +87,30 @@ impl Destination for MappedRange {
     }
 }
 
-/// A write of the bytes `src` of `file` (of `tensor`) into a mapped buffer at `offset`
-/// (8-aligned).
-pub(super) struct Write<'n, 'b> {
-    pub tensor: &'n str,
-    pub file: &'n HostFile<'n>,
+/// A place in a wgpu buffer.
+#[derive(Clone, Copy)]
+pub(super) struct BufferAt<'b> {
     pub buffer: &'b wgpu::Buffer,
     pub offset: u64,
-    pub src: Span<'n>,
 }
+
+impl At for BufferAt<'_> {
+    fn at(&self, offset: u64) -> Self {
+        BufferAt {
+            buffer: self.buffer,
+            offset: self.offset + offset,
+        }
+    }
+}
+
+/// One copy of a load: bytes of a file into a buffer (mapped, to be written in place, or
+/// through a staging ring).
+pub(super) type Transfer<'n, 'b> = Piece<'n, BufferAt<'b>>;
 
 /// Writes file bytes into mapped buffers through the host I/O engine, in pieces of
 /// [`PIECE`] bytes (8-aligned, wgpu's MAP_ALIGNMENT) spread over every core.
 pub(super) fn fill(
-    writes: &[Write<'_, '_>],
+    writes: &[Transfer<'_, '_>],
     host_memory: bool,
     advance: &(dyn Fn(u64) -> Result<()> + Sync),
 ) -> Result<()> {
@@ -110,7 +119,7 @@ pub(super) fn fill(
 
 /// The engine's pieces of `writes`: [`PIECE`] bytes each (8-aligned, wgpu's MAP_ALIGNMENT).
 pub(super) fn mapped_pieces<'n>(
-    writes: &[Write<'n, '_>],
+    writes: &[Transfer<'n, '_>],
     host_memory: bool,
 ) -> Vec<Piece<'n, MappedRange>> {
     writes
@@ -120,8 +129,8 @@ pub(super) fn mapped_pieces<'n>(
                 tensor: w.tensor,
                 file: w.file,
                 dst: MappedRange {
-                    buffer: w.buffer.clone(),
-                    offset: w.offset + r.start as u64,
+                    buffer: w.dst.buffer.clone(),
+                    offset: w.dst.offset + r.start as u64,
                     len: r.len(),
                     host_memory,
                 },

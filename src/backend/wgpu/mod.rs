@@ -28,6 +28,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use super::common::{self, Opened};
 use crate::device::Device;
 use crate::error::{Error, ErrorKind, Result};
 use crate::plan::LoadPlan;
@@ -163,10 +164,9 @@ fn backend_rank(b: wgpu::Backend) -> u8 {
     }
 }
 
-/// Runs `f`, turning a panic inside wgpu or a driver into an error.
+/// Runs `f`, turning a panic inside wgpu or a driver while doing `what` into an error.
 fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
-        .unwrap_or_else(|_| Err(backend_err(format!("wgpu panicked while {what}"))))
+    common::guarded(|| backend_err(format!("wgpu panicked while {what}")), f)
 }
 
 /// The adapters, in the stable order of `wgpu:N`, enumerated once per process (enumerating
@@ -228,7 +228,7 @@ impl WgpuBackend {
     /// Opens adapter `index` of the list (`None`: the first, or the first whose name
     /// contains `name`, ignoring case), reusing the device if this process opened it before.
     pub fn open(index: Option<usize>, name: Option<&str>) -> Result<Arc<WgpuBackend>> {
-        static OPEN: OnceLock<Mutex<HashMap<usize, Arc<WgpuBackend>>>> = OnceLock::new();
+        static OPEN: Opened<WgpuBackend> = Opened::new();
         let adapter_name = name;
         let name = Device::Wgpu(index);
         let list = adapters().map_err(|e| unavailable(name, &e.to_string()))?;
@@ -261,16 +261,9 @@ impl WgpuBackend {
                 None => 0,
             },
         };
-        let open = OPEN.get_or_init(Default::default);
-        let mut open = open.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(b) = open.get(&index) {
-            return Ok(b.clone());
-        }
-        let adapter = &list[index];
-        let backend =
-            Arc::new(Self::create(index, adapter).map_err(|e| unavailable(name, &e.to_string()))?);
-        open.insert(index, backend.clone());
-        Ok(backend)
+        OPEN.get_or_open(index, || {
+            Self::create(index, &list[index]).map_err(|e| unavailable(name, &e.to_string()))
+        })
     }
 
     /// The best adapter that is a real GPU (discrete or integrated), for `auto`.

@@ -9,47 +9,20 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use super::host_import::HostRegion;
-use super::map::{MapState, MappedRange, Write, map_async, mapped_pieces, wait_mapped};
+use super::map::{
+    BufferAt, MapState, MappedRange, Transfer, map_async, mapped_pieces, wait_mapped,
+};
 use super::{WgpuBackend, backend_err, pad4};
 use crate::error::Result;
 use crate::plan::LoadPlan;
 use crate::read::PIECE;
 use crate::read::engine::{self, Destination, Piece, Source};
-use crate::read::file::HostFile;
-use crate::read::gather::{self, Span};
+use crate::read::gather;
 
 /// Staging buffers in the ring.
 pub const RING: usize = 4;
 /// Size of one staging buffer (less where the device allows less).
 pub const STAGING: u64 = 64 << 20;
-/// One piece of a tensor on its way through the ring: the bytes `src` of `file` into `dst`
-/// at `dst_offset`.
-#[derive(Clone)]
-pub(super) struct Transfer<'n, 'b> {
-    pub tensor: &'n str,
-    pub file: &'n HostFile<'n>,
-    pub src: Span<'n>,
-    pub dst: &'b wgpu::Buffer,
-    pub dst_offset: u64,
-}
-
-impl<'n, 'b> Transfer<'n, 'b> {
-    /// The transfer cut after `at` of its bytes (4-aligned).
-    fn split_at(self, at: usize) -> (Self, Self) {
-        let len = self.src.len();
-        let head = Transfer {
-            src: self.src.part(0..at),
-            ..self.clone()
-        };
-        let tail = Transfer {
-            dst_offset: self.dst_offset + at as u64,
-            src: self.src.part(at..len),
-            ..self
-        };
-        (head, tail)
-    }
-}
-
 /// One buffer of the ring.
 pub(super) enum Staging {
     /// A buffer the driver allocates, written while mapped, with its pending re-mapping
@@ -138,15 +111,14 @@ impl Staging {
     ) -> Vec<Piece<'n, Slot<'h>>> {
         match self {
             Staging::Mapped { buffer, .. } => {
-                let writes: Vec<Write<'n, '_>> = batch
+                let writes: Vec<Transfer<'n, '_>> = batch
                     .iter()
                     .zip(offsets)
-                    .map(|(t, &offset)| Write {
+                    .map(|(t, &offset)| Transfer {
                         tensor: t.tensor,
                         file: t.file,
-                        buffer,
-                        offset,
                         src: t.src.clone(),
+                        dst: BufferAt { buffer, offset },
                     })
                     .collect();
                 mapped_pieces(&writes, false)
@@ -315,8 +287,8 @@ pub(super) fn stream(
             enc.copy_buffer_to_buffer(
                 staging.buffer(),
                 off,
-                t.dst,
-                t.dst_offset,
+                t.dst.buffer,
+                t.dst.offset,
                 pad4(t.src.len() as u64),
             );
         }
@@ -385,7 +357,7 @@ fn next_batch<'n, 'b>(
         }
         let room = size.saturating_sub(used) / 4 * 4;
         if room >= 4 {
-            let (head, tail) = t.split_at(room as usize);
+            let (head, tail) = (t.part(0..room as usize), t.part(room as usize..t.src.len()));
             offsets.push(used);
             batch.push(head);
             queue.push_front(tail);

@@ -10,8 +10,8 @@
 
 use std::sync::Arc;
 
-use super::map::{Write, fill};
-use super::ring::{Path, Ring, STAGING, Transfer, stream};
+use super::map::{BufferAt, Transfer, fill};
+use super::ring::{Path, Ring, STAGING, stream};
 use super::scratch::{Convert, SCRATCH, convert_through_scratch};
 use super::{Kernel, WgpuBackend, WgpuStorage, pad4};
 use crate::device::Device;
@@ -42,7 +42,8 @@ fn path(backend: &WgpuBackend, upload: Upload) -> std::result::Result<Path, &'st
         Upload::HostImport => Err(
             "the device cannot import host memory (not Vulkan, no VK_EXT_external_memory_host, or a copy from imported memory failed its check)",
         ),
-        Upload::Register => Err("registering host memory is a CUDA strategy"),
+        // Refused by `backend::place` before the plan reaches the backend.
+        Upload::Register => Err("not wgpu's"),
     }
 }
 
@@ -76,7 +77,10 @@ pub(super) fn upload(backend: &Arc<WgpuBackend>, plan: &LoadPlan<'_>) -> Result<
             .zip(&kernels)
             .filter(|((i, _), _)| i.in_len() > 0)
             .filter_map(|((item, out), kernel)| kernel.map(|kernel| (item, out, kernel)))
-            .flat_map(|(item, out, kernel)| Convert::chunks(item, out, kernel, scratch_size))
+            .flat_map(|(item, buffer, kernel)| {
+                let out = BufferAt { buffer, offset: 0 };
+                Convert::pieces(item, kernel, out, scratch_size as usize)
+            })
             .collect();
         convert_through_scratch(backend, plan, &converts, path, scratch_size, staging_size)?;
         Ok(items
@@ -176,33 +180,31 @@ fn write_unconverted(
     let ring = match path {
         Path::Staged(ring) => ring,
         Path::InPlace => {
-            let writes: Vec<Write<'_, '_>> = targets
-                .map(|(item, buffer)| Write {
+            let writes: Vec<Transfer<'_, '_>> = targets
+                .map(|(item, buffer)| Transfer {
                     tensor: item.name,
                     file: item.file,
-                    buffer,
-                    offset: 0,
                     src: item.span(),
+                    dst: BufferAt { buffer, offset: 0 },
                 })
                 .collect();
             fill(&writes, true, &|n| plan.advance(n))?;
             for w in &writes {
-                w.buffer.unmap();
+                w.dst.buffer.unmap();
             }
             return Ok(());
         }
     };
     let transfers: Vec<Transfer<'_, '_>> = targets
-        .flat_map(|(item, dst)| {
-            let span = item.span();
-            gather::chunks(0..span.len(), staging_size as usize)
-                .map(|r| Transfer {
-                    tensor: item.name,
-                    file: item.file,
-                    dst_offset: r.start as u64,
-                    src: span.part(r),
-                    dst,
-                })
+        .flat_map(|(item, buffer)| {
+            let whole = Transfer {
+                tensor: item.name,
+                file: item.file,
+                src: item.span(),
+                dst: BufferAt { buffer, offset: 0 },
+            };
+            gather::chunks(0..whole.src.len(), staging_size as usize)
+                .map(|r| whole.part(r))
                 .collect::<Vec<_>>()
         })
         .collect();
