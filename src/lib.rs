@@ -142,7 +142,7 @@ pub mod internals {
         memory::HostBuffer,
         parallel::{Threads, for_each},
         read::PIECE,
-        read::direct::open as open_direct,
+        read::direct::open_direct,
         read::engine::{Destination, Piece, Source, read_pieces},
         read::gather::{Gather, Span, chunks},
     };

@@ -18,7 +18,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::header::{Metadata, TensorInfo};
 use crate::parallel::{self, Threads};
 use crate::plan::{LoadPlan, PlanEntry, Upload, View};
-use crate::read::file::{Fetch, HostFile, ReadMode};
+use crate::read::file::{HostFile, ReadMode};
 use crate::reader::Reader;
 use crate::report::{LoadReport, ReadPath};
 use crate::slice::{Selection, Slice};
@@ -218,7 +218,7 @@ impl<'a> Loader<'a> {
     /// return for it (an invalid device string, an absent GPU, no adapter of that name).
     pub fn describe(&self) -> Result<String> {
         let device = self.device.clone()?;
-        backend::open(device, self.adapter.as_deref()).map(|b| b.describe())
+        backend::for_device(device, self.adapter.as_deref()).map(|b| b.describe())
     }
 
     /// Stops the load, from another thread, once `flag` is set: the load returns an
@@ -262,7 +262,7 @@ impl<'a> Loader<'a> {
     /// tensors' bytes. Filters, slices, splits, progress and interrupts are per load: a
     /// reader ignores them.
     pub fn reader(&self, path: impl AsRef<Path>) -> Result<Reader> {
-        Reader::open(
+        Reader::new(
             path.as_ref(),
             self.device.clone()?,
             self.adapter.as_deref(),
@@ -394,7 +394,7 @@ impl<'a> Loader<'a> {
         view: View,
         metadata: Option<Metadata>,
     ) -> Result<Tensors> {
-        let backend = backend::open(device, self.adapter.as_deref())?;
+        let backend = backend::for_device(device, self.adapter.as_deref())?;
         let progress = &self.progress;
         let report = |done: u64, total: u64| {
             if let Some(p) = progress {
@@ -465,10 +465,8 @@ fn mark_partial_files(plan: &LoadPlan<'_>) {
 /// How the load of `files` onto `device` by `plan` went: how the bytes were read, the upload
 /// path, and every fallback (direct reads a file system refused first).
 fn load_report(device: Device, files: &[HostFile<'_>], plan: &LoadPlan<'_>) -> LoadReport {
-    let read = match files.iter().find_map(|f| f.fetch_used()) {
-        Some(Fetch::Memory) => ReadPath::Memory,
-        Some(Fetch::Pread) => ReadPath::Pread,
-        Some(Fetch::Direct) => ReadPath::Direct,
+    let read = match files.iter().find_map(|f| f.read_path_used()) {
+        Some(path) => path,
         // The engine read nothing: views on the CPU, else DMA from the mapping.
         None if device == Device::Cpu
             && files.iter().any(|f| f.mapping().is_some())

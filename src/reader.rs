@@ -21,7 +21,7 @@ use crate::header::{Metadata, TensorInfo};
 use crate::memory::{BLOCK_PIECE, Carver, HostBuffer};
 use crate::plan::{LoadPlan, PlanEntry, Upload};
 use crate::read;
-use crate::read::file::{Fetch, HostFile, ReadMode};
+use crate::read::file::{HostFile, ReadMode};
 use crate::read::gather::Gather;
 use crate::slice::{Selection, Slice};
 use crate::storage::{CpuStorage, Storage};
@@ -82,7 +82,7 @@ impl Reader {
     /// (resolved now: an absent GPU is an error here), each file read as `mode` says (its
     /// direct reads through its disk's queue where `disk_queue`), floating tensors cast to
     /// `dtype` where given.
-    pub(crate) fn open(
+    pub(crate) fn new(
         path: &Path,
         device: Device,
         adapter: Option<&str>,
@@ -91,7 +91,7 @@ impl Reader {
         dtype: Option<Dtype>,
         upload: Upload,
     ) -> Result<Reader> {
-        let backend = backend::open(device, adapter)?;
+        let backend = backend::for_device(device, adapter)?;
         let (paths, metadata) = if checkpoint::is_multi_file(path) {
             let ckpt = Checkpoint::open(path)?;
             let paths: Vec<PathBuf> = ckpt.files().map(Path::to_path_buf).collect();
@@ -302,7 +302,7 @@ impl Reader {
         let len = gather.len();
         file.mapping().is_some()
             && len <= read::PIECE
-            && (len < read::SMALL || file.fetch() == Fetch::Memory)
+            && (len < read::SMALL || file.read_path() == read::ReadPath::Memory)
     }
 
     fn file_of_index(&self, k: usize) -> &Path {

@@ -116,7 +116,7 @@ pub(crate) fn place(backend: &dyn Backend, plan: &LoadPlan<'_>) -> Result<Vec<Te
 ///
 /// An explicit GPU that is not compiled in, absent, or whose driver fails is an
 /// [`ErrorKind::DeviceUnavailable`] error, never a fallback; `auto` falls back to the CPU.
-pub(crate) fn open(device: Device, adapter: Option<&str>) -> Result<Arc<dyn Backend>> {
+pub(crate) fn for_device(device: Device, adapter: Option<&str>) -> Result<Arc<dyn Backend>> {
     match device {
         Device::Cpu => Ok(Arc::new(cpu::CpuBackend)),
         Device::Cuda(ordinal) => open_cuda(ordinal),
@@ -129,14 +129,14 @@ impl Device {
     /// The device a load onto `self` would use: `auto` resolved to the device present, an
     /// explicit device checked. An absent GPU is an [`ErrorKind::DeviceUnavailable`] error.
     pub fn probe(self) -> Result<Device> {
-        open(self, None).map(|b| b.device())
+        for_device(self, None).map(|b| b.device())
     }
 
     /// A human description of the device a load onto `self` would use, such as
     /// `cuda:0 (NVIDIA H100 80GB HBM3)`, or why it is unavailable. A loader that picks a
     /// wgpu adapter by name says which with [`Loader::describe`](crate::Loader::describe).
     pub fn describe(self) -> Result<String> {
-        open(self, None).map(|b| b.describe())
+        for_device(self, None).map(|b| b.describe())
     }
 }
 
@@ -209,7 +209,7 @@ mod tests {
 
     #[test]
     fn auto_never_fails_and_cpu_is_there() {
-        let b = open(Device::Auto, None).unwrap();
+        let b = for_device(Device::Auto, None).unwrap();
         assert!(!b.describe().is_empty());
         assert_ne!(Device::Auto.probe().unwrap(), Device::Auto);
         assert_eq!(Device::Cpu.probe().unwrap(), Device::Cpu);

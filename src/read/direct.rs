@@ -30,7 +30,7 @@ thread_local! {
 }
 
 /// Opens `path` for direct reads, or says why the file system refuses.
-pub fn open(path: &Path) -> std::io::Result<File> {
+pub fn open_direct(path: &Path) -> std::io::Result<File> {
     std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_DIRECT)
@@ -49,7 +49,7 @@ impl DirectFile {
     /// Opens `path` for direct reads, or says why the file system refuses; `queued`: its
     /// requests go through its disk's queue where the disk has one.
     pub fn open(path: &Path, queued: bool) -> std::io::Result<DirectFile> {
-        let file = open(path)?;
+        let file = open_direct(path)?;
         let queue = if queued {
             crate::read::disk::queue_for(&file)
         } else {
@@ -233,7 +233,7 @@ mod tests {
         let path = dir.path().join("f");
         let data: Vec<u8> = (0..len as u32).map(|i| (i * 7 % 251) as u8).collect();
         std::fs::write(&path, &data).unwrap();
-        let opened = |queue| open(&path).map(|file| DirectFile { file, queue });
+        let opened = |queue| open_direct(&path).map(|file| DirectFile { file, queue });
         match (opened(None), opened(Some(Queue::for_tests()))) {
             (Ok(own), Ok(queued)) => Some((dir, data, [own, queued])),
             (Err(e), _) | (_, Err(e)) => {

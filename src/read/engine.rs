@@ -14,7 +14,8 @@ use crate::convert::Conversion;
 use crate::error::{Error, ErrorKind, Result};
 use crate::memory::HostBuffer;
 use crate::parallel::{self, Threads};
-use crate::read::file::{Fetch, HostFile};
+use crate::read::ReadPath;
+use crate::read::file::HostFile;
 use crate::read::gather::Span;
 use crate::read::{LONG_RUN, PIECE, SMALL};
 
@@ -91,7 +92,7 @@ impl Destination for Converted<'_> {
 pub struct Source<'a> {
     file: &'a HostFile<'a>,
     span: Span<'a>,
-    fetch: Fetch,
+    read_path: ReadPath,
     /// Bytes of the file read already for a run of small pieces, with the file offset of
     /// their first.
     window: Option<(usize, &'a [u8])>,
@@ -102,7 +103,7 @@ impl<'a> Source<'a> {
     /// Copies (or reads) the bytes into `dst`, which must have the piece's length.
     pub fn read_into(self, dst: &mut [u8]) -> Result<()> {
         let memory = self.memory();
-        read_span(self.file, self.fetch, memory, &self.span, dst)
+        read_span(self.file, self.read_path, memory, &self.span, dst)
     }
 
     /// The bytes: borrowed from memory where they are one run there, else read (or
@@ -114,7 +115,7 @@ impl<'a> Source<'a> {
             return in_memory(self.file, memory, range);
         }
         self.scratch.resize(self.span.len(), 0);
-        read_span(self.file, self.fetch, memory, &self.span, self.scratch)?;
+        read_span(self.file, self.read_path, memory, &self.span, self.scratch)?;
         Ok(&self.scratch[..])
     }
 
@@ -126,7 +127,7 @@ impl<'a> Source<'a> {
             None => self
                 .file
                 .bytes()
-                .filter(|_| self.fetch == Fetch::Memory)
+                .filter(|_| self.read_path == ReadPath::Memory)
                 .map(|bytes| (0, bytes)),
         }
     }
@@ -152,10 +153,10 @@ fn in_memory<'m>(
 }
 
 /// Reads the bytes of `span` into `dst`, which must have its length: copied from `memory`
-/// where it holds them, else read the way `fetch` says.
+/// where it holds them, else read the way `read_path` says.
 fn read_span(
     file: &HostFile<'_>,
-    fetch: Fetch,
+    read_path: ReadPath,
     memory: Option<(usize, &[u8])>,
     span: &Span<'_>,
     dst: &mut [u8],
@@ -175,18 +176,19 @@ fn read_span(
         match memory {
             // From memory: a copy per run (runs may be a few bytes).
             Some(memory) => dst[at..at + len].copy_from_slice(in_memory(file, memory, range)?),
-            None => read(file, fetch, range.start, &mut dst[at..at + len])?,
+            None => read(file, read_path, range.start, &mut dst[at..at + len])?,
         }
     }
     Ok(())
 }
 
-/// Reads `dst.len()` bytes at `at` of `file` the way `fetch` says.
-fn read(file: &HostFile<'_>, fetch: Fetch, at: usize, dst: &mut [u8]) -> Result<()> {
-    match fetch {
-        Fetch::Memory => file.read_at(at, dst),
-        Fetch::Pread => file.pread_at(at, dst),
-        Fetch::Direct => file.read_direct(at, dst),
+/// Reads `dst.len()` bytes at `at` of `file` the way `read_path` says.
+fn read(file: &HostFile<'_>, read_path: ReadPath, at: usize, dst: &mut [u8]) -> Result<()> {
+    match read_path {
+        // A file's own path is never `Views` (that is a whole load's, where nothing is read).
+        ReadPath::Memory | ReadPath::Views => file.read_at(at, dst),
+        ReadPath::Pread => file.pread_at(at, dst),
+        ReadPath::Direct => file.read_direct(at, dst),
     }
 }
 
@@ -198,7 +200,11 @@ fn read(file: &HostFile<'_>, fetch: Fetch, at: usize, dst: &mut [u8]) -> Result<
 pub fn staging_offset(at: usize, file: &HostFile<'_>, src: &Span<'_>, align: usize) -> usize {
     let block = crate::read::direct::BLOCK;
     match src.as_range() {
-        Some(r) if r.len() >= LONG_RUN && r.start % align == 0 && file.fetch() == Fetch::Direct => {
+        Some(r)
+            if r.len() >= LONG_RUN
+                && r.start % align == 0
+                && file.read_path() == ReadPath::Direct =>
+        {
             at.saturating_add((r.start % block + block - at % block) % block)
         }
         _ => at,
@@ -210,7 +216,7 @@ pub fn staging_offset(at: usize, file: &HostFile<'_>, src: &Span<'_>, align: usi
 /// thread per core (copies from memory, and reads that a disk's queue makes: the threads
 /// copy while it reads, and more of them than cores would only take the cores it needs).
 pub fn pool_for<'f>(files: impl IntoIterator<Item = &'f HostFile<'f>>) -> Threads {
-    let own_reads = |f: &HostFile<'_>| f.fetch() != Fetch::Memory && !f.is_queued();
+    let own_reads = |f: &HostFile<'_>| f.read_path() != ReadPath::Memory && !f.is_queued();
     match files.into_iter().any(own_reads) {
         true => Threads::Io,
         false => Threads::PerCore,
@@ -222,7 +228,7 @@ pub fn pool_for<'f>(files: impl IntoIterator<Item = &'f HostFile<'f>>) -> Thread
 /// stops the reading. Errors name the file and the tensor. Pieces may come from many files,
 /// read at once.
 ///
-/// How is each file's [`fetch`](HostFile::fetch): copies from memory run on one thread per
+/// How is each file's [`read_path`](HostFile::read_path): copies from memory run on one thread per
 /// core, reads from a disk on the reader pool's many threads.
 pub fn read_pieces<D: Destination>(
     pieces: Vec<Piece<'_, D>>,
@@ -286,7 +292,7 @@ fn jobs<D>(pieces: Vec<Piece<'_, D>>) -> Vec<Job<'_, D>> {
         let small = piece
             .src
             .as_range()
-            .filter(|r| r.len() < SMALL && fetch_for(&piece) != Fetch::Memory);
+            .filter(|r| r.len() < SMALL && read_path_of(&piece) != ReadPath::Memory);
         let Some(range) = small else {
             jobs.push(Job::One(piece));
             continue;
@@ -334,7 +340,7 @@ fn read_job<D: Destination>(
         Job::Run { span, pieces } => (span, pieces),
     };
     let first = &pieces[0];
-    let (file, fetch) = (first.file, fetch_for(first));
+    let (file, read_path) = (first.file, read_path_of(first));
     let named = |e: Error, tensor: &str| e.with_tensor(tensor).with_opt_file(file.path());
     RUN_BUFFER.with(|cell| {
         let mut cell = cell.borrow_mut();
@@ -349,7 +355,7 @@ fn read_job<D: Destination>(
         let lead = span.start % crate::read::direct::BLOCK;
         let window = &mut buffer.as_mut_bytes()[lead..lead + span.len()];
         advance(0)?;
-        read(file, fetch, span.start, window).map_err(|e| named(e, first.tensor))?;
+        read(file, read_path, span.start, window).map_err(|e| named(e, first.tensor))?;
         let window = Some((span.start, &*window));
         for piece in pieces {
             advance(0)?;
@@ -357,7 +363,7 @@ fn read_job<D: Destination>(
             let source = Source {
                 file,
                 span: piece.src,
-                fetch,
+                read_path,
                 window,
                 scratch: &mut *scratch,
             };
@@ -375,16 +381,18 @@ fn read_job<D: Destination>(
 /// file the load takes a small part of are read with `pread` (see `HostFile::mark_partial`),
 /// and the small pieces of a mapped file read lazily are copied out of the mapping (see
 /// `HostFile::set_lazy`).
-fn fetch_for<D>(piece: &Piece<'_, D>) -> Fetch {
+fn read_path_of<D>(piece: &Piece<'_, D>) -> ReadPath {
     let file = piece.file;
-    match file.fetch() {
-        Fetch::Memory if file.is_partial() && piece.src.gather.width() >= LONG_RUN => Fetch::Pread,
-        Fetch::Pread | Fetch::Direct
+    match file.read_path() {
+        ReadPath::Memory if file.is_partial() && piece.src.gather.width() >= LONG_RUN => {
+            ReadPath::Pread
+        }
+        ReadPath::Pread | ReadPath::Direct
             if file.is_lazy() && file.mapping().is_some() && piece.src.len() < SMALL =>
         {
-            Fetch::Memory
+            ReadPath::Memory
         }
-        fetch => fetch,
+        read_path => read_path,
     }
 }
 
@@ -400,7 +408,7 @@ fn read_piece<D: Destination>(
     let file = piece.file;
     let source = Source {
         file,
-        fetch: fetch_for(&piece),
+        read_path: read_path_of(&piece),
         span: piece.src,
         window: None,
         scratch,

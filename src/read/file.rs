@@ -10,6 +10,7 @@ use memmap2::Mmap;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::header::{Header, N_LEN, TensorInfo};
+use crate::read::ReadPath;
 use crate::read::direct::DirectFile;
 
 /// How a file's bytes are read.
@@ -64,18 +65,8 @@ impl std::fmt::Display for ReadMode {
     }
 }
 
-/// How a load takes a file's bytes: decided once per opened file, when first asked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Fetch {
-    /// Copies from memory: the page cache through the mapping, or caller bytes.
-    Memory,
-    /// Positioned reads (`pread`).
-    Pread,
-    /// Direct reads (`O_DIRECT`).
-    Direct,
-}
-
-enum Source<'a> {
+/// What a [`HostFile`]'s bytes are read from.
+enum Backing<'a> {
     // The file stays open beside its mapping, for positioned reads of cold pages.
     Mapped(Arc<Mmap>, File),
     Borrowed(&'a [u8]),
@@ -87,11 +78,11 @@ pub struct HostFile<'a> {
     path: Option<PathBuf>,
     len: u64,
     header: Header,
-    source: Source<'a>,
+    backing: Backing<'a>,
     mode: ReadMode,
     /// The file opened again with O_DIRECT, on first use, or why that was refused.
     direct: OnceLock<std::result::Result<DirectFile, String>>,
-    fetch: OnceLock<Fetch>,
+    read_path: OnceLock<ReadPath>,
     /// Whether a load takes only a small part of it (see `mark_partial`).
     partial: std::sync::atomic::AtomicBool,
     /// Whether it serves lazy reads of one tensor at a time (see `set_lazy`).
@@ -102,16 +93,16 @@ pub struct HostFile<'a> {
 
 impl std::fmt::Debug for HostFile<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let source = match self.source {
-            Source::Mapped(..) => "mmap",
-            Source::Borrowed(_) => "bytes",
-            Source::File(_) => "pread",
+        let backing = match self.backing {
+            Backing::Mapped(..) => "mmap",
+            Backing::Borrowed(_) => "bytes",
+            Backing::File(_) => "pread",
         };
         f.debug_struct("HostFile")
             .field("path", &self.path)
             .field("mode", &self.mode)
             .field("len", &self.len)
-            .field("source", &source)
+            .field("backing", &backing)
             .field("tensors", &self.header.tensors().len())
             .finish()
     }
@@ -149,7 +140,7 @@ impl HostFile<'static> {
         let mut json = vec![0u8; n];
         read_exact_at(&file, &mut json, N_LEN as u64)?;
         let header = Header::parse_json(&json, len)?;
-        let source = match mode {
+        let backing = match mode {
             ReadMode::Mmap => {
                 // SAFETY: the mapping is read-only and shared, so we never write through it and
                 // no other mapping aliases it mutably within this process. memmap2's contract
@@ -166,11 +157,11 @@ impl HostFile<'static> {
                         "the file changed size while it was being opened",
                     ));
                 }
-                Source::Mapped(Arc::new(map), file)
+                Backing::Mapped(Arc::new(map), file)
             }
-            ReadMode::Pread | ReadMode::Direct => Source::File(file),
+            ReadMode::Pread | ReadMode::Direct => Backing::File(file),
         };
-        Ok(HostFile::new(path, len, header, source, mode))
+        Ok(HostFile::new(path, len, header, backing, mode))
     }
 }
 
@@ -183,7 +174,7 @@ impl<'a> HostFile<'a> {
             None,
             len,
             header,
-            Source::Borrowed(bytes),
+            Backing::Borrowed(bytes),
             ReadMode::Mmap,
         ))
     }
@@ -192,17 +183,17 @@ impl<'a> HostFile<'a> {
         path: Option<PathBuf>,
         len: u64,
         header: Header,
-        source: Source<'a>,
+        backing: Backing<'a>,
         mode: ReadMode,
     ) -> Self {
         HostFile {
             path,
             len,
             header,
-            source,
+            backing,
             mode,
             direct: OnceLock::new(),
-            fetch: OnceLock::new(),
+            read_path: OnceLock::new(),
             partial: std::sync::atomic::AtomicBool::new(false),
             lazy: false,
             disk_queue: true,
@@ -212,14 +203,16 @@ impl<'a> HostFile<'a> {
     /// How a load takes this file's bytes, decided on first call: from memory (caller
     /// bytes, or a mapped file mostly in the page cache); with direct reads (asked for, or
     /// a cold mapped file) where the file system allows them; else with positioned reads.
-    pub(crate) fn fetch(&self) -> Fetch {
-        *self.fetch.get_or_init(|| match (&self.source, self.mode) {
-            (Source::Borrowed(_), _) => Fetch::Memory,
-            (Source::Mapped(..), _) if !self.is_cold() => Fetch::Memory,
-            (Source::File(_), ReadMode::Pread) => Fetch::Pread,
-            _ if self.direct_file().is_ok() => Fetch::Direct,
-            _ => Fetch::Pread,
-        })
+    pub(crate) fn read_path(&self) -> ReadPath {
+        *self
+            .read_path
+            .get_or_init(|| match (&self.backing, self.mode) {
+                (Backing::Borrowed(_), _) => ReadPath::Memory,
+                (Backing::Mapped(..), _) if !self.is_cold() => ReadPath::Memory,
+                (Backing::File(_), ReadMode::Pread) => ReadPath::Pread,
+                _ if self.direct_file().is_ok() => ReadPath::Direct,
+                _ => ReadPath::Pread,
+            })
     }
 
     /// Marks a mapped file as one the load takes a small part of (a slice, a tensor-parallel
@@ -228,7 +221,7 @@ impl<'a> HostFile<'a> {
     /// (README's performance section has the figures). Returns whether it was marked (caller
     /// bytes and unmapped files are not).
     pub(crate) fn mark_partial(&self) -> bool {
-        let mapped = matches!(self.source, Source::Mapped(..));
+        let mapped = matches!(self.backing, Backing::Mapped(..));
         if mapped {
             self.partial
                 .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -261,8 +254,8 @@ impl<'a> HostFile<'a> {
     }
 
     /// How the file's bytes were taken, if a load read any through the engine.
-    pub(crate) fn fetch_used(&self) -> Option<Fetch> {
-        self.fetch.get().copied()
+    pub(crate) fn read_path_used(&self) -> Option<ReadPath> {
+        self.read_path.get().copied()
     }
 
     /// Why direct reads were asked for or wanted (a cold file) and not used, if they were.
@@ -276,7 +269,7 @@ impl<'a> HostFile<'a> {
     /// Whether its direct reads go through its disk's queue (see [`crate::disk`]): then the
     /// threads reading it need not be many.
     pub(crate) fn is_queued(&self) -> bool {
-        self.fetch() == Fetch::Direct && self.direct_file().is_ok_and(DirectFile::is_queued)
+        self.read_path() == ReadPath::Direct && self.direct_file().is_ok_and(DirectFile::is_queued)
     }
 
     fn direct_file(&self) -> std::result::Result<&DirectFile, &str> {
@@ -333,18 +326,18 @@ impl<'a> HostFile<'a> {
 
     /// The mapping, when the file is memory-mapped.
     pub fn mapping(&self) -> Option<&Arc<Mmap>> {
-        match &self.source {
-            Source::Mapped(m, _) => Some(m),
+        match &self.backing {
+            Backing::Mapped(m, _) => Some(m),
             _ => None,
         }
     }
 
     /// The whole file, when it is in memory (mapped or borrowed).
     pub fn bytes(&self) -> Option<&[u8]> {
-        match &self.source {
-            Source::Mapped(m, _) => Some(m),
-            Source::Borrowed(b) => Some(b),
-            Source::File(_) => None,
+        match &self.backing {
+            Backing::Mapped(m, _) => Some(m),
+            Backing::Borrowed(b) => Some(b),
+            Backing::File(_) => None,
         }
     }
 
@@ -365,10 +358,10 @@ impl<'a> HostFile<'a> {
     /// beyond: `mincore` costs a little per page, and over a whole large file it would cost a
     /// load of a small part of it more than the reading.
     pub fn resident_fraction(&self) -> f64 {
-        let map = match &self.source {
-            Source::Mapped(m, _) => m,
-            Source::Borrowed(_) => return 1.0,
-            Source::File(_) => return 0.0,
+        let map = match &self.backing {
+            Backing::Mapped(m, _) => m,
+            Backing::Borrowed(_) => return 1.0,
+            Backing::File(_) => return 0.0,
         };
         let page = page_size();
         let start = self.header.data_start() / page * page;
@@ -417,7 +410,7 @@ impl<'a> HostFile<'a> {
     }
 
     /// Whether most of the data is not in the page cache: then reads on many threads (see
-    /// [`fetch`](Self::fetch)) beat faulting the mapping in.
+    /// [`read_path`](Self::read_path)) beat faulting the mapping in.
     pub fn is_cold(&self) -> bool {
         self.resident_fraction() < 0.5
     }
@@ -432,19 +425,19 @@ impl<'a> HostFile<'a> {
     /// descriptor is open, even for a mapped file: for cold pages, several of these in
     /// parallel read at the disk's speed, where page faults read one readahead at a time.
     pub fn pread_at(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
-        match &self.source {
-            Source::Mapped(_, file) | Source::File(file) => {
+        match &self.backing {
+            Backing::Mapped(_, file) | Backing::File(file) => {
                 read_exact_at(file, buf, offset as u64).map_err(|e| e.with_opt_file(self.path()))
             }
-            Source::Borrowed(_) => self.read_at(offset, buf),
+            Backing::Borrowed(_) => self.read_at(offset, buf),
         }
     }
 
     /// Copies `buf.len()` bytes at `offset` of the file into `buf`, whatever the source.
     pub fn read_at(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
         let range: Range<usize> = offset..offset.saturating_add(buf.len());
-        match &self.source {
-            Source::Mapped(..) | Source::Borrowed(_) => {
+        match &self.backing {
+            Backing::Mapped(..) | Backing::Borrowed(_) => {
                 let src = self
                     .bytes()
                     .and_then(|b| b.get(range.clone()))
@@ -454,7 +447,7 @@ impl<'a> HostFile<'a> {
                 buf.copy_from_slice(src);
                 Ok(())
             }
-            Source::File(file) => read_exact_at(file, buf, offset as u64),
+            Backing::File(file) => read_exact_at(file, buf, offset as u64),
         }
         .map_err(|e| e.with_opt_file(self.path()))
     }

@@ -2,7 +2,8 @@
 //! through [`disk`]'s queue where the disk is rotational), [`file`] (`HostFile`: a file
 //! mapped, read with `pread` or directly, or caller bytes; its header; warm or cold),
 //! [`gather`] (which bytes of a file a tensor or a slice takes) and [`engine`] (pieces of
-//! many files read into their destinations on every core).
+//! many files read into their destinations on every core). [`ReadPath`] names how a file's
+//! bytes are taken.
 
 pub mod direct;
 pub mod disk;
@@ -22,3 +23,29 @@ pub const LONG_RUN: usize = 64 << 10;
 /// together with their neighbours in the file: one request for a run of them, so that a file
 /// of many small tensors (norms, biases, scales) costs a few large requests, not one each.
 pub const SMALL: usize = 256 << 10;
+
+/// How a file's bytes are taken: what each opened file decides once (never `Views`), and
+/// what a load's [`LoadReport`](crate::LoadReport) tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ReadPath {
+    /// Nothing was copied: CPU tensors view the mapping.
+    Views,
+    /// Copies from memory: the page cache through the mapping, or the caller's bytes.
+    Memory,
+    /// Positioned reads (`pread`) on many threads.
+    Pread,
+    /// Direct reads (`O_DIRECT`) on many threads, past the page cache.
+    Direct,
+}
+
+impl std::fmt::Display for ReadPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ReadPath::Views => "zero-copy views of the mapping, nothing copied",
+            ReadPath::Memory => "copies from memory (the page cache or the caller's bytes)",
+            ReadPath::Pread => "positioned reads (pread)",
+            ReadPath::Direct => "direct reads (O_DIRECT)",
+        })
+    }
+}

@@ -144,15 +144,6 @@ fn driver_version(ordinal: usize) -> Result<i32> {
     Ok(version)
 }
 
-/// The path a load's bytes take to the device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum UploadPath {
-    /// Page-lock the mapped file in place and copy from it.
-    Register,
-    /// Copy through a ring of pinned staging buffers.
-    Staging,
-}
-
 /// A CUDA device: its context, streams, staging ring and kernels.
 pub struct CudaBackend {
     ordinal: usize,
@@ -271,12 +262,13 @@ impl CudaBackend {
         first
     }
 
-    /// The path a load of `file` takes under `upload`, or why `upload` cannot be honoured.
-    fn upload_path(
+    /// The strategy a load of `file` takes under `upload` (`Register` or `Staging`: `Auto`
+    /// resolved), or why `upload` cannot be honoured.
+    fn file_upload(
         &self,
         file: &HostFile<'_>,
         upload: Upload,
-    ) -> std::result::Result<UploadPath, String> {
+    ) -> std::result::Result<Upload, String> {
         let can_register = if file.mapping().is_none() {
             Err("the file is not mapped (caller bytes, or ReadMode::Pread)".to_owned())
         } else if !self.register_supported {
@@ -290,29 +282,29 @@ impl CudaBackend {
             Ok(())
         };
         match upload {
-            Upload::Staging => Ok(UploadPath::Staging),
-            Upload::Register => can_register.map(|()| UploadPath::Register),
+            Upload::Staging => Ok(Upload::Staging),
+            Upload::Register => can_register.map(|()| Upload::Register),
             // Registering faults missing pages in one readahead at a time: files not nearly
             // all in the page cache go through the staging ring, read by several threads.
-            Upload::Auto if can_register.is_ok() && file.is_warm() => Ok(UploadPath::Register),
-            Upload::Auto => Ok(UploadPath::Staging),
+            Upload::Auto if can_register.is_ok() && file.is_warm() => Ok(Upload::Register),
+            Upload::Auto => Ok(Upload::Staging),
             // Refused by `backend::place` before the plan reaches the backend.
             Upload::InPlace | Upload::HostImport => Err(format!("{upload} is not CUDA's")),
         }
     }
 
-    /// The path of each file of `plan`, decided (and refused) before anything is placed.
-    fn upload_paths<'p>(&self, plan: &LoadPlan<'p>) -> Result<Vec<(&'p HostFile<'p>, UploadPath)>> {
-        let mut paths: Vec<(&HostFile<'_>, UploadPath)> = Vec::new();
+    /// The strategy of each file of `plan`, decided (and refused) before anything is placed.
+    fn file_uploads<'p>(&self, plan: &LoadPlan<'p>) -> Result<Vec<(&'p HostFile<'p>, Upload)>> {
+        let mut uploads: Vec<(&HostFile<'_>, Upload)> = Vec::new();
         for item in plan.items() {
-            if !paths.iter().any(|(f, _)| std::ptr::eq(*f, item.file)) {
-                let path = self
-                    .upload_path(item.file, plan.upload())
+            if !uploads.iter().any(|(f, _)| std::ptr::eq(*f, item.file)) {
+                let upload = self
+                    .file_upload(item.file, plan.upload())
                     .map_err(|why| plan.unsupported_upload(Device::Cuda(self.ordinal), &why))?;
-                paths.push((item.file, path));
+                uploads.push((item.file, upload));
             }
         }
-        Ok(paths)
+        Ok(uploads)
     }
 
     /// An [`ErrorKind::OutOfMemory`] error unless `need` bytes of device memory are free.
@@ -516,7 +508,7 @@ fn input_room(c: &Convert<'_>) -> usize {
 /// Places every tensor of `plan` in one arena: each file's path chosen, the free memory
 /// checked, the tensors kept as they are copied up, then the others converted.
 fn upload(backend: &Arc<CudaBackend>, plan: &LoadPlan<'_>) -> Result<Vec<CudaStorage>> {
-    let paths = backend.upload_paths(plan)?;
+    let uploads = backend.file_uploads(plan)?;
     // The device's context is current for the load; the caller's again when it returns.
     let current = backend.current()?;
     let items = plan.items();
@@ -540,7 +532,7 @@ fn upload(backend: &Arc<CudaBackend>, plan: &LoadPlan<'_>) -> Result<Vec<CudaSto
             dst: arena.ptr() + out as u64,
         })
         .collect();
-    copy_up(backend, &current, plan, &paths, &transfers)?;
+    copy_up(backend, &current, plan, &uploads, &transfers)?;
     if let Some(scratch) = &scratch {
         let batches = scratch_batches(&layout.converts, layout.scratch_len as u64, |c| {
             c.src.len() as u64 + 4
@@ -552,7 +544,7 @@ fn upload(backend: &Arc<CudaBackend>, plan: &LoadPlan<'_>) -> Result<Vec<CudaSto
                 .zip(&offsets)
                 .map(|(c, &at)| c.input(scratch.ptr() + at))
                 .collect();
-            copy_up(backend, &current, plan, &paths, &inputs)?;
+            copy_up(backend, &current, plan, &uploads, &inputs)?;
             backend.sync_all()?;
             for (c, t) in batch.iter().zip(&inputs) {
                 let dst = arena.ptr() + c.out;
@@ -577,7 +569,7 @@ fn upload(backend: &Arc<CudaBackend>, plan: &LoadPlan<'_>) -> Result<Vec<CudaSto
         .collect())
 }
 
-/// Copies `transfers` up, each file the way `paths` says: long contiguous ones of registered
+/// Copies `transfers` up, each file the way `uploads` says: long contiguous ones of registered
 /// files from the registered mapping; short ones (which the staging ring coalesces into one
 /// copy per run of neighbours, where each would be a copy of its own from the mapping), parts
 /// of tensors (slices, splits), files that stage, and what registering refused through the
@@ -586,19 +578,19 @@ fn copy_up(
     backend: &CudaBackend,
     current: &Current,
     plan: &LoadPlan<'_>,
-    paths: &[(&HostFile<'_>, UploadPath)],
+    uploads: &[(&HostFile<'_>, Upload)],
     transfers: &[Transfer<'_>],
 ) -> Result<()> {
     let mut rest = Vec::new();
     let mut registered = false;
-    for (file, path) in paths {
+    for (file, upload) in uploads {
         let (contiguous, staged): (Vec<Transfer<'_>>, Vec<Transfer<'_>>) = transfers
             .iter()
             .filter(|t| std::ptr::eq(t.file, *file))
             .cloned()
             .partition(|t| t.src.as_range().is_some_and(|r| r.len() >= LONG_RUN));
-        match path {
-            UploadPath::Register if !contiguous.is_empty() => {
+        match upload {
+            Upload::Register if !contiguous.is_empty() => {
                 let refused =
                     register::register_and_copy(backend, current, plan, file, &contiguous)?;
                 registered |= refused.len() < contiguous.len();

@@ -56,7 +56,7 @@ pub(super) fn supported(adapter: &wgpu::Adapter) -> bool {
 /// and the adapter's own limits. `None` when the adapter is not Vulkan, the instance or
 /// device predates Vulkan 1.1, the extension is missing, buffers cannot be imported for
 /// copies, or opening that way fails: the caller then opens the device the usual way.
-pub(super) fn open(
+pub(super) fn request_device(
     adapter: &wgpu::Adapter,
     features: wgpu::Features,
 ) -> Option<(wgpu::Device, wgpu::Queue, Importer)> {

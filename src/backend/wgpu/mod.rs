@@ -300,7 +300,7 @@ impl WgpuBackend {
             }
             // Vulkan devices that can import host memory are opened with that extension
             // (the staging ring then lives in page-locked host memory); others as usual.
-            let (device, queue, importer) = match host_import::open(adapter, features) {
+            let (device, queue, importer) = match host_import::request_device(adapter, features) {
                 Some((device, queue, importer)) => (device, queue, Some(importer)),
                 None => {
                     let (device, queue) =

@@ -14,7 +14,7 @@ use super::map::{
 };
 use super::{WgpuBackend, backend_err, pad4};
 use crate::error::Result;
-use crate::plan::LoadPlan;
+use crate::plan::{LoadPlan, Upload};
 use crate::read::PIECE;
 use crate::read::engine::{self, Destination, Piece, Source};
 use crate::read::gather;
@@ -198,22 +198,25 @@ impl Destination for Slot<'_> {
     }
 }
 
-/// How a load's bytes reach the device's buffers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Path {
-    /// Written into the tensors' own buffers, mapped.
-    InPlace,
-    /// Through a staging ring.
-    Staged(Ring),
-}
-
 /// The kind of staging ring a load streams through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Ring {
-    /// Buffers the driver allocates, written mapped.
+    /// Buffers the driver allocates, written mapped ([`Upload::Staging`]).
     Mapped,
-    /// Host memory imported into the device.
+    /// Host memory imported into the device ([`Upload::HostImport`]).
     Imported,
+}
+
+impl Ring {
+    /// The ring a load taking `upload` (resolved: not `Auto`) streams through; `None` where
+    /// it writes the tensors' buffers in place.
+    pub(super) fn of(upload: Upload) -> Option<Ring> {
+        match upload {
+            Upload::InPlace => None,
+            Upload::HostImport => Some(Ring::Imported),
+            _ => Some(Ring::Mapped),
+        }
+    }
 }
 
 /// Streams `transfers` through the staging ring of kind `ring`: each buffer filled by the

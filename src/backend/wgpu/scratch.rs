@@ -4,7 +4,7 @@
 //! on the device, whatever its size.
 
 use super::map::{BufferAt, MapState, Transfer, fill, map_async, wait_mapped};
-use super::ring::{Path, stream};
+use super::ring::{Ring, stream};
 use super::{Kernel, WgpuBackend, pad4};
 use crate::backend::common::{self, scratch_batches};
 use crate::error::Result;
@@ -27,14 +27,14 @@ pub(super) fn convert_through_scratch(
     backend: &WgpuBackend,
     plan: &LoadPlan<'_>,
     converts: &[Convert<'_, '_>],
-    path: Path,
+    ring: Option<Ring>,
     size: u64,
     staging_size: u64,
 ) -> Result<()> {
     if converts.is_empty() {
         return Ok(());
     }
-    let direct = path == Path::InPlace;
+    let direct = ring.is_none();
     let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
     let scratch = backend.device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("tensorplace conversion scratch"),
@@ -60,15 +60,15 @@ pub(super) fn convert_through_scratch(
                 })
             })
             .collect();
-        match path {
-            Path::InPlace => {
+        match ring {
+            None => {
                 if let Some((state, after)) = remap.take() {
                     wait_mapped(backend, &state, Some(after))?;
                 }
                 fill(&inputs, true, &|n| plan.advance(n))?;
                 scratch.unmap();
             }
-            Path::Staged(ring) => stream(backend, plan, &inputs, ring, staging_size)?,
+            Some(ring) => stream(backend, plan, &inputs, ring, staging_size)?,
         }
         let mut enc = backend.device.create_command_encoder(&Default::default());
         for (c, &offset) in batch.iter().zip(&offsets) {

@@ -1,4 +1,4 @@
-//! How a load's bytes reach wgpu buffers: the path each load takes, and the load itself.
+//! How a load's bytes reach wgpu buffers: the strategy each load takes, and the load itself.
 //!
 //! - **In place** (adapters that share host memory: integrated and software GPUs): the
 //!   tensors' buffers are created mapped and the host I/O engine writes the file's bytes
@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use super::map::{BufferAt, Transfer, fill};
-use super::ring::{Path, Ring, STAGING, stream};
+use super::ring::{Ring, STAGING, stream};
 use super::scratch::{Convert, SCRATCH, convert_through_scratch};
 use super::{Kernel, WgpuBackend, WgpuStorage, pad4};
 use crate::device::Device;
@@ -29,16 +29,16 @@ struct BufferSpec<'n> {
     written: bool,
 }
 
-/// The path this load takes, or why the strategy asked for cannot be used.
-fn path(backend: &WgpuBackend, upload: Upload) -> std::result::Result<Path, &'static str> {
+/// The strategy this load takes (`Auto` resolved), or why the one asked for cannot be used.
+fn resolve(backend: &WgpuBackend, upload: Upload) -> std::result::Result<Upload, &'static str> {
     let import = backend.importer.is_some();
     match upload {
-        Upload::Auto if backend.in_place_supported => Ok(Path::InPlace),
-        Upload::Auto if import => Ok(Path::Staged(Ring::Imported)),
-        Upload::Auto | Upload::Staging => Ok(Path::Staged(Ring::Mapped)),
-        Upload::InPlace if backend.in_place_supported => Ok(Path::InPlace),
+        Upload::Auto if backend.in_place_supported => Ok(Upload::InPlace),
+        Upload::Auto if import => Ok(Upload::HostImport),
+        Upload::Auto | Upload::Staging => Ok(Upload::Staging),
+        Upload::InPlace if backend.in_place_supported => Ok(Upload::InPlace),
         Upload::InPlace => Err("the adapter does not share host memory"),
-        Upload::HostImport if import => Ok(Path::Staged(Ring::Imported)),
+        Upload::HostImport if import => Ok(Upload::HostImport),
         Upload::HostImport => Err(
             "the device cannot import host memory (not Vulkan, no VK_EXT_external_memory_host, or a copy from imported memory failed its check)",
         ),
@@ -47,17 +47,14 @@ fn path(backend: &WgpuBackend, upload: Upload) -> std::result::Result<Path, &'st
     }
 }
 
-/// Places every tensor of `plan` in a buffer of its own: the path chosen, the buffers
+/// Places every tensor of `plan` in a buffer of its own: the strategy chosen, the buffers
 /// created, the unconverted tensors written (in place or through a ring), the others
 /// converted through the scratch buffer.
 pub(super) fn upload(backend: &Arc<WgpuBackend>, plan: &LoadPlan<'_>) -> Result<Vec<WgpuStorage>> {
-    let path = path(backend, plan.upload())
+    let upload = resolve(backend, plan.upload())
         .map_err(|why| plan.unsupported_upload(Device::Wgpu(Some(backend.index)), why))?;
-    plan.note_upload(match path {
-        Path::InPlace => Upload::InPlace,
-        Path::Staged(Ring::Mapped) => Upload::Staging,
-        Path::Staged(Ring::Imported) => Upload::HostImport,
-    });
+    plan.note_upload(upload);
+    let ring = Ring::of(upload);
     let items = plan.items();
     let max = backend.limits.max_buffer_size;
     check_sizes(items, max)?;
@@ -68,8 +65,8 @@ pub(super) fn upload(backend: &Arc<WgpuBackend>, plan: &LoadPlan<'_>) -> Result<
     let staging_size = STAGING.min(max) / 256 * 256;
     let scratch_size = SCRATCH.min(max) / 256 * 256;
     backend.scoped("uploading", || {
-        let outs = create_buffers(backend, items, path == Path::InPlace)?;
-        write_unconverted(backend, plan, &outs, path, staging_size)?;
+        let outs = create_buffers(backend, items, ring.is_none())?;
+        write_unconverted(backend, plan, &outs, ring, staging_size)?;
         // The tensors to convert go through one bounded scratch buffer, batch after batch.
         let converts: Vec<Convert<'_, '_>> = items
             .iter()
@@ -82,7 +79,7 @@ pub(super) fn upload(backend: &Arc<WgpuBackend>, plan: &LoadPlan<'_>) -> Result<
                 Convert::pieces(item, kernel, out, scratch_size as usize)
             })
             .collect();
-        convert_through_scratch(backend, plan, &converts, path, scratch_size, staging_size)?;
+        convert_through_scratch(backend, plan, &converts, ring, scratch_size, staging_size)?;
         Ok(items
             .iter()
             .zip(outs)
@@ -164,49 +161,36 @@ fn create_buffers(
 }
 
 /// Writes the tensors kept as they are into their buffers `outs`: in place through their
-/// mappings, or through `path`'s staging ring in pieces of `staging_size`.
+/// mappings (`ring` is `None`), or through the staging `ring` in pieces of `staging_size`.
 fn write_unconverted(
     backend: &WgpuBackend,
     plan: &LoadPlan<'_>,
     outs: &[wgpu::Buffer],
-    path: Path,
+    ring: Option<Ring>,
     staging_size: u64,
 ) -> Result<()> {
-    let targets = plan
+    let writes: Vec<Transfer<'_, '_>> = plan
         .items()
         .iter()
         .zip(outs)
-        .filter(|(i, _)| i.in_len() > 0 && i.conversion.is_none());
-    let ring = match path {
-        Path::Staged(ring) => ring,
-        Path::InPlace => {
-            let writes: Vec<Transfer<'_, '_>> = targets
-                .map(|(item, buffer)| Transfer {
-                    tensor: item.name,
-                    file: item.file,
-                    src: item.span(),
-                    dst: BufferAt { buffer, offset: 0 },
-                })
-                .collect();
-            fill(&writes, true, &|n| plan.advance(n))?;
-            for w in &writes {
-                w.dst.buffer.unmap();
-            }
-            return Ok(());
-        }
-    };
-    let transfers: Vec<Transfer<'_, '_>> = targets
-        .flat_map(|(item, buffer)| {
-            let whole = Transfer {
-                tensor: item.name,
-                file: item.file,
-                src: item.span(),
-                dst: BufferAt { buffer, offset: 0 },
-            };
-            gather::chunks(0..whole.src.len(), staging_size as usize)
-                .map(|r| whole.part(r))
-                .collect::<Vec<_>>()
+        .filter(|(i, _)| i.in_len() > 0 && i.conversion.is_none())
+        .map(|(item, buffer)| Transfer {
+            tensor: item.name,
+            file: item.file,
+            src: item.span(),
+            dst: BufferAt { buffer, offset: 0 },
         })
         .collect();
-    stream(backend, plan, &transfers, ring, staging_size)
+    let Some(ring) = ring else {
+        fill(&writes, true, &|n| plan.advance(n))?;
+        for w in &writes {
+            w.dst.buffer.unmap();
+        }
+        return Ok(());
+    };
+    let pieces: Vec<Transfer<'_, '_>> = writes
+        .iter()
+        .flat_map(|w| gather::chunks(0..w.src.len(), staging_size as usize).map(|r| w.part(r)))
+        .collect();
+    stream(backend, plan, &pieces, ring, staging_size)
 }
