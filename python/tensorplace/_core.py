@@ -1,10 +1,11 @@
-"""What the framework modules share: the native calls, errors, and the slice syntax. It
-knows no framework (each framework module imports it; ``_safe_open`` picks one)."""
+"""What the framework modules share: errors, the slice syntax, and the loads and saves of
+every framework, each described by a :class:`Framework` (its module's ``FRAMEWORK``). It
+knows no framework: each framework module imports it; ``_safe_open`` picks one by name."""
 
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from . import _tensorplace as _native
 
@@ -48,15 +49,51 @@ def _make_error(kind: str, message: str, file: Optional[str], tensor: Optional[s
 _native.set_error_maker(_make_error)
 
 
-def load_file(filename, device: str = "cpu", names: Optional[List[str]] = None, backend: str = "mmap",
-              slices: Optional[List[tuple]] = None):
+class Framework(NamedTuple):
+    """What the package needs of one framework."""
+
+    #: A native view (``_Tensor``) as the framework's array, sharing its memory.
+    to_array: Callable[[Any], Any]
+    #: ``(name, array)`` as the native save's ``(name, dtype, shape, bytes)``.
+    spec: Callable[[str, Any], tuple]
+    #: The framework's device (or a string) as the crate's device text (``"cpu"``,
+    #: ``"cuda:0"``); a device the framework cannot hold raises ``TensorplaceError``.
+    device: Callable[[Any], str]
+    #: Where the framework builds arrays on host memory it is given: ``(new_block, build,
+    #: dtype_of)`` (see the native ``open``); ``None`` where it does not.
+    host_arrays: Optional[Tuple[Callable, Callable, Callable]] = None
+
+
+def load_file(framework: Framework, filename, device: Any = "cpu", backend: str = "mmap",
+              names: Optional[List[str]] = None, slices: Optional[List[tuple]] = None) -> Dict[str, Any]:
     """The tensors of ``filename`` (a file, or a sharded checkpoint: a folder or its index)
-    as native views (name, view) in file order, and the metadata. ``backend``: ``"mmap"``
-    (the default), ``"pread"`` (files that may change) or ``"direct"`` (O_DIRECT, for files
-    not in the page cache). ``slices``: (name, slice text) pairs, such as
-    ``("w", "[0:128, :]")``: that tensor is loaded as that part of it, reading only its
-    bytes."""
-    return _native.load_file(os.fspath(filename), device, names, backend, slices)
+    on ``device``, as ``framework``'s arrays in file order. ``backend``: ``"mmap"`` (the
+    default), ``"pread"`` (files that may change) or ``"direct"`` (O_DIRECT, for files not in
+    the page cache). ``slices``: (name, slice text) pairs, such as ``("w", "[0:128, :]")``:
+    that tensor is loaded as that part of it, reading only its bytes."""
+    views, _ = _native.load_file(os.fspath(filename), framework.device(device), names, backend, slices)
+    return {name: framework.to_array(v) for name, v in views}
+
+
+def load(framework: Framework, data: bytes, device: Any = "cpu") -> Dict[str, Any]:
+    """The tensors of a whole file held in ``data``, as :func:`load_file`."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"data must be bytes, not {type(data).__name__}")
+    views, _ = _native.load(bytes(data), framework.device(device))
+    return {name: framework.to_array(v) for name, v in views}
+
+
+def save(framework: Framework, tensors: Dict[str, Any], metadata: Optional[Dict[str, str]] = None) -> bytes:
+    """The bytes of a file holding ``tensors`` (``framework``'s arrays)."""
+    return _native.save([framework.spec(k, v) for k, v in tensors.items()], _metadata(metadata))
+
+
+def save_file(framework: Framework, tensors: Dict[str, Any], filename,
+              metadata: Optional[Dict[str, str]] = None) -> None:
+    """Writes ``tensors`` (``framework``'s arrays) to ``filename`` atomically: a failure
+    leaves the file that was there."""
+    specs = [framework.spec(k, v) for k, v in tensors.items()]
+    _native.save_file(specs, os.fspath(filename), _metadata(metadata))
 
 
 def slice_text(index) -> Optional[str]:
@@ -82,23 +119,6 @@ def slice_text(index) -> Optional[str]:
         else:
             return None
     return "[" + ", ".join(parts) + "]"
-
-
-def load(data: bytes, device: str = "cpu"):
-    """The tensors of a whole file held in ``data``, as :func:`load_file`."""
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise TypeError(f"data must be bytes, not {type(data).__name__}")
-    return _native.load(bytes(data), device)
-
-
-def save(specs, metadata: Optional[Dict[str, str]] = None) -> bytes:
-    """The bytes of a file holding ``specs`` [(name, dtype, shape, bytes)]."""
-    return _native.save(specs, _metadata(metadata))
-
-
-def save_file(specs, filename, metadata: Optional[Dict[str, str]] = None) -> None:
-    """Writes ``specs`` to ``filename`` atomically."""
-    _native.save_file(specs, os.fspath(filename), _metadata(metadata))
 
 
 def _metadata(metadata):

@@ -6,10 +6,11 @@ import os
 from typing import Any, Dict, List, Optional
 
 from . import _tensorplace as _native
-from ._core import TensorplaceError, slice_text
+from ._core import Framework, TensorplaceError, slice_text
 
 
-def _framework(name: str):
+def _framework(name: str) -> Framework:
+    """The :class:`Framework` a ``framework=`` name picks (its module imported then)."""
     if name in ("np", "numpy"):
         from . import numpy as module
     elif name in ("pt", "torch", "pytorch"):
@@ -18,7 +19,7 @@ def _framework(name: str):
         from . import flax as module
     else:
         raise ValueError(f"framework {name!r}: expected 'np', 'pt' or 'flax'")
-    return module
+    return module.FRAMEWORK
 
 
 class safe_open:
@@ -31,14 +32,11 @@ class safe_open:
 
     def __init__(self, filename, framework: str, device: Any = "cpu", *, backend: str = "mmap"):
         self._filename = os.fspath(filename)
-        module = _framework(framework)
-        self._array = module.to_array
+        fw = _framework(framework)
+        self._array = fw.to_array
         # Where the framework builds arrays on host memory, small reads onto the CPU are
         # copied into shared blocks and viewed there (no DLPack exchange per tensor).
-        arrays = getattr(module, "host_arrays", None)
-        self._reader = _native.open(
-            self._filename, module.device_name(device), backend, module.to_array, arrays() if arrays else None
-        )
+        self._reader = _native.open(self._filename, fw.device(device), backend, fw.to_array, fw.host_arrays)
         # The commonest call in a loop goes straight to the native reader (no Python frame).
         self.get_tensor = self._reader.get_array
 

@@ -41,30 +41,29 @@ def to_jax(view) -> jax.Array:
     return jax.dlpack.from_dlpack(view)
 
 
-def _dict(loaded) -> Dict[str, jax.Array]:
-    views, _ = loaded
-    return {name: to_jax(v) for name, v in views}
+def _spec(name: str, array: jax.Array):
+    return _np.spec(name, np.asarray(array))
+
+
+#: JAX for the shared loads, saves and ``safe_open``: arrays on the CPU or a GPU by DLPack.
+FRAMEWORK = _core.Framework(to_array=to_jax, spec=_spec, device=_device)
 
 
 def load_file(
     filename: Union[str, os.PathLike], device: Any = "cpu", *, backend: str = "mmap"
 ) -> Dict[str, jax.Array]:
     """Loads a safetensors file onto ``device`` as JAX arrays."""
-    return _dict(_core.load_file(filename, _device(device), backend=backend))
+    return _core.load_file(FRAMEWORK, filename, device, backend)
 
 
 def load(data: bytes, device: Any = "cpu") -> Dict[str, jax.Array]:
     """Loads the bytes of a safetensors file onto ``device`` as JAX arrays."""
-    return _dict(_core.load(data, _device(device)))
-
-
-def _specs(tensors: Dict[str, jax.Array]):
-    return [_np.spec(k, np.asarray(v)) for k, v in tensors.items()]
+    return _core.load(FRAMEWORK, data, device)
 
 
 def save(tensors: Dict[str, jax.Array], metadata: Optional[Dict[str, str]] = None) -> bytes:
     """The bytes of a safetensors file holding ``tensors``."""
-    return _core.save(_specs(tensors), metadata)
+    return _core.save(FRAMEWORK, tensors, metadata)
 
 
 def save_file(
@@ -73,8 +72,4 @@ def save_file(
     metadata: Optional[Dict[str, str]] = None,
 ) -> None:
     """Writes ``tensors`` to ``filename`` (atomically)."""
-    _core.save_file(_specs(tensors), filename, metadata)
-
-
-device_name = _device
-to_array = to_jax
+    _core.save_file(FRAMEWORK, tensors, filename, metadata)

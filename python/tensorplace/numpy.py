@@ -71,13 +71,6 @@ def _dtype_of(name: str) -> Optional[np.dtype]:
     return None
 
 
-def host_arrays():
-    """How ``safe_open`` builds arrays on host blocks it fills: ``(new_block, build,
-    dtype_of)``, ``build(shape, dtype, block, offset)`` being ``np.ndarray``'s own signature
-    and ``dtype_of(name)`` the numpy dtype of a safetensors dtype name (``None``: none)."""
-    return (new_block, np.ndarray, _dtype_of)
-
-
 def dtype_name(dtype: np.dtype) -> str:
     """The safetensors name of a numpy (or ml_dtypes) dtype."""
     dtype = np.dtype(dtype)
@@ -107,24 +100,38 @@ def spec(name: str, array: np.ndarray):
     return (name, dtype_name(array.dtype), list(array.shape), data)
 
 
-def _dict(loaded) -> Dict[str, np.ndarray]:
-    views, _ = loaded
-    return {name: to_numpy(v) for name, v in views}
+def _device(device) -> str:
+    if device in (None, "cpu"):
+        return "cpu"
+    raise _core.TensorplaceError("InvalidDevice", f"{device!r}: numpy arrays live on the CPU")
+
+
+def _to_array(view) -> np.ndarray:
+    # The commonest dtypes first, without to_numpy's checks (the load was onto the CPU).
+    if view.dtype in _NUMPY:
+        return np.from_dlpack(view)
+    return to_numpy(view)
+
+
+#: numpy for the shared loads, saves and ``safe_open``: host arrays only; ``safe_open``'s
+#: small reads are copied into numpy blocks and viewed there with ``np.ndarray`` itself.
+FRAMEWORK = _core.Framework(to_array=_to_array, spec=spec, device=_device,
+                            host_arrays=(new_block, np.ndarray, _dtype_of))
 
 
 def load_file(filename: Union[str, os.PathLike], *, backend: str = "mmap") -> Dict[str, np.ndarray]:
     """Loads a safetensors file into numpy arrays (owned memory, 64-byte aligned)."""
-    return _dict(_core.load_file(filename, "cpu", backend=backend))
+    return _core.load_file(FRAMEWORK, filename, "cpu", backend)
 
 
 def load(data: bytes) -> Dict[str, np.ndarray]:
     """Loads the bytes of a safetensors file into numpy arrays."""
-    return _dict(_core.load(data, "cpu"))
+    return _core.load(FRAMEWORK, data)
 
 
 def save(tensor_dict: Dict[str, np.ndarray], metadata: Optional[Dict[str, str]] = None) -> bytes:
     """The bytes of a safetensors file holding ``tensor_dict``."""
-    return _core.save([spec(k, v) for k, v in tensor_dict.items()], metadata)
+    return _core.save(FRAMEWORK, tensor_dict, metadata)
 
 
 def save_file(
@@ -133,19 +140,4 @@ def save_file(
     metadata: Optional[Dict[str, str]] = None,
 ) -> None:
     """Writes ``tensor_dict`` to ``filename`` (atomically: a failure leaves the old file)."""
-    _core.save_file([spec(k, v) for k, v in tensor_dict.items()], filename, metadata)
-
-
-def device_name(device) -> str:
-    """numpy arrays live on the host: ``device`` must be the CPU."""
-    if device in (None, "cpu"):
-        return "cpu"
-    raise _core.TensorplaceError("InvalidDevice", f"{device!r}: numpy arrays live on the CPU")
-
-
-def to_array(view) -> np.ndarray:
-    """:func:`to_numpy` for a view read onto the host (``safe_open`` checked the device)."""
-    dtype = view.dtype
-    if dtype in _NUMPY:
-        return np.from_dlpack(view)
-    return to_numpy(view)
+    _core.save_file(FRAMEWORK, tensor_dict, filename, metadata)

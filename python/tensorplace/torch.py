@@ -76,29 +76,6 @@ def _build(shape, dtype: torch.dtype, block, offset: int) -> torch.Tensor:
 _DTYPES = {name: t for t, name in _NAMES.items()}
 
 
-def host_arrays():
-    """How ``safe_open`` builds CPU tensors on host blocks it fills: ``(new_block, build,
-    dtype_of)``; each tensor views (and keeps alive) a numpy block."""
-    return (_np.new_block, _build, _DTYPES.get)
-
-
-def _dict(loaded) -> Dict[str, torch.Tensor]:
-    views, _ = loaded
-    return {name: to_torch(v) for name, v in views}
-
-
-def load_file(
-    filename: Union[str, os.PathLike], device: Union[str, int] = "cpu", *, backend: str = "mmap"
-) -> Dict[str, torch.Tensor]:
-    """Loads a safetensors file onto ``device`` as torch tensors."""
-    return _dict(_core.load_file(filename, _device(device), backend=backend))
-
-
-def load(data: bytes) -> Dict[str, torch.Tensor]:
-    """Loads the bytes of a safetensors file into CPU torch tensors."""
-    return _dict(_core.load(data, "cpu"))
-
-
 def _spec(name: str, t: torch.Tensor):
     if t.dtype not in _NAMES:
         raise ValueError(f"{name}: dtype {t.dtype} has no safetensors name")
@@ -107,9 +84,27 @@ def _spec(name: str, t: torch.Tensor):
     return (name, _NAMES[t.dtype], list(t.shape), data)
 
 
+#: torch for the shared loads, saves and ``safe_open``: CPU and CUDA tensors by DLPack;
+#: ``safe_open``'s small reads onto the CPU are tensors viewing (and keeping) numpy blocks.
+FRAMEWORK = _core.Framework(to_array=to_torch, spec=_spec, device=_device,
+                            host_arrays=(_np.new_block, _build, _DTYPES.get))
+
+
+def load_file(
+    filename: Union[str, os.PathLike], device: Union[str, int] = "cpu", *, backend: str = "mmap"
+) -> Dict[str, torch.Tensor]:
+    """Loads a safetensors file onto ``device`` as torch tensors."""
+    return _core.load_file(FRAMEWORK, filename, device, backend)
+
+
+def load(data: bytes) -> Dict[str, torch.Tensor]:
+    """Loads the bytes of a safetensors file into CPU torch tensors."""
+    return _core.load(FRAMEWORK, data)
+
+
 def save(tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> bytes:
     """The bytes of a safetensors file holding ``tensors``."""
-    return _core.save([_spec(k, v) for k, v in tensors.items()], metadata)
+    return _core.save(FRAMEWORK, tensors, metadata)
 
 
 def save_file(
@@ -118,8 +113,4 @@ def save_file(
     metadata: Optional[Dict[str, str]] = None,
 ) -> None:
     """Writes ``tensors`` to ``filename`` (atomically)."""
-    _core.save_file([_spec(k, v) for k, v in tensors.items()], filename, metadata)
-
-
-device_name = _device
-to_array = to_torch
+    _core.save_file(FRAMEWORK, tensors, filename, metadata)
