@@ -7,8 +7,8 @@
 use std::collections::VecDeque;
 use std::ffi::c_void;
 
-use cudarc::driver::CudaEvent;
 use cudarc::driver::sys;
+use cudarc::driver::{CudaEvent, CudaStream};
 
 use super::{CudaBackend, Current, STREAMS, Transfer, driver_err};
 use crate::error::Result;
@@ -34,6 +34,31 @@ struct Registered<'a> {
 }
 
 impl Registered<'_> {
+    /// Tracks the chunk registered at `ptr`, whose copies were queued on `stream`: an event
+    /// recorded after them. Where the event cannot be recorded, every stream is waited for
+    /// and the chunk unregistered at once.
+    fn track(&mut self, ptr: *mut c_void, stream: &CudaStream) -> Result<()> {
+        let backend = self.backend;
+        let copied = backend
+            .ctx
+            .new_event(None)
+            .and_then(|e| e.record(stream).map(|()| e))
+            .map_err(|e| driver_err(backend.ordinal, "recording an event", e));
+        match copied {
+            Ok(copied) => {
+                self.chunks.push_back(Chunk { ptr, copied });
+                Ok(())
+            }
+            Err(e) => {
+                let _ = backend.sync_all();
+                // SAFETY: registered by the caller; every stream is synchronized, so no copy
+                // reads it any more.
+                let _ = unsafe { sys::cuMemHostUnregister(ptr) }.result();
+                Err(e)
+            }
+        }
+    }
+
     /// Waits for the oldest chunk's copies and unregisters it.
     fn retire_oldest(&mut self) -> Result<()> {
         let Some(chunk) = self.chunks.pop_front() else {
@@ -84,27 +109,7 @@ pub(crate) fn register_and_copy<'n>(
     let base = map.as_ptr() as usize;
     let page = page_size();
     let mapped_len = map.len().next_multiple_of(page);
-    // Split every transfer at chunk boundaries (chunk k covers [k*C, (k+1)*C) of the mapping).
-    let mut by_chunk: Vec<Vec<Transfer<'n>>> = Vec::new();
-    for t in transfers {
-        let Some(range) = t.src.as_range() else {
-            continue;
-        };
-        let mut at = range.start;
-        while at < range.end {
-            let k = at / CHUNK;
-            let end = range.end.min((k + 1) * CHUNK);
-            if by_chunk.len() <= k {
-                by_chunk.resize(k + 1, Vec::new());
-            }
-            by_chunk[k].push(t.part(at - range.start..end - range.start));
-            at = end;
-        }
-    }
-    let mut registered = Registered {
-        backend,
-        chunks: VecDeque::new(),
-    };
+    let by_chunk = by_chunk(transfers);
     // The whole pages of the mapping a chunk's transfers cover.
     let pages = |chunk: &[Transfer<'n>]| {
         let start = file_range(chunk.first()?).start / page * page;
@@ -116,6 +121,10 @@ pub(crate) fn register_and_copy<'n>(
             .next_multiple_of(page)
             .min(mapped_len);
         Some((start, end))
+    };
+    let mut registered = Registered {
+        backend,
+        chunks: VecDeque::new(),
     };
     for (k, chunk) in by_chunk.iter().enumerate() {
         let Some((start, end)) = pages(chunk) else {
@@ -145,43 +154,65 @@ pub(crate) fn register_and_copy<'n>(
             return Ok(by_chunk[k..].iter().flatten().cloned().collect());
         }
         let stream = &backend.streams[k % STREAMS];
-        let mut queued = Ok(0u64);
-        for t in chunk {
-            let src = (base + file_range(t).start) as *const c_void;
-            // SAFETY: the source lies in the registered chunk, which stays registered and
-            // mapped until its event or every stream is synchronized (`Registered`); the
-            // destination lies inside a device allocation of at least that size that the
-            // load's stream guard keeps alive until then.
-            queued =
-                unsafe { sys::cuMemcpyHtoDAsync_v2(t.dst, src, t.src.len(), stream.cu_stream()) }
-                    .result()
-                    .map(|()| queued.unwrap_or(0) + t.src.len() as u64)
-                    .map_err(|e| driver_err(backend.ordinal, "copying to the device", e));
-            if queued.is_err() {
-                break;
-            }
-        }
-        // Recorded even after a failed copy, so that the chunk is tracked and unregistered.
-        let copied = backend
-            .ctx
-            .new_event(None)
-            .and_then(|e| e.record(stream).map(|()| e))
-            .map_err(|e| driver_err(backend.ordinal, "recording an event", e));
-        match copied {
-            Ok(copied) => registered.chunks.push_back(Chunk { ptr, copied }),
-            Err(e) => {
-                let _ = backend.sync_all();
-                // SAFETY: registered above; every stream is synchronized, so no copy reads it.
-                let _ = unsafe { sys::cuMemHostUnregister(ptr) }.result();
-                return Err(e);
-            }
-        }
+        // SAFETY: every transfer of the chunk lies in the pages just registered, which
+        // `registered` keeps registered (and the mapping mapped) until their event is done.
+        let queued = unsafe { copy_from(backend, stream, base, chunk) };
+        // Tracked even after a failed copy, so that the chunk is unregistered.
+        registered.track(ptr, stream)?;
         plan.advance(queued?)?;
         // The progress callback is the caller's code: it may have changed the context.
         current.restore(&backend.ctx)?;
     }
     drop(registered);
     Ok(Vec::new())
+}
+
+/// The transfers split at chunk boundaries, by chunk (chunk k covers `[k*C, (k+1)*C)` of the
+/// mapping).
+fn by_chunk<'n>(transfers: &[Transfer<'n>]) -> Vec<Vec<Transfer<'n>>> {
+    let mut by_chunk: Vec<Vec<Transfer<'n>>> = Vec::new();
+    for t in transfers {
+        let Some(range) = t.src.as_range() else {
+            continue;
+        };
+        let mut at = range.start;
+        while at < range.end {
+            let k = at / CHUNK;
+            let end = range.end.min((k + 1) * CHUNK);
+            if by_chunk.len() <= k {
+                by_chunk.resize(k + 1, Vec::new());
+            }
+            by_chunk[k].push(t.part(at - range.start..end - range.start));
+            at = end;
+        }
+    }
+    by_chunk
+}
+
+/// Queues the copies of `chunk` from the mapping at `base` on `stream`: the bytes queued, or
+/// the first copy's error.
+///
+/// # Safety
+/// Every transfer's bytes must lie in registered pages of the mapping at `base`, which must
+/// stay registered and mapped until the copies are done (an event recorded after them).
+unsafe fn copy_from(
+    backend: &CudaBackend,
+    stream: &CudaStream,
+    base: usize,
+    chunk: &[Transfer<'_>],
+) -> Result<u64> {
+    let mut queued = 0u64;
+    for t in chunk {
+        let src = (base + file_range(t).start) as *const c_void;
+        // SAFETY: the source lies in registered pages that outlive the copy (the caller's
+        // contract); the destination lies inside a device allocation of at least that size
+        // that the load's stream guard keeps alive until every stream is synchronized.
+        unsafe { sys::cuMemcpyHtoDAsync_v2(t.dst, src, t.src.len(), stream.cu_stream()) }
+            .result()
+            .map_err(|e| driver_err(backend.ordinal, "copying to the device", e))?;
+        queued += t.src.len() as u64;
+    }
+    Ok(queued)
 }
 
 /// The file range of a transfer's bytes (on the register path, one run).

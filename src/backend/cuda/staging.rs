@@ -5,6 +5,7 @@
 use std::cell::RefCell;
 use std::ffi::c_void;
 
+use cudarc::driver::CudaStream;
 use cudarc::driver::sys::{self, CUdeviceptr};
 
 use super::memory::{Current, Pinned};
@@ -52,52 +53,17 @@ fn batches<'t, 'n>(pieces: &'t [Transfer<'n>]) -> Vec<Batch<'t, 'n>> {
     let mut out = Vec::new();
     let mut start = 0usize;
     while start < pieces.len() {
-        let mut end = start;
         let mut used = 0usize;
         let mut offsets = Vec::new();
         let mut copies: Vec<HostToDevice> = Vec::new();
-        while let Some(t) = pieces.get(end) {
-            let len = t.src.len();
-            let follows = copies.last().copied().and_then(|c| {
-                let last_end = c.dst + c.len as u64;
-                let gap = t.dst.checked_sub(last_end)?;
-                let at = c.offset + usize::try_from(t.dst - c.dst).ok()?;
-                (len < LONG_RUN && gap < (ALIGN + 4) as u64 && at + len <= STAGING)
-                    .then_some((c, at))
-            });
-            let at = match follows {
-                Some((c, at)) => {
-                    let grown = HostToDevice {
-                        len: at + len - c.offset,
-                        ..c
-                    };
-                    if let Some(last) = copies.last_mut() {
-                        *last = grown;
-                    }
-                    at
-                }
-                None => {
-                    let placed = engine::staging_offset(used, t.file, &t.src, ALIGN);
-                    let at = if placed + len <= STAGING {
-                        placed
-                    } else {
-                        used
-                    };
-                    if end > start && at + len > STAGING {
-                        break;
-                    }
-                    copies.push(HostToDevice {
-                        offset: at,
-                        dst: t.dst,
-                        len,
-                    });
-                    at
-                }
+        for t in &pieces[start..] {
+            let Some(at) = place(&mut copies, t, used, offsets.is_empty()) else {
+                break;
             };
             offsets.push(at);
-            used = used.max((at + len).next_multiple_of(ALIGN));
-            end += 1;
+            used = used.max((at + t.src.len()).next_multiple_of(ALIGN));
         }
+        let end = start + offsets.len();
         out.push(Batch {
             transfers: &pieces[start..end],
             offsets,
@@ -106,6 +72,51 @@ fn batches<'t, 'n>(pieces: &'t [Transfer<'n>]) -> Vec<Batch<'t, 'n>> {
         start = end;
     }
     out
+}
+
+/// Where `t` goes in a staging buffer whose first `used` bytes are taken and whose copies so
+/// far are `copies`: beside the last copy's bytes where it follows them on the device (that
+/// copy grown over it), else at the next free offset (where direct reads land its blocks in
+/// place, if that fits) as a copy of its own. `None` where it does not fit, but for the
+/// `first` of a batch (cut to [`STAGING`] bytes, it always fits at offset 0).
+fn place(
+    copies: &mut Vec<HostToDevice>,
+    t: &Transfer<'_>,
+    used: usize,
+    first: bool,
+) -> Option<usize> {
+    let len = t.src.len();
+    if let Some(last) = copies.last_mut()
+        && let Some(at) = beside(last, t)
+    {
+        last.len = at + len - last.offset;
+        return Some(at);
+    }
+    let placed = engine::staging_offset(used, t.file, &t.src, ALIGN);
+    let at = if placed + len <= STAGING {
+        placed
+    } else {
+        used
+    };
+    if !first && at + len > STAGING {
+        return None;
+    }
+    copies.push(HostToDevice {
+        offset: at,
+        dst: t.dst,
+        len,
+    });
+    Some(at)
+}
+
+/// Where `t` goes in the staging buffer to join the copy `c`: at the distance from c's start
+/// its destination has from c's, where it is short, follows c's end on the device by less
+/// than one slot's padding, and fits the buffer.
+fn beside(c: &HostToDevice, t: &Transfer<'_>) -> Option<usize> {
+    let len = t.src.len();
+    let gap = t.dst.checked_sub(c.dst + c.len as u64)?;
+    let at = c.offset + usize::try_from(t.dst - c.dst).ok()?;
+    (len < LONG_RUN && gap < (ALIGN + 4) as u64 && at + len <= STAGING).then_some(at)
 }
 
 /// Copies `transfers` through the device's ring of pinned staging buffers.
@@ -138,20 +149,40 @@ pub(crate) fn stage_and_copy(
         let Some(batch) = batches.get(n) else {
             return Ok(None);
         };
-        let mut ring = ring.borrow_mut();
         // SAFETY: the buffer stays in the ring, which outlives this function; its copies are
         // queued only in `finish(n)`, after the engine has written (or dropped) every piece,
         // and it is written again only for batch n + RING, after `read_batches` has finished
         // batch n (it runs at most RING - 1 batches at once).
-        let mut rest = unsafe { ring.buffers[n % RING].host_unbound()? };
+        let buffer = unsafe { ring.borrow_mut().buffers[n % RING].host_unbound()? };
+        Ok(Some(batch.pieces(buffer)))
+    };
+    let finish = |n: usize| {
+        let Some(batch) = batches.get(n) else {
+            return Ok(());
+        };
+        let mut ring = ring.borrow_mut();
+        let stream = &backend.streams[n % RING % STREAMS];
+        batch.copy_up(backend, &mut ring.buffers[n % RING], stream)?;
+        plan.advance(batch.transfers.iter().map(|t| t.src.len() as u64).sum())?;
+        // The progress callback is the caller's code: it may have changed the context.
+        current.restore(&backend.ctx)
+    };
+    engine::read_batches(threads, RING - 1, start, finish, &|_| plan.advance(0))?;
+    backend.sync_all()
+}
+
+impl<'n> Batch<'_, 'n> {
+    /// The engine's pieces that fill `buffer` (the staging buffer's host memory) with this
+    /// batch's transfers, each at its offset, big ones split so that every reader has work.
+    fn pieces<'b>(&self, buffer: &'b mut [u8]) -> Vec<Piece<'n, &'b mut [u8]>> {
+        let mut rest = buffer;
         let mut jobs = Vec::new();
         let mut at = 0usize;
-        for (t, &off) in batch.transfers.iter().zip(&batch.offsets) {
+        for (t, &off) in self.transfers.iter().zip(&self.offsets) {
             let (_, tail) = std::mem::take(&mut rest).split_at_mut(off - at);
             let (mut dst, tail) = tail.split_at_mut(t.src.len());
             rest = tail;
             at = off + t.src.len();
-            // Split big pieces so that every reader has work.
             for src in t.src.chunks(PIECE) {
                 let (d, tail) = std::mem::take(&mut dst).split_at_mut(src.len());
                 dst = tail;
@@ -163,16 +194,18 @@ pub(crate) fn stage_and_copy(
                 });
             }
         }
-        Ok(Some(jobs))
-    };
-    let finish = |n: usize| {
-        let Some(batch) = batches.get(n) else {
-            return Ok(());
-        };
-        let mut ring = ring.borrow_mut();
-        let buffer = &mut ring.buffers[n % RING];
-        let stream = &backend.streams[n % RING % STREAMS];
-        for c in &batch.copies {
+        jobs
+    }
+
+    /// Queues this batch's copies out of `buffer` (filled) on `stream`, and the event after
+    /// them that the buffer's next fill waits for.
+    fn copy_up(
+        &self,
+        backend: &CudaBackend,
+        buffer: &mut Pinned,
+        stream: &CudaStream,
+    ) -> Result<()> {
+        for c in &self.copies {
             let src: *const c_void = buffer.device_source(c.offset);
             // SAFETY: the source is `len` bytes of the pinned buffer, which is not written
             // again before this copy completes (`host_unbound` waits for the event recorded
@@ -183,13 +216,8 @@ pub(crate) fn stage_and_copy(
                 .result()
                 .map_err(|e| driver_err(backend.ordinal, "copying to the device", e))?;
         }
-        buffer.copied_on(stream)?;
-        plan.advance(batch.transfers.iter().map(|t| t.src.len() as u64).sum())?;
-        // The progress callback is the caller's code: it may have changed the context.
-        current.restore(&backend.ctx)
-    };
-    engine::read_batches(threads, RING - 1, start, finish, &|_| plan.advance(0))?;
-    backend.sync_all()
+        buffer.copied_on(stream)
+    }
 }
 
 #[cfg(test)]
