@@ -2,7 +2,9 @@
 //! creation) or over many threads (blocking reads from a disk), on threads that live for
 //! the whole process, so that no load and no batch of a load spawns any.
 
-use std::sync::Mutex;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, ErrorKind, Result};
 
@@ -203,19 +205,9 @@ pub fn batches<J: Send>(
         }
         return Ok(());
     };
-    let stop = std::sync::atomic::AtomicBool::new(false);
-    let failure: std::sync::Mutex<Option<Error>> = std::sync::Mutex::new(None);
-    let fail = |e: Error| {
-        stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_or_insert(e);
-    };
-    let stopped = || stop.load(std::sync::atomic::Ordering::SeqCst);
+    let failure = Failure::default();
     pool.in_place_scope(|scope| {
-        let mut running: std::collections::VecDeque<(usize, std::sync::Arc<Latch>)> =
-            std::collections::VecDeque::new();
+        let mut running: VecDeque<(usize, Arc<Latch>)> = VecDeque::new();
         let mut k = 0;
         let mut more = true;
         loop {
@@ -224,11 +216,11 @@ pub fn batches<J: Send>(
                     break;
                 };
                 latch.wait();
-                if stopped() {
+                if failure.stopped() {
                     break;
                 }
                 if let Err(e) = finish(j) {
-                    fail(e);
+                    failure.fail(e);
                     break;
                 }
                 continue;
@@ -240,18 +232,18 @@ pub fn batches<J: Send>(
                     continue;
                 }
                 Err(e) => {
-                    fail(e);
+                    failure.fail(e);
                     break;
                 }
             };
-            let latch = std::sync::Arc::new(Latch::new(jobs.len()));
+            let latch = Arc::new(Latch::new(jobs.len()));
             for job in jobs {
-                let (latch, fail, stopped) = (latch.clone(), &fail, &stopped);
+                let (latch, failure) = (latch.clone(), &failure);
                 scope.spawn(move |_| {
-                    if !stopped() {
+                    if !failure.stopped() {
                         let r = SCRATCH.with(|s| run_guarded(work, job, &mut s.borrow_mut()));
                         if let Err(e) = r {
-                            fail(e);
+                            failure.fail(e);
                         }
                     }
                     latch.count_down();
@@ -261,9 +253,37 @@ pub fn batches<J: Send>(
             k += 1;
         }
     });
-    match failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        Some(e) => Err(e),
-        None => Ok(()),
+    failure.into_result()
+}
+
+/// The first error of a run of batches, and the flag that stops it.
+#[derive(Default)]
+struct Failure {
+    stop: AtomicBool,
+    first: Mutex<Option<Error>>,
+}
+
+impl Failure {
+    /// Records `e` (unless an error came first) and stops the run.
+    fn fail(&self, e: Error) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.first
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(e);
+    }
+
+    /// Whether the run has been stopped.
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// The first error, if any.
+    fn into_result(self) -> Result<()> {
+        match self.first.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 }
 

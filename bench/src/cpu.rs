@@ -43,7 +43,13 @@ pub(super) fn map(path: &Path) -> Result<memmap2::Mmap> {
 /// The CPU groups: zero-copy load, owned load (with the disk's read first among its
 /// ceilings when `cold`), save.
 pub(super) fn groups<'a>(path: &'a Path, out: &'a Path, cold: bool) -> Vec<Group<'a>> {
-    let zero_copy = Group {
+    let owned = super::with_disk_ceiling(owned_group(path, cold), path, cold);
+    vec![zero_copy_group(path), owned, save_group(path, out)]
+}
+
+/// Zero-copy views of the mapping against the reference crate's deserialize.
+fn zero_copy_group(path: &Path) -> Group<'_> {
+    Group {
         device: "cpu".into(),
         paths: vec![
             BenchPath::new(
@@ -70,7 +76,12 @@ pub(super) fn groups<'a>(path: &'a Path, out: &'a Path, cold: bool) -> Vec<Group
             ),
         ],
         pairs: vec![],
-    };
+    }
+}
+
+/// Owned copies against the reference crate's copy of each tensor, the parallel copy
+/// ceiling and the read into reused memory; when `cold`, the same without the disk queue.
+fn owned_group(path: &Path, cold: bool) -> Group<'_> {
     let mut owned = Group {
         device: "cpu".into(),
         paths: vec![
@@ -120,11 +131,16 @@ pub(super) fn groups<'a>(path: &'a Path, out: &'a Path, cold: bool) -> Vec<Group
             },
         ));
     }
+    owned
+}
+
+/// Saves of one load against the reference crate's, with and without fsync.
+fn save_group<'a>(path: &'a Path, out: &'a Path) -> Group<'a> {
     let loaded = tensorplace::load_file(path, Device::Cpu);
     // One mapping for both reference saves.
     let reference = std::rc::Rc::new(map(path));
     let reference_fsync = reference.clone();
-    let save = Group {
+    Group {
         device: "cpu".into(),
         paths: vec![
             BenchPath::new(
@@ -145,8 +161,7 @@ pub(super) fn groups<'a>(path: &'a Path, out: &'a Path, cold: bool) -> Vec<Group
             ),
         ],
         pairs: vec![],
-    };
-    vec![zero_copy, super::with_disk_ceiling(owned, path, cold), save]
+    }
 }
 
 /// The cold files of many small tensors (`--cold`), written into `dir`: 20,000 of 4 KB, and

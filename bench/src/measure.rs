@@ -131,6 +131,38 @@ pub(super) fn median(v: &mut [f64]) -> f64 {
 /// rotated order so that no path always runs first or last. Before each timed run: no dirty
 /// pages, the file dropped from the page cache when `cold`, and [`prime_memory`].
 pub fn measure(group: &mut Group<'_>, bytes: u64, runs: usize, cold: Option<&Path>) -> Vec<Row> {
+    let (mut times, failed) = timings(group, bytes, runs, cold);
+    let mut rows: Vec<Row> = group
+        .paths
+        .iter()
+        .zip(times.iter_mut())
+        .zip(&failed)
+        .map(|((p, t), f)| row(&group.device, p, t, f.as_deref(), bytes))
+        .collect();
+    let n = group.paths.len();
+    let finite = |x: f64| x.is_finite().then_some(x);
+    for (i, j) in pairs(group) {
+        rows[i].x_baseline = finite(rows[i].gbps_median / rows[j].gbps_median);
+    }
+    if let Some(c) = group.paths.iter().position(|p| p.role == Role::Ceiling) {
+        for i in 0..n {
+            if group.paths[i].role == Role::Ours {
+                rows[i].x_ceiling = finite(rows[i].gbps_median / rows[c].gbps_median);
+            }
+        }
+    }
+    rows
+}
+
+/// Each path's seconds per run (one warm-up run first, not timed), and why a path failed.
+/// Each round runs every path, in an order that turns from round to round, each run from
+/// the same state: no dirty pages, the page cache dropped when `cold`, memory primed.
+fn timings(
+    group: &mut Group<'_>,
+    bytes: u64,
+    runs: usize,
+    cold: Option<&Path>,
+) -> (Vec<Vec<f64>>, Vec<Option<String>>) {
     let n = group.paths.len();
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); n];
     let mut failed: Vec<Option<String>> = vec![None; n];
@@ -166,66 +198,57 @@ pub fn measure(group: &mut Group<'_>, bytes: u64, runs: usize, cold: Option<&Pat
             }
         }
     }
+    (times, failed)
+}
+
+/// The row of path `p` of a group on `device`, from its seconds per run `t`.
+fn row(device: &str, p: &BenchPath<'_>, t: &mut [f64], failed: Option<&str>, bytes: u64) -> Row {
     let gbps = |s: f64| bytes as f64 / s / 1e9;
-    let mut rows: Vec<Row> = group
+    let role = match p.role {
+        Role::Ours => "ours",
+        Role::Baseline => "baseline",
+        Role::Ceiling => "ceiling",
+        Role::Stage => "stage",
+    };
+    let name = match failed {
+        Some(e) => format!("{} (failed: {e})", p.name),
+        None => p.name.clone(),
+    };
+    let med = median(t);
+    let (mn, mx) = t
+        .iter()
+        .fold((f64::INFINITY, 0f64), |(a, b), &x| (a.min(x), b.max(x)));
+    Row {
+        device: device.to_owned(),
+        path: name,
+        role: role.to_owned(),
+        gbps_median: gbps(med),
+        gbps_min: if t.is_empty() { f64::NAN } else { gbps(mx) },
+        gbps_max: if t.is_empty() { f64::NAN } else { gbps(mn) },
+        seconds_median: med,
+        x_baseline: None,
+        x_ceiling: None,
+    }
+}
+
+/// The (ours, baseline) pairs whose ratio a group reports: its own, or each of our paths
+/// with the next baseline after it (else the first).
+fn pairs(group: &Group<'_>) -> Vec<(usize, usize)> {
+    if !group.pairs.is_empty() {
+        return group.pairs.clone();
+    }
+    let n = group.paths.len();
+    let baseline = |j: &usize| group.paths[*j].role == Role::Baseline;
+    group
         .paths
         .iter()
-        .zip(times.iter_mut())
-        .zip(&failed)
-        .map(|((p, t), f)| {
-            let role = match p.role {
-                Role::Ours => "ours",
-                Role::Baseline => "baseline",
-                Role::Ceiling => "ceiling",
-                Role::Stage => "stage",
-            };
-            let name = match f {
-                Some(e) => format!("{} (failed: {e})", p.name),
-                None => p.name.clone(),
-            };
-            let med = median(t);
-            let (mn, mx) = t
-                .iter()
-                .fold((f64::INFINITY, 0f64), |(a, b), &x| (a.min(x), b.max(x)));
-            Row {
-                device: group.device.clone(),
-                path: name,
-                role: role.to_owned(),
-                gbps_median: gbps(med),
-                gbps_min: if t.is_empty() { f64::NAN } else { gbps(mx) },
-                gbps_max: if t.is_empty() { f64::NAN } else { gbps(mn) },
-                seconds_median: med,
-                x_baseline: None,
-                x_ceiling: None,
-            }
+        .enumerate()
+        .filter(|(_, p)| p.role == Role::Ours)
+        .filter_map(|(i, _)| {
+            let after = (i + 1..n).find(baseline);
+            after.or_else(|| (0..n).find(baseline)).map(|j| (i, j))
         })
-        .collect();
-    let ceiling = group.paths.iter().position(|p| p.role == Role::Ceiling);
-    let mut pairs = group.pairs.clone();
-    if pairs.is_empty() {
-        for (i, p) in group.paths.iter().enumerate() {
-            if p.role != Role::Ours {
-                continue;
-            }
-            let after = (i + 1..n).find(|&j| group.paths[j].role == Role::Baseline);
-            let first = (0..n).find(|&j| group.paths[j].role == Role::Baseline);
-            if let Some(j) = after.or(first) {
-                pairs.push((i, j));
-            }
-        }
-    }
-    let finite = |x: f64| x.is_finite().then_some(x);
-    for (i, j) in pairs {
-        rows[i].x_baseline = finite(rows[i].gbps_median / rows[j].gbps_median);
-    }
-    if let Some(c) = ceiling {
-        for i in 0..n {
-            if group.paths[i].role == Role::Ours {
-                rows[i].x_ceiling = finite(rows[i].gbps_median / rows[c].gbps_median);
-            }
-        }
-    }
-    rows
+        .collect()
 }
 
 /// Formats rows as a table.

@@ -4,7 +4,7 @@
 //! and every byte crosses the link as a CPU store).
 //!
 //! wgpu never enables the extension itself: the device is opened through wgpu-hal with the
-//! extension added ([`open`]), and each ring buffer is anonymous host memory imported as
+//! extension added ([`request_device`]), and each ring buffer is anonymous host memory imported as
 //! device memory, bound to a `TRANSFER_SRC` buffer and handed to wgpu as an externally owned
 //! buffer ([`Importer::import`]), freed by wgpu's drop callback once the GPU is done with it.
 //! Any step a driver refuses makes the backend fall back to the mapped staging ring.
@@ -43,7 +43,7 @@ pub(super) struct Importer {
 }
 
 /// Whether `adapter` is a Vulkan adapter whose device lists `VK_EXT_external_memory_host`
-/// (what [`open`] checks first; the import itself may still be refused).
+/// (what [`request_device`] checks first; the import itself may still be refused).
 pub(super) fn supported(adapter: &wgpu::Adapter) -> bool {
     // SAFETY: the hal adapter is only read (its capabilities) and released at once.
     unsafe { adapter.as_hal::<Vulkan>() }.is_some_and(|hal| {
@@ -64,40 +64,9 @@ pub(super) fn request_device(
     // SAFETY: the hal adapter is only read here (capabilities, handles) and dropped before
     // the wgpu device is created from what it opened.
     let hal = unsafe { adapter.as_hal::<Vulkan>() }?;
-    let caps = hal.physical_device_capabilities();
-    let v11 = vk::make_api_version(0, 1, 1, 0);
-    if !caps.supports_extension(emh::NAME)
-        || caps.properties().api_version < v11
-        || hal.shared_instance().instance_api_version() < v11
-    {
-        return None;
-    }
     let instance = hal.shared_instance().raw_instance().clone();
     let physical = hal.raw_physical_device();
-    let mut host = vk::PhysicalDeviceExternalMemoryHostPropertiesEXT::default();
-    let mut properties = vk::PhysicalDeviceProperties2::default().push_next(&mut host);
-    // SAFETY: a Vulkan 1.1 instance and device (checked above); `properties` chains only
-    // the extension's structure, which the device supports.
-    unsafe { instance.get_physical_device_properties2(physical, &mut properties) };
-    let align = usize::try_from(host.min_imported_host_pointer_alignment).ok()?;
-    if !align.is_power_of_two() {
-        return None;
-    }
-    let info = vk::PhysicalDeviceExternalBufferInfo::default()
-        .usage(vk::BufferUsageFlags::TRANSFER_SRC)
-        .handle_type(HANDLE);
-    let mut external = vk::ExternalBufferProperties::default();
-    // SAFETY: as above (core Vulkan 1.1), plain structures.
-    unsafe {
-        instance.get_physical_device_external_buffer_properties(physical, &info, &mut external)
-    };
-    if !external
-        .external_memory_properties
-        .external_memory_features
-        .contains(vk::ExternalMemoryFeatureFlags::IMPORTABLE)
-    {
-        return None;
-    }
+    let align = import_alignment(&hal)?;
     let callback: Box<hv::CreateDeviceCallback<'_>> =
         Box::new(|args| args.extensions.push(emh::NAME));
     // SAFETY: the features are the adapter's own, the limits its own, and the callback only
@@ -135,6 +104,44 @@ pub(super) fn request_device(
         align,
     };
     Some((device, queue, importer))
+}
+
+/// `minImportedHostPointerAlignment` of the adapter's device, where it can import host
+/// memory for copies: a Vulkan 1.1 instance and device with the extension, a power-of-two
+/// alignment, and host allocations importable as `TRANSFER_SRC` buffers. `None` otherwise.
+fn import_alignment(hal: &hv::Adapter) -> Option<usize> {
+    let caps = hal.physical_device_capabilities();
+    let v11 = vk::make_api_version(0, 1, 1, 0);
+    if !caps.supports_extension(emh::NAME)
+        || caps.properties().api_version < v11
+        || hal.shared_instance().instance_api_version() < v11
+    {
+        return None;
+    }
+    let instance = hal.shared_instance().raw_instance();
+    let physical = hal.raw_physical_device();
+    let mut host = vk::PhysicalDeviceExternalMemoryHostPropertiesEXT::default();
+    let mut properties = vk::PhysicalDeviceProperties2::default().push_next(&mut host);
+    // SAFETY: a Vulkan 1.1 instance and device (checked above); `properties` chains only
+    // the extension's structure, which the device supports.
+    unsafe { instance.get_physical_device_properties2(physical, &mut properties) };
+    let align = usize::try_from(host.min_imported_host_pointer_alignment).ok()?;
+    if !align.is_power_of_two() {
+        return None;
+    }
+    let info = vk::PhysicalDeviceExternalBufferInfo::default()
+        .usage(vk::BufferUsageFlags::TRANSFER_SRC)
+        .handle_type(HANDLE);
+    let mut external = vk::ExternalBufferProperties::default();
+    // SAFETY: as above (core Vulkan 1.1), plain structures.
+    unsafe {
+        instance.get_physical_device_external_buffer_properties(physical, &info, &mut external)
+    };
+    external
+        .external_memory_properties
+        .external_memory_features
+        .contains(vk::ExternalMemoryFeatureFlags::IMPORTABLE)
+        .then_some(align)
 }
 
 /// Host memory imported into the device: its bytes are written by the host through

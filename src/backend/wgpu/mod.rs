@@ -224,6 +224,46 @@ pub fn list() -> Result<Vec<String>> {
         .collect())
 }
 
+/// The features a device of `adapter` is opened with, whether it has `shader-f16`, and
+/// whether its tensors' buffers can be written in place: on adapters that share the host's
+/// memory (integrated and software GPUs) that map primary buffers, no staging copy at all.
+fn features_for(adapter: &wgpu::Adapter) -> (wgpu::Features, bool, bool) {
+    let f16 = adapter.features().contains(wgpu::Features::SHADER_F16);
+    let in_place = matches!(
+        adapter.get_info().device_type,
+        wgpu::DeviceType::IntegratedGpu | wgpu::DeviceType::Cpu
+    ) && adapter
+        .features()
+        .contains(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS);
+    let mut features = wgpu::Features::empty();
+    if f16 {
+        features |= wgpu::Features::SHADER_F16;
+    }
+    if in_place {
+        features |= wgpu::Features::MAPPABLE_PRIMARY_BUFFERS;
+    }
+    (features, f16, in_place)
+}
+
+/// The sinks of `device`'s loss and of its errors outside every error scope. Those errors
+/// are not ours (each of our operations runs in scopes): a user's own use of the device,
+/// say. They are kept for diagnosis and fail nothing; only the loss of the device is sticky.
+#[allow(clippy::type_complexity)]
+fn watch(device: &wgpu::Device) -> (Arc<Mutex<Option<String>>>, Arc<Mutex<Option<String>>>) {
+    let lost = Arc::new(Mutex::new(None));
+    let uncaptured = Arc::new(Mutex::new(None));
+    let sink = uncaptured.clone();
+    device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+        *sink.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+    }));
+    let sink = lost.clone();
+    device.set_device_lost_callback(move |reason, msg| {
+        let mut s = sink.lock().unwrap_or_else(|p| p.into_inner());
+        s.get_or_insert_with(|| format!("device lost ({reason:?}): {msg}"));
+    });
+    (lost, uncaptured)
+}
+
 impl WgpuBackend {
     /// Opens adapter `index` of the list (`None`: the first, or the first whose name
     /// contains `name`, ignoring case), reusing the device if this process opened it before.
@@ -282,22 +322,7 @@ impl WgpuBackend {
         guarded("creating the device", || {
             let info = adapter.get_info();
             let limits = adapter.limits();
-            let f16 = adapter.features().contains(wgpu::Features::SHADER_F16);
-            // On adapters that share the host's memory (integrated and software GPUs),
-            // tensor buffers are mapped and written in place: no staging copy at all.
-            let in_place = matches!(
-                info.device_type,
-                wgpu::DeviceType::IntegratedGpu | wgpu::DeviceType::Cpu
-            ) && adapter
-                .features()
-                .contains(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS);
-            let mut features = wgpu::Features::empty();
-            if f16 {
-                features |= wgpu::Features::SHADER_F16;
-            }
-            if in_place {
-                features |= wgpu::Features::MAPPABLE_PRIMARY_BUFFERS;
-            }
+            let (features, f16, in_place) = features_for(adapter);
             // Vulkan devices that can import host memory are opened with that extension
             // (the staging ring then lives in page-locked host memory); others as usual.
             let (device, queue, importer) = match host_import::request_device(adapter, features) {
@@ -316,20 +341,7 @@ impl WgpuBackend {
                     (device, queue, None)
                 }
             };
-            let lost = Arc::new(Mutex::new(None));
-            // Errors outside every error scope are not ours (each of our operations runs in
-            // scopes): a user's own use of the device, say. They are kept for diagnosis and
-            // fail nothing; only the loss of the device is sticky.
-            let uncaptured = Arc::new(Mutex::new(None));
-            let sink = uncaptured.clone();
-            device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
-                *sink.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
-            }));
-            let sink = lost.clone();
-            device.set_device_lost_callback(move |reason, msg| {
-                let mut s = sink.lock().unwrap_or_else(|p| p.into_inner());
-                s.get_or_insert_with(|| format!("device lost ({reason:?}): {msg}"));
-            });
+            let (lost, uncaptured) = watch(&device);
             let mut backend = WgpuBackend {
                 index,
                 info,
