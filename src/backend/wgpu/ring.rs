@@ -260,45 +260,10 @@ pub(super) fn stream(
         next: 0,
         last: None,
     });
-    let start = |_| {
-        let mut st = state.borrow_mut();
-        let Some((batch, offsets)) = next_batch(&mut st.queue, kind, size) else {
-            return Ok(None);
-        };
-        let slot = st.next % RING;
-        if slot == st.ring.len() {
-            st.ring.push(Staging::new(backend, kind, size)?);
-        }
-        st.next += 1;
-        let staging = &mut st.ring[slot];
-        staging.ready(backend)?;
-        // SAFETY: the buffer stays in the ring (which outlives this call) and is submitted
-        // only in `finish`, after the engine has written (or dropped) every piece.
-        let pieces = unsafe { staging.pieces(&batch, &offsets) };
-        st.filling.push_back((slot, batch, offsets));
-        Ok(Some(pieces))
-    };
+    let start = |_| state.borrow_mut().start(backend, kind, size);
     let finish = |_| {
-        let mut st = state.borrow_mut();
-        let Some((slot, batch, offsets)) = st.filling.pop_front() else {
-            return Ok(());
-        };
-        let staging = &mut st.ring[slot];
-        staging.filled();
-        let mut enc = backend.device.create_command_encoder(&Default::default());
-        for (t, &off) in batch.iter().zip(&offsets) {
-            enc.copy_buffer_to_buffer(
-                staging.buffer(),
-                off,
-                t.dst.buffer,
-                t.dst.offset,
-                pad4(t.src.len() as u64),
-            );
-        }
-        let index = backend.queue.submit([enc.finish()]);
-        staging.submitted(index.clone());
-        st.last = Some(index);
-        plan.advance(batch.iter().map(|t| t.src.len() as u64).sum())
+        let copied = state.borrow_mut().submit(backend);
+        plan.advance(copied)
     };
     engine::read_batches(threads, RING - 1, start, finish, &|_| plan.advance(0))?;
     let last = state.into_inner().last;
@@ -328,6 +293,53 @@ struct Stream<'r, 'n, 'b> {
     next: usize,
     /// The last submission.
     last: Option<wgpu::SubmissionIndex>,
+}
+
+impl<'n, 'b> Stream<'_, 'n, 'b> {
+    /// The engine's pieces of the next batch, in the next buffer of the ring (added to it
+    /// while it has fewer than [`RING`]) once that buffer's last copies are done; `None`
+    /// once every transfer is in a batch.
+    fn start<'h>(
+        &mut self,
+        backend: &WgpuBackend,
+        kind: Ring,
+        size: u64,
+    ) -> Result<Option<Vec<Piece<'n, Slot<'h>>>>> {
+        let Some((batch, offsets)) = next_batch(&mut self.queue, kind, size) else {
+            return Ok(None);
+        };
+        let slot = self.next % RING;
+        if slot == self.ring.len() {
+            self.ring.push(Staging::new(backend, kind, size)?);
+        }
+        self.next += 1;
+        let staging = &mut self.ring[slot];
+        staging.ready(backend)?;
+        // SAFETY: the buffer stays in the ring (which outlives the stream) and is submitted
+        // only in `submit`, after the engine has written (or dropped) every piece.
+        let pieces = unsafe { staging.pieces(&batch, &offsets) };
+        self.filling.push_back((slot, batch, offsets));
+        Ok(Some(pieces))
+    }
+
+    /// Submits the copies of the oldest batch being filled (now filled) out of its buffer
+    /// into their destinations; the bytes copied.
+    fn submit(&mut self, backend: &WgpuBackend) -> u64 {
+        let Some((slot, batch, offsets)) = self.filling.pop_front() else {
+            return 0;
+        };
+        let staging = &mut self.ring[slot];
+        staging.filled();
+        let mut enc = backend.device.create_command_encoder(&Default::default());
+        for (t, &off) in batch.iter().zip(&offsets) {
+            let len = pad4(t.src.len() as u64);
+            enc.copy_buffer_to_buffer(staging.buffer(), off, t.dst.buffer, t.dst.offset, len);
+        }
+        let index = backend.queue.submit([enc.finish()]);
+        staging.submitted(index.clone());
+        self.last = Some(index);
+        batch.iter().map(|t| t.src.len() as u64).sum()
+    }
 }
 
 /// The next batch from `queue`: what fills one staging buffer of `size` bytes, each transfer
