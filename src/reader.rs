@@ -213,6 +213,35 @@ impl Reader {
         Ok(out)
     }
 
+    /// Reads `parts` (each a tensor's name and the part of it to take: whole, or a slice) in
+    /// one pass over the files, returned in the order given: the shards of a sharded load,
+    /// several parts of one tensor among them. A part asked twice is read twice.
+    pub fn parts(&self, parts: &[(&str, Option<&Slice>)]) -> Result<Vec<Tensor>> {
+        let mut wanted: Vec<(usize, Located<'_>, Selection<'_>)> = parts
+            .iter()
+            .enumerate()
+            .map(|(k, &(name, slice))| {
+                let selection = slice.map_or(Selection::Whole, Selection::Slice);
+                Ok((k, self.locate(name)?, selection))
+            })
+            .collect::<Result<_>>()?;
+        // File order, so that the pass reads each file front to back.
+        wanted.sort_by_key(|(k, at, _)| (at.file, at.info.data_offsets.0, *k));
+        let order: Vec<usize> = wanted.iter().map(|(k, _, _)| *k).collect();
+        let entries = wanted
+            .into_iter()
+            .map(|(_, at, selection)| self.entry(at, selection))
+            .collect();
+        let mut placed: Vec<Option<Tensor>> = vec![None; parts.len()];
+        for (k, t) in order.into_iter().zip(self.place(entries)?) {
+            placed[k] = Some(t);
+        }
+        placed
+            .into_iter()
+            .map(|t| t.ok_or_else(|| Error::new(ErrorKind::Backend, "the backend placed no part")))
+            .collect()
+    }
+
     /// The read of tensor `name` (or of part `slice` of it) where it is one copy straight
     /// out of a mapped file's memory: onto the CPU, unconverted, small (or already in the page
     /// cache), nothing to plan. `None` where the read needs a load

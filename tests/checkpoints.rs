@@ -658,6 +658,44 @@ fn readers_read_what_loads_load_on_every_device() {
                     "{device} {name}"
                 );
             }
+            // Parts (a sharded load's shards), in the order given, in one pass: every slice
+            // numpy computed, last first, each after a whole tensor; one asked twice.
+            let sliced: Vec<(&str, Slice, &Tensor)> = expected
+                .iter()
+                .filter(|(k, _)| k.starts_with("slice|"))
+                .map(|(key, want)| {
+                    let mut parts = key.splitn(3, '|').skip(1);
+                    let (name, text) = (parts.next().unwrap(), parts.next().unwrap());
+                    (name, slice(text), want)
+                })
+                .collect();
+            let mut asked: Vec<(&str, Option<&Slice>)> = Vec::new();
+            let mut wants: Vec<Vec<u8>> = Vec::new();
+            for (k, (name, part, want)) in sliced.iter().rev().enumerate() {
+                let other = names[k * 7 % names.len()];
+                asked.extend([(other, None), (*name, Some(part))]);
+                wants.extend([host(whole.tensor(other).unwrap()), host(want)]);
+            }
+            asked.push(asked[1]);
+            wants.push(wants[1].clone());
+            let got = reader.parts(&asked).unwrap();
+            assert_eq!(got.len(), asked.len());
+            for ((got, want), (name, _)) in got.iter().zip(&wants).zip(&asked) {
+                assert_eq!(&host(got), want, "{device} {mode:?} part of {name}");
+            }
+            let e = reader
+                .parts(&[(names[0], None), ("nope", None)])
+                .unwrap_err();
+            assert_eq!(
+                (e.kind(), e.tensor()),
+                (ErrorKind::TensorNotFound, Some("nope"))
+            );
+            let beyond = slice("[0:999999999]");
+            let e = reader.parts(&[(names[0], Some(&beyond))]).unwrap_err();
+            assert_eq!(
+                (e.kind(), e.tensor()),
+                (ErrorKind::InvalidSlice, Some(names[0]))
+            );
             let e = reader.tensor("nope").unwrap_err();
             assert_eq!(
                 (e.kind(), e.tensor()),

@@ -251,10 +251,13 @@ fn loaded(tensors: Tensors) -> Loaded {
     (list, metadata)
 }
 
+/// A loader onto `device` reading as `read_mode` says, of the tensors `names` (or all), its
+/// floating tensors cast to `dtype` (a dtype's name, such as `"BF16"`) where given.
 fn loader<'a>(
     device: &str,
     names: Option<&'a HashSet<String>>,
     read_mode: &str,
+    dtype: Option<&str>,
 ) -> PyResult<Loader<'a>> {
     let device: Device = device.parse().map_err(py_err)?;
     // The crate's names (safetensors' `backend=` values); a bad one is a ValueError.
@@ -262,6 +265,12 @@ fn loader<'a>(
         .parse()
         .map_err(|e: tensorplace::Error| PyValueError::new_err(e.to_string()))?;
     let mut l = Loader::new(device).read_mode(mode);
+    if let Some(name) = dtype {
+        let dtype: Dtype = name
+            .parse()
+            .map_err(|_| PyValueError::new_err(format!("dtype {name:?}: not a dtype of the format")))?;
+        l = l.dtype(dtype);
+    }
     if let Some(names) = names {
         l = l.filter(move |n| names.contains(n));
     }
@@ -313,7 +322,7 @@ fn interruptible<T: Send>(
 /// `device` (the tensors named in `names`, or all; `slices`: (name, slice text) pairs, each
 /// tensor named loaded as that part of it), with the GIL released and Ctrl-C honoured.
 #[pyfunction]
-#[pyo3(signature = (filename, device = "cpu", names = None, read_mode = "mmap", slices = None))]
+#[pyo3(signature = (filename, device = "cpu", names = None, read_mode = "mmap", slices = None, dtype = None))]
 fn load_file(
     py: Python<'_>,
     filename: PathBuf,
@@ -321,6 +330,7 @@ fn load_file(
     names: Option<Vec<String>>,
     read_mode: &str,
     slices: Option<Vec<(String, String)>>,
+    dtype: Option<String>,
 ) -> PyResult<Loaded> {
     let names: Option<HashSet<String>> = names.map(|v| v.into_iter().collect());
     let device = device.to_owned();
@@ -331,7 +341,7 @@ fn load_file(
         .map(|(name, text)| Ok((name, text.parse::<Slice>().map_err(py_err)?)))
         .collect::<PyResult<Vec<_>>>()?;
     let tensors = interruptible(py, |stop| {
-        let mut l = loader(&device, names.as_ref(), &read_mode)?.interrupt(stop);
+        let mut l = loader(&device, names.as_ref(), &read_mode, dtype.as_deref())?.interrupt(stop);
         for (name, slice) in &slices {
             l = l.slice(name.clone(), slice.clone());
         }
@@ -346,7 +356,7 @@ fn load_file(
 fn load(py: Python<'_>, data: &[u8], device: &str) -> PyResult<Loaded> {
     let device = device.to_owned();
     let tensors = interruptible(py, |stop| {
-        loader(&device, None, "mmap")?
+        loader(&device, None, "mmap", None)?
             .interrupt(stop)
             .load(data)
             .map_err(py_err)
@@ -616,13 +626,36 @@ impl PyReader {
             .map(|(name, t)| (name, Self::view(t)))
             .collect())
     }
+
+    /// Reads `parts` ((name, slice text or `None`) pairs: a sharded load's shards) in one
+    /// pass over the files, returned as views in the order given.
+    fn get_parts(
+        &self,
+        py: Python<'_>,
+        parts: Vec<(String, Option<String>)>,
+    ) -> PyResult<Vec<PyTensor>> {
+        let slices: Vec<Option<Slice>> = parts
+            .iter()
+            .map(|(name, text)| {
+                let parsed = text.as_deref().map(str::parse::<Slice>).transpose();
+                parsed.map_err(|e| py_err(e.with_tensor(name.as_str())))
+            })
+            .collect::<PyResult<_>>()?;
+        let asked: Vec<(&str, Option<&Slice>)> = parts
+            .iter()
+            .zip(&slices)
+            .map(|((name, _), slice)| (name.as_str(), slice.as_ref()))
+            .collect();
+        let tensors = interruptible(py, |_| self.reader.parts(&asked).map_err(py_err))?;
+        Ok(tensors.into_iter().map(Self::view).collect())
+    }
 }
 
-/// Opens `filename` (a file, a folder of shards or its index) for lazy reads onto `device`.
-/// `to_array` makes the framework's array of a `_Tensor`; `arrays`, where the framework
+/// Opens `filename` (a file, a folder of shards or its index) for lazy reads onto `device`
+/// (floating tensors cast to `dtype` where given). `to_array` makes the framework's array of a `_Tensor`; `arrays`, where the framework
 /// builds arrays on host memory, is `(new_block, build, dtype_of)` (see `Arrays`).
 #[pyfunction]
-#[pyo3(signature = (filename, device, read_mode, to_array, arrays = None))]
+#[pyo3(signature = (filename, device, read_mode, to_array, arrays = None, dtype = None))]
 fn open(
     py: Python<'_>,
     filename: PathBuf,
@@ -630,9 +663,10 @@ fn open(
     read_mode: &str,
     to_array: Py<PyAny>,
     arrays: Option<(Py<PyAny>, Py<PyAny>, Py<PyAny>)>,
+    dtype: Option<&str>,
 ) -> PyResult<PyReader> {
     let reader = py.detach(|| {
-        loader(device, None, read_mode)?
+        loader(device, None, read_mode, dtype)?
             .reader(&filename)
             .map_err(py_err)
     })?;

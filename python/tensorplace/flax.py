@@ -1,5 +1,7 @@
 """``safetensors.flax``'s API, with ``load_file(filename, device)`` placing the arrays on
-the device: the CPU, or a GPU (loaded by the crate's CUDA backend, handed to JAX by DLPack).
+the device: the CPU, or a GPU (loaded by the crate's CUDA backend, handed to JAX by DLPack);
+``load_file(filename, sharding=...)`` places each tensor on a sharding, each process reading
+only the parts its devices hold; ``dtype=`` casts floating tensors as they load.
 
 ``device`` is a ``jax.Device`` (``jax.devices("gpu")[0]``) or a string (``"cpu"``,
 ``"cuda:0"``, ``"gpu"``); the default is the CPU, as safetensors. A GPU asked for and absent
@@ -50,10 +52,38 @@ FRAMEWORK = _core.Framework(to_array=to_jax, spec=_spec, device=_device)
 
 
 def load_file(
-    filename: Union[str, os.PathLike], device: Any = "cpu", *, backend: str = "mmap"
+    filename: Union[str, os.PathLike],
+    device: Any = "cpu",
+    *,
+    sharding: Any = None,
+    dtype: Any = None,
+    backend: str = "mmap",
 ) -> Dict[str, jax.Array]:
-    """Loads a safetensors file onto ``device`` as JAX arrays."""
-    return _core.load_file(FRAMEWORK, filename, device, backend)
+    """Loads a safetensors file (or a sharded checkpoint: a folder or its index) as JAX
+    arrays: onto ``device``, or, with ``sharding``, as global arrays on it. ``sharding``: a
+    ``jax.sharding.Sharding`` for every tensor; a mapping from names to shardings or to
+    ``jax.ShapeDtypeStruct``s carrying one (nested mappings: names joined with dots); or a
+    callable ``(name, shape, dtype)`` returning a sharding, or ``None`` for ``device``. Each
+    process reads only the parts its own devices hold, each part once. ``dtype``: floating
+    tensors are cast to it as they load (such as ``jnp.bfloat16``)."""
+    cast = None if dtype is None else _np.dtype_name(np.dtype(dtype))
+    if sharding is None:
+        return _core.load_file(FRAMEWORK, filename, device, backend, dtype=cast)
+    from . import _sharding
+
+    return _sharding.load(filename, sharding, _jax_device(device), cast, backend)
+
+
+def _jax_device(device: Any):
+    """The ``jax.Device`` of ``device`` (a device, or the strings ``load_file`` takes): one of
+    this process's own devices."""
+    if isinstance(device, jax.Device):
+        return device
+    name = _device(device)
+    if name == "cpu":
+        return jax.local_devices(backend="cpu")[0]
+    index = int(name.split(":")[1]) if ":" in name else 0
+    return jax.local_devices(backend="gpu")[index]
 
 
 def load(data: bytes, device: Any = "cpu") -> Dict[str, jax.Array]:
