@@ -35,46 +35,55 @@ pub(super) fn group(ordinal: usize, path: &Path) -> Result<Group<'_>> {
             BenchPath::new(
                 "per-tensor clone_htod from the mmap",
                 Role::Baseline,
-                move || {
-                    // One tensor at a time, each freed before the next: the per-copy cost is
-                    // measured without holding the whole file on the device twice. Mapped
-                    // anew for each run, so that `--cold` can drop the pages between runs.
-                    let file = HostFile::open(path, ReadMode::Mmap)?;
-                    let stream = backend.stream().clone();
-                    for (_, info) in file.tensors() {
-                        let bytes = file.tensor_bytes(info).unwrap_or_default();
-                        if !bytes.is_empty() {
-                            let on_device = stream
-                                .clone_htod(bytes)
-                                .map_err(|e| driver_err(ordinal, "clone_htod", e))?;
-                            std::hint::black_box(&on_device);
-                        }
-                    }
-                    stream
-                        .synchronize()
-                        .map_err(|e| driver_err(ordinal, "synchronizing", e))
-                },
+                move || per_tensor_clone(&backend, ordinal, path),
             ),
             BenchPath::new(
                 "one pinned host-to-device copy (ceiling)",
                 Role::Ceiling,
-                move || {
-                    let _current = ceiling.current()?;
-                    let stream = ceiling.stream();
-                    let src: *const c_void = pinned.device_source(0);
-                    // SAFETY: both buffers hold `bytes` bytes and outlive the copy, which is
-                    // synchronized below.
-                    unsafe {
-                        sys::cuMemcpyHtoDAsync_v2(device_buf.ptr(), src, bytes, stream.cu_stream())
-                    }
-                    .result()
-                    .map_err(|e| driver_err(ordinal, "copying", e))?;
-                    stream
-                        .synchronize()
-                        .map_err(|e| driver_err(ordinal, "synchronizing", e))
-                },
+                move || one_pinned_copy(&ceiling, ordinal, &pinned, &device_buf, bytes),
             ),
         ],
         pairs: vec![],
     })
+}
+
+/// The baseline: one tensor at a time, each freed before the next (the per-copy cost is
+/// measured without holding the whole file on the device twice). Mapped anew for each run,
+/// so that `--cold` can drop the pages between runs.
+fn per_tensor_clone(backend: &CudaBackend, ordinal: usize, path: &Path) -> Result<()> {
+    let file = HostFile::open(path, ReadMode::Mmap)?;
+    let stream = backend.stream().clone();
+    for (_, info) in file.tensors() {
+        let bytes = file.tensor_bytes(info).unwrap_or_default();
+        if !bytes.is_empty() {
+            let on_device = stream
+                .clone_htod(bytes)
+                .map_err(|e| driver_err(ordinal, "clone_htod", e))?;
+            std::hint::black_box(&on_device);
+        }
+    }
+    stream
+        .synchronize()
+        .map_err(|e| driver_err(ordinal, "synchronizing", e))
+}
+
+/// The ceiling: the file's data bytes in one copy from pinned memory to the device.
+fn one_pinned_copy(
+    backend: &CudaBackend,
+    ordinal: usize,
+    pinned: &Pinned,
+    device_buf: &Arena,
+    bytes: usize,
+) -> Result<()> {
+    let _current = backend.current()?;
+    let stream = backend.stream();
+    let src: *const c_void = pinned.device_source(0);
+    // SAFETY: both buffers hold `bytes` bytes and outlive the copy, which is synchronized
+    // below.
+    unsafe { sys::cuMemcpyHtoDAsync_v2(device_buf.ptr(), src, bytes, stream.cu_stream()) }
+        .result()
+        .map_err(|e| driver_err(ordinal, "copying", e))?;
+    stream
+        .synchronize()
+        .map_err(|e| driver_err(ordinal, "synchronizing", e))
 }

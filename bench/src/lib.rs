@@ -245,24 +245,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if args.checkpoint || tensorplace::internals::is_multi_file(&path) {
         return checkpoints(args, &path, dir.path());
     }
-    let file = HostFile::open(&path, ReadMode::Mmap)?;
-    let bytes = file.header().data_len() as u64;
-    say!(
-        "file: {} ({} tensors, {} data bytes); {} runs after a warm-up, page cache {}",
-        path.display(),
-        file.header().tensors().len(),
-        bytes,
-        args.runs,
-        if args.cold {
-            "dropped before each run (posix_fadvise DONTNEED)"
-        } else {
-            "warm"
-        }
-    )?;
-    drop(file);
-    if args.cold && !drop_cache(&path) {
-        say!("note: posix_fadvise(DONTNEED) was refused: the runs are not cold")?;
-    }
+    let bytes = announce(args, &path)?;
     let cold = args.cold.then_some(path.as_path());
     let out = dir.path().join("saved.safetensors");
     let mut report = Report::default();
@@ -295,6 +278,30 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     let input = serde_json::json!({"path": path, "data_bytes": bytes, "runs": args.runs, "cold": args.cold});
     report.finish(args, ("file", input))
+}
+
+/// Says what the single-file comparison measures (the file, its size, the runs, warm or
+/// cold: a refused `posix_fadvise` said too), and returns the file's data bytes.
+fn announce(args: &BenchArgs, path: &Path) -> Result<u64> {
+    let file = HostFile::open(path, ReadMode::Mmap)?;
+    let bytes = file.header().data_len() as u64;
+    say!(
+        "file: {} ({} tensors, {} data bytes); {} runs after a warm-up, page cache {}",
+        path.display(),
+        file.header().tensors().len(),
+        bytes,
+        args.runs,
+        if args.cold {
+            "dropped before each run (posix_fadvise DONTNEED)"
+        } else {
+            "warm"
+        }
+    )?;
+    drop(file);
+    if args.cold && !drop_cache(path) {
+        say!("note: posix_fadvise(DONTNEED) was refused: the runs are not cold")?;
+    }
+    Ok(bytes)
 }
 
 /// What a harness run gathers: the rows measured, and the devices skipped with the reason.
@@ -418,23 +425,6 @@ fn sweep(args: &BenchArgs, dir: &Path) -> Result<()> {
         }
     }
     let dtypes = args.dtype.map_or(MIX.to_vec(), |d| vec![d]);
-    let time_load = |p: &Path, d: Device, bytes: u64| -> Result<f64> {
-        let mut v = Vec::new();
-        for i in 0..=args.runs.max(1) {
-            // As in every other timing: no dirty pages (the file was just written), memory
-            // primed.
-            // SAFETY: sync(2) has no preconditions.
-            unsafe { libc::sync() };
-            measure::prime_memory(bytes);
-            let t = Instant::now();
-            let loaded = tensorplace::load_file(p, d)?;
-            drop(loaded);
-            if i > 0 {
-                v.push(t.elapsed().as_secs_f64());
-            }
-        }
-        Ok(median(&mut v))
-    };
     say!(
         "{:<8} {:>12} {:>9} {:>12} {:>9} {:>14}",
         "device",
@@ -444,17 +434,8 @@ fn sweep(args: &BenchArgs, dir: &Path) -> Result<()> {
         "GB/s",
         "us per tensor"
     )?;
-    let mut size = 16u64 << 20;
     let p = dir.join("sweep.safetensors");
-    let mut cases = Vec::new();
-    while size <= args.size.max(16 << 20) {
-        cases.push((size, 64usize));
-        size *= 2;
-    }
-    for n in [10usize, 100, 1_000, 10_000, 100_000] {
-        cases.push((64 << 20, n));
-    }
-    for (size, n) in cases {
+    for (size, n) in sweep_cases(args.size) {
         write_synthetic(
             &p,
             &Synthetic {
@@ -465,7 +446,7 @@ fn sweep(args: &BenchArgs, dir: &Path) -> Result<()> {
         )?;
         let bytes = HostFile::open(&p, ReadMode::Mmap)?.header().data_len();
         for &d in &devs {
-            let s = time_load(&p, d, bytes as u64)?;
+            let s = time_load(&p, d, bytes as u64, args.runs)?;
             say!(
                 "{:<8} {:>12} {:>9} {:>12.3} {:>9.3} {:>14.3}",
                 d.to_string(),
@@ -478,6 +459,39 @@ fn sweep(args: &BenchArgs, dir: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The sweep's (size, tensors) cases: 64 tensors from 16 MiB doubling up to `max`, then 10
+/// to 100,000 tensors of 64 MiB in all.
+fn sweep_cases(max: u64) -> Vec<(u64, usize)> {
+    let mut cases = Vec::new();
+    let mut size = 16u64 << 20;
+    while size <= max.max(16 << 20) {
+        cases.push((size, 64usize));
+        size *= 2;
+    }
+    for n in [10usize, 100, 1_000, 10_000, 100_000] {
+        cases.push((64 << 20, n));
+    }
+    cases
+}
+
+/// The median seconds of `runs` loads of `p` onto `d` (after one warm-up), each as every
+/// other timing starts: no dirty pages (the file was just written), memory primed.
+fn time_load(p: &Path, d: Device, bytes: u64, runs: usize) -> Result<f64> {
+    let mut v = Vec::new();
+    for i in 0..=runs.max(1) {
+        // SAFETY: sync(2) has no preconditions.
+        unsafe { libc::sync() };
+        measure::prime_memory(bytes);
+        let t = Instant::now();
+        let loaded = tensorplace::load_file(p, d)?;
+        drop(loaded);
+        if i > 0 {
+            v.push(t.elapsed().as_secs_f64());
+        }
+    }
+    Ok(median(&mut v))
 }
 
 #[cfg(test)]

@@ -193,23 +193,11 @@ impl Importer {
         device: &wgpu::Device,
         len: usize,
     ) -> Result<(wgpu::Buffer, Arc<HostRegion>)> {
-        let len = len
-            .checked_next_multiple_of(self.align)
-            .filter(|&n| n > 0)
-            .ok_or_else(|| Error::new(ErrorKind::SizeOverflow, "an imported buffer's size"))?;
-        let mut memory = HostBuffer::page_aligned(len + self.align)?;
-        let base = memory.as_mut_bytes().as_mut_ptr();
-        let skip = base.align_offset(self.align);
-        // SAFETY: `skip` < `align`, and the mapping holds `len + align` bytes.
-        let ptr = unsafe { base.add(skip) };
-        let region = Arc::new(HostRegion {
-            _memory: memory,
-            ptr,
-            len,
-        });
+        let region = self.region(len)?;
+        let (ptr, len) = (region.ptr, region.len);
         let d = &self.device;
         let mut pointer = vk::MemoryHostPointerPropertiesEXT::default();
-        // SAFETY: the device was created with the extension (`open`); `ptr` is a host
+        // SAFETY: the device was created with the extension (`request_device`); `ptr` is a host
         // allocation of `len` bytes aligned to the import alignment.
         unsafe { (self.pointer_properties)(d.handle(), HANDLE, ptr.cast(), &mut pointer) }
             .result()
@@ -233,7 +221,38 @@ impl Importer {
                 return Err(e);
             }
         };
-        let keep = (d.clone(), region.clone());
+        Ok((self.wrap(device, buffer, memory, &region), region))
+    }
+
+    /// Fresh host memory for an import of at least `len` bytes: whole units of the import
+    /// alignment, starting on one.
+    fn region(&self, len: usize) -> Result<Arc<HostRegion>> {
+        let len = len
+            .checked_next_multiple_of(self.align)
+            .filter(|&n| n > 0)
+            .ok_or_else(|| Error::new(ErrorKind::SizeOverflow, "an imported buffer's size"))?;
+        let mut memory = HostBuffer::page_aligned(len + self.align)?;
+        let base = memory.as_mut_bytes().as_mut_ptr();
+        let skip = base.align_offset(self.align);
+        // SAFETY: `skip` < `align`, and the mapping holds `len + align` bytes.
+        let ptr = unsafe { base.add(skip) };
+        Ok(Arc::new(HostRegion {
+            _memory: memory,
+            ptr,
+            len,
+        }))
+    }
+
+    /// `buffer` (bound to `memory`, which imports `region`) as a wgpu buffer that destroys
+    /// both, then releases the region, once wgpu is done with it.
+    fn wrap(
+        &self,
+        device: &wgpu::Device,
+        buffer: vk::Buffer,
+        memory: vk::DeviceMemory,
+        region: &Arc<HostRegion>,
+    ) -> wgpu::Buffer {
+        let keep = (self.device.clone(), region.clone());
         let release: wgpu::hal::DropCallback = Box::new(move || {
             let (d, region) = keep;
             // SAFETY: wgpu runs this once the last reference to the buffer is gone and the
@@ -245,19 +264,18 @@ impl Importer {
             }
             drop(region);
         });
-        // SAFETY: `buffer` is a valid buffer of `len` bytes bound to memory; wgpu will not
-        // destroy it (externally owned) and will not map it (COPY_SRC only).
+        // SAFETY: `buffer` is a valid buffer of the region's length bound to memory; wgpu will
+        // not destroy it (externally owned) and will not map it (COPY_SRC only).
         let hal = unsafe { hv::Buffer::from_raw_externally_owned(buffer, release) };
         let desc = wgpu::BufferDescriptor {
             label: Some("tensorplace host-import staging"),
-            size: len as u64,
+            size: region.len as u64,
             usage: wgpu::BufferUsages::COPY_SRC,
             mapped_at_creation: false,
         };
         // SAFETY: the hal buffer was created on this device's raw device, with the size and
         // a usage covering `desc`'s, and its bytes are initialized (host memory).
-        let buffer = unsafe { device.create_buffer_from_hal::<Vulkan>(hal, &desc) };
-        Ok((buffer, region))
+        unsafe { device.create_buffer_from_hal::<Vulkan>(hal, &desc) }
     }
 
     /// Imports `ptr .. ptr + len` as device memory of a host-visible, coherent type both

@@ -173,52 +173,18 @@ impl WgpuBackend {
         elements: u64,
     ) -> Result<()> {
         let pipeline = self.pipeline(kernel)?;
-        let label = kernel.label();
-        let layout = pipeline.get_bind_group_layout(0);
         let units = elements.div_ceil(kernel.elements());
-        let (in_bytes, out_bytes) = (kernel.in_bytes(), kernel.out_bytes());
-        let max_binding = self.limits.max_storage_buffer_binding_size;
-        let per_dispatch =
-            u64::from(self.limits.max_compute_workgroups_per_dimension) * u64::from(WORKGROUP);
-        let chunk = (max_binding / in_bytes.max(out_bytes)).min(per_dispatch)
-            / u64::from(WORKGROUP)
-            * u64::from(WORKGROUP);
-        if chunk == 0 {
-            return Err(backend_err(
-                "the device's binding limits are too small for a kernel",
-            ));
-        }
+        let chunk = self.units_per_dispatch(kernel)?;
         let mut u0 = 0u64;
         while u0 < units {
             let n = chunk.min(units - u0);
             let el = (elements - u0 * kernel.elements()).min(n * kernel.elements());
-            let params = self
-                .device
-                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: Some("tensorplace params"),
-                    contents: bytemuck::cast_slice(&[n as u32, el as u32, 0, 0]),
-                    usage: wgpu::BufferUsages::UNIFORM,
-                });
-            let bind =
-                |buffer, base: u64, per_unit| binding(buffer, base + u0 * per_unit, n * per_unit);
-            let group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some(&label),
-                layout: &layout,
-                entries: &[
-                    wgpu::BindGroupEntry {
-                        binding: 0,
-                        resource: bind(src, src_offset, in_bytes),
-                    },
-                    wgpu::BindGroupEntry {
-                        binding: 1,
-                        resource: bind(dst, dst_offset, out_bytes),
-                    },
-                    wgpu::BindGroupEntry {
-                        binding: 2,
-                        resource: params.as_entire_binding(),
-                    },
-                ],
-            });
+            let (src_at, dst_at) = (
+                src_offset + u0 * kernel.in_bytes(),
+                dst_offset + u0 * kernel.out_bytes(),
+            );
+            let group = self.bind_group(&pipeline, kernel, (src, src_at), (dst, dst_at), n, el);
+            let label = kernel.label();
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some(&label),
                 timestamp_writes: None,
@@ -230,6 +196,61 @@ impl WgpuBackend {
             u0 += n;
         }
         Ok(())
+    }
+
+    /// The most units of `kernel` one dispatch takes: what the storage binding size and the
+    /// workgroup count allow, in whole workgroups.
+    fn units_per_dispatch(&self, kernel: &Kernel) -> Result<u64> {
+        let max_binding = self.limits.max_storage_buffer_binding_size;
+        let per_dispatch =
+            u64::from(self.limits.max_compute_workgroups_per_dimension) * u64::from(WORKGROUP);
+        let widest = kernel.in_bytes().max(kernel.out_bytes());
+        let chunk =
+            (max_binding / widest).min(per_dispatch) / u64::from(WORKGROUP) * u64::from(WORKGROUP);
+        if chunk == 0 {
+            return Err(backend_err(
+                "the device's binding limits are too small for a kernel",
+            ));
+        }
+        Ok(chunk)
+    }
+
+    /// The bind group of one dispatch of `kernel` over `n` units (`elements` elements): its
+    /// input at `src`, its output at `dst`, and its parameters.
+    fn bind_group(
+        &self,
+        pipeline: &wgpu::ComputePipeline,
+        kernel: &Kernel,
+        (src, src_at): (&wgpu::Buffer, u64),
+        (dst, dst_at): (&wgpu::Buffer, u64),
+        n: u64,
+        elements: u64,
+    ) -> wgpu::BindGroup {
+        let params = self
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("tensorplace params"),
+                contents: bytemuck::cast_slice(&[n as u32, elements as u32, 0, 0]),
+                usage: wgpu::BufferUsages::UNIFORM,
+            });
+        self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(&kernel.label()),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &[
+                wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: binding(src, src_at, n * kernel.in_bytes()),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 1,
+                    resource: binding(dst, dst_at, n * kernel.out_bytes()),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 2,
+                    resource: params.as_entire_binding(),
+                },
+            ],
+        })
     }
 
     /// Converts the bytes of a host buffer on the device (for tests and tools): uploads
