@@ -145,55 +145,9 @@ impl Header {
     fn validate(&self, file_len: u64) -> Result<()> {
         let mut start = 0usize;
         for (name, info) in &self.tensors {
-            let fail = |kind, msg: String| Err(Error::new(kind, msg).with_tensor(name.as_str()));
-            let (b, e) = info.data_offsets;
-            if b != start {
-                let why = if start == 0 {
-                    "the first tensor must begin at 0".to_owned()
-                } else if b > start {
-                    format!("a hole: the previous tensor ends at {start}")
-                } else {
-                    format!("an overlap: the previous tensor ends at {start}")
-                };
-                return fail(ErrorKind::InvalidOffsets, format!("begins at {b}, {why}"));
-            }
-            if e < b {
-                return fail(
-                    ErrorKind::InvalidOffsets,
-                    format!("ends at {e}, before it begins at {b}"),
-                );
-            }
-            start = e;
-            let Some(numel) = info.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) else {
-                return fail(
-                    ErrorKind::ShapeOverflow,
-                    format!("the element count of shape {:?} overflows", info.shape),
-                );
-            };
-            let Some(bits) = numel.checked_mul(info.dtype.bits()) else {
-                return fail(
-                    ErrorKind::ShapeOverflow,
-                    format!("{numel} elements of {} overflow in bits", info.dtype),
-                );
-            };
-            if bits % 8 != 0 {
-                return fail(
-                    ErrorKind::MisalignedSize,
-                    format!("{numel} elements of {} are {bits} bits", info.dtype),
-                );
-            }
-            if e - b != bits / 8 {
-                return fail(
-                    ErrorKind::SizeMismatch,
-                    format!(
-                        "data_offsets [{b}, {e}] hold {} bytes, shape {:?} of {} needs {}",
-                        e - b,
-                        info.shape,
-                        info.dtype,
-                        bits / 8
-                    ),
-                );
-            }
+            let tagged = |e: Error| e.with_tensor(name.as_str());
+            start = follows(info, start).map_err(tagged)?;
+            check_size(info).map_err(tagged)?;
         }
         let end = (start as u64).saturating_add((N_LEN + self.header_len) as u64);
         if end != file_len {
@@ -333,6 +287,69 @@ impl<'de> Visitor<'de> for HeaderSeed<'_> {
     }
 }
 
+/// The end of a tensor's bytes, where they begin where the previous tensor's end
+/// (`start`: the data is packed, in offset order, from 0) and do not end before they begin.
+fn follows(info: &TensorInfo, start: usize) -> Result<usize> {
+    let (b, e) = info.data_offsets;
+    if b != start {
+        let why = if start == 0 {
+            "the first tensor must begin at 0".to_owned()
+        } else if b > start {
+            format!("a hole: the previous tensor ends at {start}")
+        } else {
+            format!("an overlap: the previous tensor ends at {start}")
+        };
+        return Err(Error::new(
+            ErrorKind::InvalidOffsets,
+            format!("begins at {b}, {why}"),
+        ));
+    }
+    if e < b {
+        return Err(Error::new(
+            ErrorKind::InvalidOffsets,
+            format!("ends at {e}, before it begins at {b}"),
+        ));
+    }
+    Ok(e)
+}
+
+/// Whether a tensor's bytes are what its shape and dtype need: an element count and a bit
+/// count that do not overflow, whole bytes, and exactly the bytes its offsets hold.
+fn check_size(info: &TensorInfo) -> Result<()> {
+    let (b, e) = info.data_offsets;
+    let Some(numel) = info.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) else {
+        return Err(Error::new(
+            ErrorKind::ShapeOverflow,
+            format!("the element count of shape {:?} overflows", info.shape),
+        ));
+    };
+    let Some(bits) = numel.checked_mul(info.dtype.bits()) else {
+        return Err(Error::new(
+            ErrorKind::ShapeOverflow,
+            format!("{numel} elements of {} overflow in bits", info.dtype),
+        ));
+    };
+    if bits % 8 != 0 {
+        return Err(Error::new(
+            ErrorKind::MisalignedSize,
+            format!("{numel} elements of {} are {bits} bits", info.dtype),
+        ));
+    }
+    if e - b != bits / 8 {
+        return Err(Error::new(
+            ErrorKind::SizeMismatch,
+            format!(
+                "data_offsets [{b}, {e}] hold {} bytes, shape {:?} of {} needs {}",
+                e - b,
+                info.shape,
+                info.dtype,
+                bits / 8
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Stores `e` as the precise error and returns a serde error that aborts parsing.
 fn note<E: de::Error>(slot: &mut Option<Error>, e: Error) -> E {
     let msg = e.to_string();
@@ -459,35 +476,36 @@ impl<'de> Visitor<'de> for EntrySeed<'_, '_> {
                 Field::Other => {}
             }
         }
-        let missing = |slot: &mut Option<Error>, what: &str| {
-            bad(
-                slot,
-                ErrorKind::InvalidTensorEntry,
-                format!("missing field {what}"),
-            )
-        };
-        let Some(dtype) = dtype else {
-            return Err(missing(slot, "dtype"));
-        };
-        let Some(shape) = shape else {
-            return Err(missing(slot, "shape"));
-        };
-        let Some(data_offsets) = offsets else {
-            return Err(missing(slot, "data_offsets"));
-        };
-        let dtype = dtype.parse::<Dtype>().map_err(|e| {
-            bad(
-                slot,
-                ErrorKind::UnknownDtype,
-                format!("{:?} is not a dtype of the format", e.0),
-            )
-        })?;
-        Ok(TensorInfo {
-            dtype,
-            shape,
-            data_offsets,
-        })
+        entry(dtype, shape, offsets).map_err(|e| note(slot, e.with_tensor(name)))
     }
+}
+
+/// A tensor entry of the fields read: every one there, the dtype one of the format's.
+fn entry(
+    dtype: Option<String>,
+    shape: Option<Vec<usize>>,
+    offsets: Option<(usize, usize)>,
+) -> Result<TensorInfo> {
+    let missing = |what: &str| {
+        Error::new(
+            ErrorKind::InvalidTensorEntry,
+            format!("missing field {what}"),
+        )
+    };
+    let dtype = dtype.ok_or_else(|| missing("dtype"))?;
+    let shape = shape.ok_or_else(|| missing("shape"))?;
+    let data_offsets = offsets.ok_or_else(|| missing("data_offsets"))?;
+    let dtype = dtype.parse::<Dtype>().map_err(|e| {
+        Error::new(
+            ErrorKind::UnknownDtype,
+            format!("{:?} is not a dtype of the format", e.0),
+        )
+    })?;
+    Ok(TensorInfo {
+        dtype,
+        shape,
+        data_offsets,
+    })
 }
 
 /// For tests: the bytes of a file whose header is `json` (unpadded) and whose data is `data`.
