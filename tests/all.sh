@@ -7,9 +7,9 @@
 #    library with every feature, GPU tests printing why they skip, and the command-line crate,
 #    whose binary the library's CLI tests run), then the CPU-only library's.
 # 2. The Python package: a virtual environment in target/py (created and filled from PyPI on
-#    first use: maturin, pytest, numpy, ml_dtypes, safetensors, jax[cpu]), the package built
-#    and installed from python/, then pytest on python/tests (torch tests skip where torch is
-#    not installed).
+#    first use: maturin, pytest, numpy, ml_dtypes, safetensors, jax[cpu], torch), the package
+#    built and installed from python/, then pytest on python/tests (torch's tests required:
+#    a torch that does not import fails them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp}
@@ -21,8 +21,8 @@ py=target/py/bin/python
 if [ ! -x "$py" ]; then
   python3 -m venv target/py
 fi
-"$py" -m pip install -q --disable-pip-version-check maturin pytest numpy ml_dtypes safetensors "jax[cpu]"
+"$py" -m pip install -q --disable-pip-version-check maturin pytest numpy ml_dtypes safetensors "jax[cpu]" torch
 "$py" -m pip install -q --disable-pip-version-check --force-reinstall --no-deps ./python
 # From outside the source tree, so that the installed package (with its native module) is
 # the one imported.
-(cd target && "../$py" -m pytest -p no:cacheprovider --import-mode=importlib -rs ../python/tests)
+(cd target && TENSORPLACE_TEST_TORCH=required "../$py" -m pytest -p no:cacheprovider --import-mode=importlib -rs ../python/tests)

@@ -91,6 +91,10 @@ fn dlpack_dtype(dtype: Dtype, carrier: bool) -> PyResult<DLDataType> {
     if carrier && bits % 8 == 0 {
         return Ok(DLDataType::scalar(C::UINT, bits));
     }
+    if carrier && dtype == Dtype::F4 {
+        // Two elements a byte: see `exported_shape`.
+        return Ok(DLDataType::scalar(C::UINT, 8));
+    }
     let code = match dtype {
         Dtype::BOOL => C::BOOL,
         Dtype::U8 | Dtype::U16 | Dtype::U32 | Dtype::U64 => C::UINT,
@@ -113,6 +117,23 @@ fn dlpack_dtype(dtype: Dtype, carrier: bool) -> PyResult<DLDataType> {
 }
 
 impl PyTensor {
+    /// The shape exported: the tensor's, but for an F4 carrier, whose bytes each hold two
+    /// elements of the last dimension (torch's `float4_e2m1fn_x2`): that dimension halved.
+    fn exported_shape(&self) -> PyResult<Vec<usize>> {
+        let mut shape = self.tensor.shape().to_vec();
+        if self.carrier && self.tensor.dtype() == Dtype::F4 {
+            match shape.last_mut() {
+                Some(last) if *last % 2 == 0 => *last /= 2,
+                _ => {
+                    return Err(PyValueError::new_err(format!(
+                        "F4 of shape {shape:?}: its bytes are pairs of the last dimension, which must be even"
+                    )));
+                }
+            }
+        }
+        Ok(shape)
+    }
+
     fn managed<M: ManagedTensorBase>(&self) -> PyResult<Managed<M>> {
         let dtype = dlpack_dtype(self.tensor.dtype(), self.carrier)?;
         let (data, device) = match self.tensor.storage() {
@@ -124,8 +145,7 @@ impl PyTensor {
             _ => return Err(PyValueError::new_err("this storage has no DLPack export")),
         };
         let shape: Vec<i64> = self
-            .tensor
-            .shape()
+            .exported_shape()?
             .iter()
             .map(|&d| i64::try_from(d).unwrap_or(i64::MAX))
             .collect();

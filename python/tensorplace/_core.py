@@ -62,6 +62,10 @@ class Framework(NamedTuple):
     #: Where the framework builds arrays on host memory it is given: ``(new_block, build,
     #: dtype_of)`` (see the native ``open``); ``None`` where it does not.
     host_arrays: Optional[Tuple[Callable, Callable, Callable]] = None
+    #: Whether ``get_slice`` clamps ranges to the tensor, as safetensors does for torch
+    #: (where torch slices); else a range past a dimension is an ``InvalidSlice`` error, as
+    #: safetensors' own slicing for numpy and JAX raises.
+    clamps_slices: bool = False
 
 
 def load_file(framework: Framework, filename, device: Any = "cpu", backend: str = "mmap",
@@ -98,29 +102,62 @@ def save_file(framework: Framework, tensors: Dict[str, Any], filename,
     _native.save_file(specs, os.fspath(filename), _metadata(metadata))
 
 
-def slice_text(index) -> Optional[str]:
-    """The text of a Python index (ints, slices without steps and with bounds of 0 or more,
-    one Ellipsis) in the crate's slice syntax, or None where the crate's rules (those of
-    safetensors' get_slice, without steps) do not cover it."""
+def slice_text(index, shape, clamp: bool = False) -> Optional[str]:
+    """The text of a Python index of a tensor of ``shape`` in the crate's slice syntax:
+    negative ints and bounds count from the end; with ``clamp``, ranges are clamped to the
+    dimension as Python's are (a start past the stop is empty), else left for the crate to
+    refuse. ``None`` where the crate's slices (ints and ranges without steps, one Ellipsis)
+    do not cover it, or (with ``clamp``) an int is out of range: the caller then indexes
+    the whole tensor, which raises the framework's own error."""
     if not isinstance(index, tuple):
         index = (index,)
+    ellipses = [k for k, i in enumerate(index) if i is Ellipsis]
+    if len(ellipses) > 1:
+        return None
+    if ellipses:
+        k = ellipses[0]
+        index = index[:k] + (slice(None),) * max(len(shape) - (len(index) - 1), 0) + index[k + 1 :]
+    if len(index) > len(shape):
+        # More indices than dimensions: the crate's InvalidSlice, or the framework's error.
+        return None if clamp else "[" + ", ".join(":" for _ in index) + "]"
     parts = []
-    for i in index:
-        if i is Ellipsis:
-            parts.append("...")
-        elif isinstance(i, slice):
-            if i.step not in (None, 1):
-                return None
-            if any(b is not None and (not isinstance(b, int) or b < 0) for b in (i.start, i.stop)):
-                return None
-            start = "" if i.start is None else str(i.start)
-            stop = "" if i.stop is None else str(i.stop)
-            parts.append(f"{start}:{stop}")
+    for i, n in zip(index, shape):
+        if isinstance(i, slice):
+            part = _range_text(i, n, clamp)
         elif isinstance(i, int) and not isinstance(i, bool):
-            parts.append(str(i))
+            j = i + n if i < 0 else i
+            part = str(j) if 0 <= j < n or (not clamp and j >= 0) else None
         else:
+            part = None
+        if part is None:
             return None
+        parts.append(part)
     return "[" + ", ".join(parts) + "]"
+
+
+def _range_text(s: slice, n: int, clamp: bool) -> Optional[str]:
+    """A range of a dimension of size ``n`` in the crate's syntax (see :func:`slice_text`)."""
+    if s.step not in (None, 1):
+        return None
+    if clamp:
+        try:
+            start, stop, _ = s.indices(n)
+        except TypeError:
+            return None
+        # An empty range as the crate takes one wherever it falls.
+        return f"{start}:{stop}" if start < stop else "0:0"
+    bounds = []
+    for b, default in ((s.start, 0), (s.stop, n)):
+        if b is None:
+            b = default
+        elif not isinstance(b, int) or isinstance(b, bool):
+            return None
+        elif b < 0:
+            b += n
+            if b < 0:
+                return None
+        bounds.append(b)
+    return f"{bounds[0]}:{bounds[1]}"
 
 
 def _metadata(metadata):

@@ -34,6 +34,7 @@ class safe_open:
         self._filename = os.fspath(filename)
         fw = _framework(framework)
         self._array = fw.to_array
+        self._clamps = fw.clamps_slices
         # Where the framework builds arrays on host memory, small reads onto the CPU are
         # copied into shared blocks and viewed there (no DLPack exchange per tensor).
         self._reader = _native.open(self._filename, fw.device(device), backend, fw.to_array, fw.host_arrays)
@@ -102,8 +103,11 @@ class _Slice:
     def __getitem__(self, index):
         handle = self._handle
         # One row (the commonest slice) without building the general text.
-        text = f"[{index}]" if type(index) is int and index >= 0 else slice_text(index)
+        if type(index) is int and index >= 0:
+            text = f"[{index}]"
+        else:
+            text = slice_text(index, self.get_shape(), handle._clamps)
         if text is None:
-            # Steps, negative bounds, arrays: numpy's indexing of the whole tensor.
+            # Steps, arrays, ints out of range: the framework's indexing of the whole tensor.
             return handle.get_tensor(self._name)[index]
         return handle._reader.get_array(self._name, text)

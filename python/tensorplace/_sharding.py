@@ -137,7 +137,7 @@ def _part(index, shape) -> Tuple[Tuple, Optional[str]]:
     bounds = tuple(s.indices(n)[:2] for s, n in zip(index, shape))
     if all(b == (0, n) for b, n in zip(bounds, shape)):
         return bounds, None
-    text = slice_text(tuple(slice(a, b) for a, b in bounds))
+    text = slice_text(tuple(slice(a, b) for a, b in bounds), shape)
     return bounds, text
 
 

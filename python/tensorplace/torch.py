@@ -3,7 +3,9 @@ the device (the CPU, or ``cuda``/``cuda:N``, loaded by the crate's CUDA backend)
 them to torch by DLPack, without a copy.
 
 float8 tensors are exported as bytes and viewed with torch's float8 type (older torch
-releases refuse float8 over DLPack). CUDA tensors live in one device allocation per load,
+releases refuse float8 over DLPack); F4 tensors, as ``safetensors.torch`` gives them, as
+``torch.float4_e2m1fn_x2``, two elements a byte: the last dimension halved (and doubled again
+in a save). CUDA tensors live in one device allocation per load,
 freed when the last of its tensors is; torch's allocator does not see it
 (``torch.cuda.memory_allocated()`` does not count it).
 """
@@ -19,12 +21,14 @@ import torch
 from . import _core
 from . import numpy as _np
 
-_FLOAT8 = {
+#: The types carried as bytes and viewed as torch's own.
+_CARRIED = {
     "F8_E4M3": "float8_e4m3fn",
     "F8_E5M2": "float8_e5m2",
     "F8_E8M0": "float8_e8m0fnu",
     "F8_E4M3FNUZ": "float8_e4m3fnuz",
     "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "F4": "float4_e2m1fn_x2",
 }
 
 _NAMES = {
@@ -41,7 +45,7 @@ _NAMES = {
     torch.float64: "F64",
 }
 for _name, _attr in [("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")] + [
-    (k, v) for k, v in _FLOAT8.items()
+    (k, v) for k, v in _CARRIED.items()
 ]:
     if hasattr(torch, _attr):
         _NAMES[getattr(torch, _attr)] = _name
@@ -54,15 +58,19 @@ def _device(device: Any) -> str:
     if device.type == "cpu":
         return "cpu"
     if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
+        # "cuda" is the current device, as torch reads it (0 where torch sees no GPU: the load
+        # then says the device is unavailable).
+        current = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        index = device.index if device.index is not None else current
         return f"cuda:{index}"
     raise _core.TensorplaceError("InvalidDevice", f"{device}: not a CPU or CUDA device")
 
 
 def to_torch(view) -> torch.Tensor:
     """A view as a torch tensor sharing its memory (on the view's device)."""
-    if view.dtype in _FLOAT8:
-        return torch.from_dlpack(view.carrier()).view(getattr(torch, _FLOAT8[view.dtype]))
+    if view.dtype in _CARRIED:
+        # An F4 carrier's last dimension is halved already (two elements a byte).
+        return torch.from_dlpack(view.carrier()).view(getattr(torch, _CARRIED[view.dtype]))
     return torch.from_dlpack(view)
 
 
@@ -73,7 +81,8 @@ def _build(shape, dtype: torch.dtype, block, offset: int) -> torch.Tensor:
     return torch.frombuffer(block, dtype=dtype, count=count, offset=offset).view(shape)
 
 
-_DTYPES = {name: t for t, name in _NAMES.items()}
+#: The types ``safe_open`` builds on host blocks (F4's packed shape is left to ``to_torch``).
+_DTYPES = {name: t for t, name in _NAMES.items() if name != "F4"}
 
 
 def _spec(name: str, t: torch.Tensor):
@@ -81,13 +90,18 @@ def _spec(name: str, t: torch.Tensor):
         raise ValueError(f"{name}: dtype {t.dtype} has no safetensors name")
     flat = t.detach().to("cpu").contiguous().reshape(-1)
     data = flat.view(torch.uint8).numpy() if flat.numel() else b""
-    return (name, _NAMES[t.dtype], list(t.shape), data)
+    shape = list(t.shape)
+    if _NAMES[t.dtype] == "F4":
+        if not shape:
+            raise ValueError(f"{name}: a 0-d float4_e2m1fn_x2 holds two elements: give it a dimension")
+        shape[-1] *= 2  # two elements a byte
+    return (name, _NAMES[t.dtype], shape, data)
 
 
 #: torch for the shared loads, saves and ``safe_open``: CPU and CUDA tensors by DLPack;
 #: ``safe_open``'s small reads onto the CPU are tensors viewing (and keeping) numpy blocks.
 FRAMEWORK = _core.Framework(to_array=to_torch, spec=_spec, device=_device,
-                            host_arrays=(_np.new_block, _build, _DTYPES.get))
+                            host_arrays=(_np.new_block, _build, _DTYPES.get), clamps_slices=True)
 
 
 def load_file(
