@@ -340,9 +340,12 @@ fn interruptible<T: Send>(
 
 /// Loads the file (or sharded checkpoint: a folder or its index) at `filename` onto
 /// `device` (the tensors named in `names`, or all; `slices`: (name, slice text) pairs, each
-/// tensor named loaded as that part of it), with the GIL released and Ctrl-C honoured.
+/// tensor named loaded as that part of it; `dtype`: floating tensors cast to it; `split`:
+/// `(rank, world, dims)`, part `rank` of `world` of each tensor `dims` names, cut along the
+/// dimension it gives), with the GIL released and Ctrl-C honoured.
 #[pyfunction]
-#[pyo3(signature = (filename, device = "cpu", names = None, read_mode = "mmap", slices = None, dtype = None))]
+#[pyo3(signature = (filename, device = "cpu", names = None, read_mode = "mmap", slices = None, dtype = None, split = None))]
+#[allow(clippy::too_many_arguments)]
 fn load_file(
     py: Python<'_>,
     filename: PathBuf,
@@ -351,6 +354,7 @@ fn load_file(
     read_mode: &str,
     slices: Option<Vec<(String, String)>>,
     dtype: Option<String>,
+    split: Option<(usize, usize, HashMap<String, usize>)>,
 ) -> PyResult<Loaded> {
     let names: Option<HashSet<String>> = names.map(|v| v.into_iter().collect());
     let device = device.to_owned();
@@ -364,6 +368,9 @@ fn load_file(
         let mut l = loader(&device, names.as_ref(), &read_mode, dtype.as_deref())?.interrupt(stop);
         for (name, slice) in &slices {
             l = l.slice(name.clone(), slice.clone());
+        }
+        if let Some((rank, world, dims)) = &split {
+            l = l.split(*rank, *world, |name, _| dims.get(name).copied());
         }
         l.load_file(&filename).map_err(py_err)
     })?;

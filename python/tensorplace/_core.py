@@ -70,14 +70,17 @@ class Framework(NamedTuple):
 
 def load_file(framework: Framework, filename, device: Any = "cpu", backend: str = "mmap",
               names: Optional[List[str]] = None, slices: Optional[List[tuple]] = None,
-              dtype: Optional[str] = None) -> Dict[str, Any]:
+              dtype: Optional[str] = None, split: Optional[tuple] = None) -> Dict[str, Any]:
     """The tensors of ``filename`` (a file, or a sharded checkpoint: a folder or its index)
     on ``device``, as ``framework``'s arrays in file order. ``backend``: ``"mmap"`` (the
     default), ``"pread"`` (files that may change) or ``"direct"`` (O_DIRECT, for files not in
     the page cache). ``slices``: (name, slice text) pairs, such as ``("w", "[0:128, :]")``:
     that tensor is loaded as that part of it, reading only its bytes. ``dtype``: the name of
-    the dtype floating tensors are cast to on the device (such as ``"BF16"``)."""
-    views, _ = _native.load_file(os.fspath(filename), framework.device(device), names, backend, slices, dtype)
+    the dtype floating tensors are cast to on the device (such as ``"BF16"``). ``split``:
+    ``(rank, world, dims)``: part ``rank`` of ``world`` of each tensor ``dims`` maps to a
+    dimension, cut there as ``numpy.array_split`` cuts, reading only that part."""
+    device = framework.device(device)
+    views, _ = _native.load_file(os.fspath(filename), device, names, backend, slices, dtype, split)
     return {name: framework.to_array(v) for name, v in views}
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Dict, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 
@@ -81,6 +81,8 @@ def _build(shape, dtype: torch.dtype, block, offset: int) -> torch.Tensor:
     return torch.frombuffer(block, dtype=dtype, count=count, offset=offset).view(shape)
 
 
+_ALL = {name: t for t, name in _NAMES.items()}
+
 #: The types ``safe_open`` builds on host blocks (F4's packed shape is left to ``to_torch``).
 _DTYPES = {name: t for t, name in _NAMES.items() if name != "F4"}
 
@@ -105,10 +107,47 @@ FRAMEWORK = _core.Framework(to_array=to_torch, spec=_spec, device=_device,
 
 
 def load_file(
-    filename: Union[str, os.PathLike], device: Union[str, int] = "cpu", *, backend: str = "mmap"
+    filename: Union[str, os.PathLike],
+    device: Union[str, int] = "cpu",
+    *,
+    backend: str = "mmap",
+    process_group: Any = None,
+    split: Optional[Callable[[str, List[int]], Optional[int]]] = None,
 ) -> Dict[str, torch.Tensor]:
-    """Loads a safetensors file onto ``device`` as torch tensors."""
-    return _core.load_file(FRAMEWORK, filename, device, backend)
+    """Loads a safetensors file (or a sharded checkpoint: a folder or its index) onto
+    ``device`` as torch tensors.
+
+    With ``process_group`` (a ``torch.distributed`` group; every rank of it calls this), and
+    no ``split``: each rank reads only its share of the tensors (balanced by bytes) and every
+    rank ends with every tensor, by broadcasts over the group. With ``split(name, shape)``
+    giving a dimension (or ``None``: whole), each rank reads only its part of each tensor cut
+    along that dimension (part ``rank`` of ``world``, as ``numpy.array_split`` cuts)."""
+    if process_group is None and split is None:
+        return _core.load_file(FRAMEWORK, filename, device, backend)
+    import torch.distributed as dist
+
+    if process_group is None and not dist.is_initialized():
+        raise ValueError("split needs a process group (torch.distributed is not initialized)")
+    from . import _ranks
+
+    group = process_group if process_group is not None else dist.group.WORLD
+    return _ranks.load_file(FRAMEWORK, filename, _device(device), backend, group, split, _empty, _view)
+
+
+def _torch_shape(dtype: str, shape: List[int]) -> List[int]:
+    """The torch shape of a tensor of ``dtype`` and ``shape`` (F4: two elements a byte)."""
+    if dtype == "F4":
+        return [*shape[:-1], shape[-1] // 2]
+    return list(shape)
+
+
+def _empty(dtype: str, shape: List[int], device: str) -> torch.Tensor:
+    return torch.empty(_torch_shape(dtype, shape), dtype=_ALL[dtype], device=device)
+
+
+def _view(data: torch.Tensor, dtype: str, shape: List[int]) -> torch.Tensor:
+    """Bytes (a 1-d ``uint8`` tensor) viewed as a tensor of ``dtype`` and ``shape``."""
+    return data.view(_ALL[dtype]).reshape(_torch_shape(dtype, shape))
 
 
 def load(data: bytes) -> Dict[str, torch.Tensor]:
