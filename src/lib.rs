@@ -92,6 +92,7 @@ mod report;
 mod save;
 mod slice;
 mod storage;
+mod stream;
 mod tensor;
 
 use std::path::Path;
@@ -115,6 +116,7 @@ pub use save::{
 };
 pub use slice::{Slice, SliceIndex};
 pub use storage::{CpuStorage, Storage};
+pub use stream::Stream;
 pub use tensor::{Element, Tensor, Tensors};
 
 /// Not part of the API: what the command-line tool and the tests reach inside the crate, and

@@ -22,6 +22,7 @@ use crate::read::file::{HostFile, ReadMode};
 use crate::reader::Reader;
 use crate::report::{LoadReport, ReadPath};
 use crate::slice::{Selection, Slice};
+use crate::stream::Stream;
 use crate::tensor::Tensors;
 
 /// Progress of a load: input bytes done out of the total.
@@ -271,6 +272,32 @@ impl<'a> Loader<'a> {
             self.dtype,
             self.upload,
         )
+    }
+
+    /// Streams the tensors of the file or checkpoint at `path` (those the
+    /// [`filter`](Self::filter) keeps) one at a time, in file order (shard after shard), read
+    /// ahead on a thread of the stream's own while the caller consumes them: at most
+    /// `max_bytes` (or the largest tensor, where that is more) loaded and not yet handed out,
+    /// provided the caller drops the tensors it has taken. With this loader's device, dtype,
+    /// read mode, upload strategy and adapter; slices, splits, progress and interrupts are a
+    /// whole load's.
+    ///
+    /// ```no_run
+    /// use tensorplace::Loader;
+    /// for item in Loader::new("cuda:0").stream("checkpoint/", 256 << 20)? {
+    ///     let (name, tensor) = item?;
+    ///     println!("{name}: {:?}", tensor.shape()); // copy it into the model, then drop it
+    /// }
+    /// # Ok::<(), tensorplace::Error>(())
+    /// ```
+    pub fn stream(&self, path: impl AsRef<Path>, max_bytes: usize) -> Result<Stream> {
+        let reader = self.reader(path)?;
+        let names: Vec<String> = reader
+            .names()
+            .filter(|name| self.filter.as_ref().is_none_or(|keep| keep(name)))
+            .map(str::to_owned)
+            .collect();
+        Stream::new(reader, names, max_bytes)
     }
 
     /// Loads a whole file held in `bytes` (copies, on every device).

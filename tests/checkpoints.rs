@@ -553,6 +553,51 @@ fn part_child() {
     }
 }
 
+/// A [`tensorplace::Stream`] gives every tensor of the sharded fixture in file order, shard
+/// after shard, equal to a whole load, on every device, whatever its bound (a bound smaller
+/// than a tensor reads that tensor alone); a filter keeps its names; a stream dropped half-way
+/// stops; an absent checkpoint fails when the stream opens.
+#[test]
+fn streams_give_every_tensor_in_file_order() {
+    let whole = tensorplace::load_file(sharded(), "cpu").unwrap();
+    let ckpt = tensorplace::open(sharded()).unwrap();
+    let order: Vec<&str> = ckpt.names().collect();
+    for device in common::devices("streams_give_every_tensor_in_file_order") {
+        for bound in [1, 4 << 10, 1 << 30] {
+            let mut names = Vec::new();
+            for item in Loader::new(device).stream(sharded(), bound).unwrap() {
+                let (name, got) = item.unwrap();
+                let want = whole.tensor(&name).unwrap();
+                assert_eq!(got.device(), device.probe().unwrap());
+                assert_eq!((got.dtype(), got.shape()), (want.dtype(), want.shape()));
+                assert_eq!(host(&got), host(want), "{device} {bound} {name}");
+                names.push(name);
+            }
+            assert_eq!(names, order, "{device} {bound}");
+        }
+        let kept: Vec<String> = Loader::new(device)
+            .filter(|n| n.ends_with("weight"))
+            .stream(sharded(), 4 << 10)
+            .unwrap()
+            .map(|item| item.unwrap().0)
+            .collect();
+        let want: Vec<&str> = order
+            .iter()
+            .copied()
+            .filter(|n| n.ends_with("weight"))
+            .collect();
+        assert!(!want.is_empty());
+        assert_eq!(kept, want);
+        let mut half = Loader::new(device).stream(sharded(), 1).unwrap();
+        assert!(half.next().unwrap().is_ok());
+        drop(half);
+    }
+    let e = Loader::new("cpu")
+        .stream("no/such/checkpoint", 1 << 20)
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+}
+
 /// A [`tensorplace::Reader`] over the sharded fixture, on every device and in every read
 /// mode: each tensor read alone (in file order, in reverse, from four threads at once), each
 /// slice numpy computed, several at once, and a cast, all equal to what whole loads give.

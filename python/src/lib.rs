@@ -26,8 +26,8 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyTuple};
 use tensorplace::{
-    Device, Dtype, Loader, MemoryRead, Metadata, ReadMode, Slice, Storage, Tensor, TensorView,
-    Tensors,
+    Device, Dtype, Loader, MemoryRead, Metadata, ReadMode, Slice, Storage, Stream, Tensor,
+    TensorView, Tensors,
 };
 
 create_exception!(
@@ -711,6 +711,56 @@ fn open(
     })
 }
 
+/// A checkpoint's tensors one at a time, in file order, read ahead in bounded memory
+/// (`tensorplace::Stream`): an iterator of (name, view).
+#[pyclass(frozen, name = "_Stream", module = "tensorplace._tensorplace")]
+struct PyStream {
+    stream: Mutex<Stream>,
+}
+
+#[pymethods]
+impl PyStream {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    /// The next tensor, waiting (the GIL released) for its batch where it is not read yet.
+    fn __next__(&self, py: Python<'_>) -> PyResult<Option<(String, PyTensor)>> {
+        let next = py.detach(|| {
+            self.stream
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .next()
+        });
+        match next {
+            None => Ok(None),
+            Some(Ok((name, tensor))) => Ok(Some((name, PyReader::view(tensor)))),
+            Some(Err(e)) => Err(py_err(e)),
+        }
+    }
+}
+
+/// Streams the tensors of `filename` (a file, a folder of shards or its index) onto `device`
+/// in file order, at most `max_bytes` loaded ahead of the caller.
+#[pyfunction]
+#[pyo3(signature = (filename, device, read_mode, max_bytes))]
+fn stream(
+    py: Python<'_>,
+    filename: PathBuf,
+    device: &str,
+    read_mode: &str,
+    max_bytes: usize,
+) -> PyResult<PyStream> {
+    let stream = py.detach(|| {
+        loader(device, None, read_mode, None)?
+            .stream(&filename, max_bytes)
+            .map_err(py_err)
+    })?;
+    Ok(PyStream {
+        stream: Mutex::new(stream),
+    })
+}
+
 /// The bytes of `data` (a `bytes` object, or a C-contiguous numpy array of `uint8`),
 /// borrowed, not copied. (The limited API of Python 3.9, which the abi3 wheel targets, has
 /// no buffer protocol: an array's memory is found through its `__array_interface__`.)
@@ -807,6 +857,7 @@ fn _tensorplace(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(load_file, m)?)?;
     m.add_function(wrap_pyfunction!(load, m)?)?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
+    m.add_function(wrap_pyfunction!(stream, m)?)?;
     m.add_function(wrap_pyfunction!(save, m)?)?;
     m.add_function(wrap_pyfunction!(save_file, m)?)?;
     Ok(())

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 
 from . import _core
+from . import _tensorplace as _native
 from . import numpy as _np
 
 #: The types carried as bytes and viewed as torch's own.
@@ -132,6 +133,27 @@ def load_file(
 
     group = process_group if process_group is not None else dist.group.WORLD
     return _ranks.load_file(FRAMEWORK, filename, _device(device), backend, group, split, _empty, _view)
+
+
+#: What ``iter_tensors`` loads ahead of the caller by default.
+STREAM_AHEAD = 256 << 20
+
+
+def iter_tensors(
+    filename: Union[str, os.PathLike],
+    device: Union[str, int] = "cpu",
+    *,
+    max_bytes: int = STREAM_AHEAD,
+    backend: str = "mmap",
+) -> Iterator[Tuple[str, torch.Tensor]]:
+    """The tensors of a file or sharded checkpoint one at a time, ``(name, tensor)`` in file
+    order (shard after shard), as vLLM's loaders consume them: read ahead on the crate's I/O
+    engine while the caller consumes, never more than ``max_bytes`` (or the largest tensor,
+    where that is more) loaded and not yet handed out, provided the caller drops the tensors
+    it has taken."""
+    stream = _native.stream(os.fspath(filename), _device(device), backend, max_bytes)
+    for name, view in stream:
+        yield name, to_torch(view)
 
 
 def _torch_shape(dtype: str, shape: List[int]) -> List[int]:
