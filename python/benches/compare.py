@@ -2,12 +2,17 @@
 
 - numpy:  tensorplace.numpy.load_file(f)           vs safetensors.numpy.load_file(f)
 - flax:   tensorplace.flax.load_file(f, device)    vs safetensors.flax.load_file(f) + jax.device_put
+- torch on the CPU, owned tensors: tensorplace.torch.load_file(f) and iter_tensors(f) (each
+          tensor taken and dropped) vs runai-model-streamer's SafetensorsStreamer (owned),
+          fastsafetensors (nogds, CPU, each tensor cloned out of its buffer) and
+          safetensors.torch.load_file(f) + clone() of each tensor (a mapping's views made owned)
 - torch:  tensorplace.torch.load_file(f, "cuda:0") vs safetensors.torch.load_file(f, device="cuda:0")
-          (where torch and a GPU are present)
+          (where a GPU is present)
 
     python python/benches/compare.py [--size-gib 1] [--runs 5] [--file PATH]
     python python/benches/compare.py --lazy [--runs 3]    # safe_open loops, get_slice rows
     python python/benches/compare.py --saves [--runs 5]   # save_file / save
+    python python/benches/compare.py --cold               # each run from the disk, not the page cache
 
 ``--lazy``: ``with safe_open(f, "np") as h: for k in keys: h.get_tensor(k)`` (ours against
 safetensors', in file order, reverse and random) on files of 2,000 x 400 KB, 20,000 x 4 KB and
@@ -60,8 +65,24 @@ def prime_memory(nbytes):
         np.ones(int(nbytes), np.uint8)
 
 
+#: Files dropped from the page cache before each run (``--cold``).
+COLD = []
+
+
+def drop_cache(path):
+    """Drops ``path`` from the page cache (``posix_fadvise(DONTNEED)`` after an fsync)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def timed(fn, ready, nbytes=0):
     gc.collect()
+    for path in COLD:
+        drop_cache(path)
     prime_memory(nbytes)
     t = time.perf_counter()
     out = fn()
@@ -166,6 +187,61 @@ def saves(runs, tmp):
         ], runs, count * nbytes)
 
 
+def torch_cpu(path, runs, nbytes):
+    """The torch group on the CPU: owned tensors from every loader (peers where installed)."""
+    import safetensors.torch
+    import torch
+
+    import tensorplace.torch
+
+    def stream():
+        n = 0
+        for _, t in tensorplace.torch.iter_tensors(path):
+            n += t.numel()
+            del t
+        return n
+
+    def cloned():
+        return {k: v.clone() for k, v in safetensors.torch.load_file(path).items()}
+
+    paths = [
+        ("tensorplace.torch.load_file(f)", lambda: tensorplace.torch.load_file(path), None),
+        ("tensorplace.torch.iter_tensors(f), each taken and dropped", stream, None),
+    ]
+    try:
+        from runai_model_streamer import SafetensorsStreamer
+
+        def runai():
+            with SafetensorsStreamer() as s:
+                s.stream_file(path)
+                return dict(s.get_tensors())
+
+        paths.append(("runai-model-streamer SafetensorsStreamer (owned)", runai, None))
+    except ImportError as e:
+        print(f"torch: runai-model-streamer skipped ({e})")
+    try:
+        from fastsafetensors import SafeTensorsFileLoader, SingleGroup
+
+        def fastsafetensors():
+            loader = SafeTensorsFileLoader(SingleGroup(), "cpu", nogds=True, framework="pytorch")
+            try:
+                loader.add_filenames({0: [path]})
+                fb = loader.copy_files_to_device()
+                try:
+                    return {k: fb.get_tensor(k).clone() for k in loader.get_keys()}
+                finally:
+                    fb.close()
+            finally:
+                loader.close()
+
+        paths.append(("fastsafetensors (nogds, CPU) + clone()", fastsafetensors, None))
+    except ImportError as e:
+        print(f"torch: fastsafetensors skipped ({e})")
+    paths.append(("safetensors.torch.load_file(f) + clone()", cloned, None))
+    nothing = lambda out: None  # noqa: E731
+    group("torch", [(label, fn, nothing) for label, fn, _ in paths], runs, nbytes)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-gib", type=float, default=1.0)
@@ -173,6 +249,7 @@ def main():
     ap.add_argument("--file")
     ap.add_argument("--lazy", action="store_true", help="safe_open loops and get_slice rows instead")
     ap.add_argument("--saves", action="store_true", help="save_file and save instead")
+    ap.add_argument("--cold", action="store_true", help="drop the file from the page cache before each run")
     args = ap.parse_args()
     if args.lazy or args.saves:
         tmp = tempfile.TemporaryDirectory()
@@ -185,7 +262,10 @@ def main():
     tmp = tempfile.TemporaryDirectory()
     path = args.file or os.path.join(tmp.name, "bench.safetensors")
     nbytes = write_file(path, int(args.size_gib * (1 << 30))) if not args.file else os.path.getsize(path)
-    print(f"file: {path} ({nbytes} data bytes); median of {args.runs} runs; ratio: x the last row of each group")
+    print(f"file: {path} ({nbytes} data bytes); median of {args.runs} runs; ratio: x the last row of each group"
+          + ("; page cache dropped before each run" if args.cold else "; page cache warm"))
+    if args.cold:
+        COLD.append(path)
 
     import safetensors.numpy
     import tensorplace.numpy
@@ -218,15 +298,44 @@ def main():
     except ImportError as e:
         print(f"torch: skipped ({e})")
         return
+    torch_cpu(path, args.runs, nbytes)
     if not torch.cuda.is_available():
-        print("torch: skipped (no CUDA device)")
+        print("torch: skipped on cuda:0 (no CUDA device)")
         return
     sync = lambda out: torch.cuda.synchronize()  # noqa: E731
-    group("torch", [
-        ('tensorplace.torch.load_file(f, "cuda:0")', lambda: tensorplace.torch.load_file(path, "cuda:0"), sync),
-        ('safetensors.torch.load_file(f, device="cuda:0")',
-         lambda: safetensors.torch.load_file(path, device="cuda:0"), sync),
-    ], args.runs, nbytes)
+    gpu = [('tensorplace.torch.load_file(f, "cuda:0")', lambda: tensorplace.torch.load_file(path, "cuda:0"), sync)]
+    try:
+        from runai_model_streamer import SafetensorsStreamer
+
+        def runai_gpu():
+            with SafetensorsStreamer() as s:
+                s.stream_file(path, device="cuda:0")
+                return dict(s.get_tensors())
+
+        gpu.append(("runai-model-streamer onto cuda:0", runai_gpu, sync))
+    except ImportError as e:
+        print(f"torch: runai-model-streamer skipped ({e})")
+    try:
+        from fastsafetensors import SafeTensorsFileLoader, SingleGroup
+
+        def fastsafetensors_gpu():
+            loader = SafeTensorsFileLoader(SingleGroup(), "cuda:0", nogds=True, framework="pytorch")
+            try:
+                loader.add_filenames({0: [path]})
+                fb = loader.copy_files_to_device()
+                try:
+                    return {k: fb.get_tensor(k).clone() for k in loader.get_keys()}
+                finally:
+                    fb.close()
+            finally:
+                loader.close()
+
+        gpu.append(("fastsafetensors (nogds) onto cuda:0 + clone()", fastsafetensors_gpu, sync))
+    except ImportError as e:
+        print(f"torch: fastsafetensors skipped ({e})")
+    gpu.append(('safetensors.torch.load_file(f, device="cuda:0")',
+                lambda: safetensors.torch.load_file(path, device="cuda:0"), sync))
+    group("torch", gpu, args.runs, nbytes)
 
 
 if __name__ == "__main__":
