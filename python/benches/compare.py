@@ -13,6 +13,7 @@
     python python/benches/compare.py --lazy [--runs 3]    # safe_open loops, get_slice rows
     python python/benches/compare.py --saves [--runs 5]   # save_file / save
     python python/benches/compare.py --cold               # each run from the disk, not the page cache
+    python python/benches/compare.py --flax [--size-gib 1] # flax per dtype, and sharded over 8 CPU devices
 
 ``--lazy``: ``with safe_open(f, "np") as h: for k in keys: h.get_tensor(k)`` (ours against
 safetensors', in file order, reverse and random) on files of 2,000 x 400 KB, 20,000 x 4 KB and
@@ -242,6 +243,54 @@ def torch_cpu(path, runs, nbytes):
     group("torch", [(label, fn, nothing) for label, fn, _ in paths], runs, nbytes)
 
 
+def flax(runs, tmp, size):
+    """flax per dtype (one file each, ``size`` bytes of 1M-element tensors), and one mixed file
+    sharded over a (2, 4) mesh of the 8 CPU devices ``main`` forced: ours against
+    ``safetensors.flax.load_file`` + ``jax.device_put`` (onto the device or the sharding)."""
+    import jax
+    import ml_dtypes
+    import safetensors.flax
+    import safetensors.numpy
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    import tensorplace.flax
+
+    ready = lambda out: [a.block_until_ready() for a in out.values()]  # noqa: E731
+    dev = jax.devices()[0]
+    for dtype in [np.float32, np.float16, ml_dtypes.bfloat16, np.int64, np.float64, np.uint8]:
+        dtype = np.dtype(dtype)
+        count = max(int(size // ((1 << 20) * dtype.itemsize)), 1)
+        path = os.path.join(tmp, f"flax-{dtype.name}.safetensors")
+        safetensors.numpy.save_file(
+            {f"t{i:04}": (np.arange(1 << 20) % 251).astype(dtype) for i in range(count)}, path)
+        group("flax", [
+            (f"tensorplace.flax.load_file, {count} x 1M {dtype.name}", lambda: tensorplace.flax.load_file(path, dev), ready),
+            (f"safetensors.flax.load_file + device_put, {dtype.name}",
+             lambda: jax.device_put(safetensors.flax.load_file(path), dev), ready),
+        ], runs, count * (1 << 20) * dtype.itemsize)
+        os.remove(path)
+    if len(jax.devices()) < 8:
+        print("flax: sharded row skipped (fewer than 8 devices)")
+        return
+    path = os.path.join(tmp, "flax-sharded.safetensors")
+    nbytes = write_file(path, int(size))
+    sharding = NamedSharding(jax.make_mesh((2, 4), ("a", "b")), P(("a", "b")))
+    # Tensors the mesh divides take the sharding, the others one device (as a rule would).
+    def rule(name, shape, dtype):
+        return sharding if shape and shape[0] % 8 == 0 else None
+    rule_of = lambda arrays: {k: rule(k, v.shape, None) or dev for k, v in arrays.items()}  # noqa: E731
+
+    def theirs():
+        arrays = safetensors.flax.load_file(path)
+        return {k: jax.device_put(v, s) for (k, v), s in zip(arrays.items(), rule_of(arrays).values())}
+
+    group("flax", [
+        ("tensorplace.flax.load_file(f, sharding=rule), 8 CPU devices",
+         lambda: tensorplace.flax.load_file(path, sharding=rule), ready),
+        ("safetensors.flax.load_file + device_put(sharding)", theirs, ready),
+    ], runs, nbytes)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-gib", type=float, default=1.0)
@@ -250,7 +299,15 @@ def main():
     ap.add_argument("--lazy", action="store_true", help="safe_open loops and get_slice rows instead")
     ap.add_argument("--saves", action="store_true", help="save_file and save instead")
     ap.add_argument("--cold", action="store_true", help="drop the file from the page cache before each run")
+    ap.add_argument("--flax", action="store_true", help="flax per dtype and sharded (8 CPU devices) instead")
     args = ap.parse_args()
+    if args.flax:
+        # Before JAX starts: the sharded row's 8 CPU devices.
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+        tmp = tempfile.TemporaryDirectory()
+        print(f"median of {args.runs} runs; ratio: x the last row of each group; page cache warm")
+        flax(args.runs, tmp.name, args.size_gib * (1 << 30))
+        return
     if args.lazy or args.saves:
         tmp = tempfile.TemporaryDirectory()
         print(f"median of {args.runs} runs; ratio: x the last row of each group")
