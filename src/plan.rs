@@ -21,9 +21,9 @@ use crate::slice::Selection;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum Upload {
-    /// The fastest way the device and the file allow: on CUDA, register a mapped file in
-    /// the page cache, else staging; on wgpu, in place on adapters that share host memory,
-    /// else host import where the driver allows it, else staging.
+    /// The fastest way the device allows: on CUDA, staging (registering is serial, and
+    /// unsupported by some drivers: it is an explicit choice); on wgpu, in place on adapters
+    /// that share host memory, else host import where the driver allows it, else staging.
     #[default]
     Auto,
     /// CUDA: page-lock the read-only mapping of the file in place and copy from it (a

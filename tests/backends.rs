@@ -1090,3 +1090,26 @@ fn cuda_conversions_larger_than_the_scratch_match_the_cpu() {
         }
     }
 }
+
+/// A load on a software adapter, or on a GPU reached through GL, says so in its report (a run
+/// that expected a discrete Vulkan adapter shows what ran); on a hardware adapter through a
+/// primary backend, it says nothing of the kind.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_reports_say_what_ran() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(&dir, &common::mixed_tensors(3));
+    for device in common::devices("wgpu_reports_say_what_ran") {
+        if !matches!(device, Device::Wgpu(_)) {
+            continue;
+        }
+        let described = device.describe().unwrap();
+        let loaded = Loader::new(device).load_file(&path).unwrap();
+        let notes = &loaded.report().unwrap().notes;
+        let said = notes
+            .iter()
+            .any(|n| n.contains("software adapter") || n.contains("through GL"));
+        let expected = described.contains("Cpu") || described.contains("Gl");
+        assert_eq!(said, expected, "{described}: {notes:?}");
+    }
+}

@@ -9,7 +9,7 @@ use cudarc::driver::sys;
 
 use super::measure::{BenchPath, Group, Role};
 use tensorplace::internals::{Arena, CudaBackend, HostFile, Pinned, driver_err};
-use tensorplace::{Device, ReadMode, Result};
+use tensorplace::{Device, Loader, ReadMode, Result, Upload};
 
 /// The group for device `ordinal`.
 pub(super) fn group(ordinal: usize, path: &Path) -> Result<Group<'_>> {
@@ -29,6 +29,15 @@ pub(super) fn group(ordinal: usize, path: &Path) -> Result<Group<'_>> {
         paths: vec![
             BenchPath::new("tensorplace load_file", Role::Ours, move || {
                 let t = tensorplace::load_file(path, device)?;
+                drop(t);
+                Ok(())
+            }),
+            // Registering the mapping in place, for the comparison with the ring that `auto`
+            // takes (a row that fails where the driver cannot register read-only memory).
+            BenchPath::new("load_file (register, forced)", Role::Ours, move || {
+                let t = Loader::new(device)
+                    .upload(Upload::Register)
+                    .load_file(path)?;
                 drop(t);
                 Ok(())
             }),

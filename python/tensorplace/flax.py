@@ -17,6 +17,7 @@ import os
 from typing import Any, Dict, Optional, Union
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from . import _core
@@ -36,10 +37,25 @@ def _device(device: Any) -> str:
     raise _core.TensorplaceError("InvalidDevice", f"{device!r}: not a CPU or CUDA device")
 
 
+#: The float8 types, handed over as bytes and reinterpreted: older jaxlib releases refuse
+#: DLPack's float8 codes.
+_FLOAT8 = {
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E8M0": "float8_e8m0fnu",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+}
+
+
 def to_jax(view) -> jax.Array:
-    """A view as a JAX array sharing its memory (on the view's device)."""
+    """A view as a JAX array sharing its memory (on the view's device); float8 as bytes
+    reinterpreted on the device."""
     if view.dtype in ("F4", "F6_E2M3", "F6_E3M2"):
         raise _core.TensorplaceError("Unsupported", f"{view.dtype} has no JAX type here")
+    target = getattr(jnp, _FLOAT8.get(view.dtype, ""), None)
+    if target is not None:
+        return jax.lax.bitcast_convert_type(jax.dlpack.from_dlpack(view.carrier()), target)
     return jax.dlpack.from_dlpack(view)
 
 

@@ -428,3 +428,17 @@ def test_a_forked_process_loads_with_threads_of_its_own(tmp_path, backend):
     import sys
     done = subprocess.run([sys.executable, "-c", FORKED_LOAD, str(path), backend], timeout=120)
     assert done.returncode == 0
+
+
+def test_flax_float8_arrives_as_its_jax_type(tmp_path):
+    # Handed to JAX as bytes and reinterpreted (older jaxlib releases refuse DLPack's float8
+    # codes): the JAX type, the bytes the file holds.
+    tensors = {name: random_array(np.uint8, (5, 3)).view(t)
+               for name, t in [("e4m3", ml_dtypes.float8_e4m3fn), ("e5m2", ml_dtypes.float8_e5m2)]}
+    path = tmp_path / "f8.safetensors"
+    safetensors.numpy.save_file(tensors, path)
+    for loaded in (tensorplace.flax.load_file(path), tensorplace.flax.load(path.read_bytes())):
+        for name, want in tensors.items():
+            got = loaded[name]
+            assert got.dtype == jnp.dtype(want.dtype) and got.shape == want.shape, name
+            assert np.asarray(got).tobytes() == want.tobytes(), name

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::marker::PhantomData;
 
 use cudarc::driver::sys::{self, CUdeviceptr};
-use cudarc::driver::{CudaContext, CudaEvent, CudaStream, result};
+use cudarc::driver::{CudaContext, CudaEvent, CudaStream, DriverError, result};
 
 use super::driver_err;
 use crate::error::{Error, ErrorKind, Result};
@@ -176,15 +176,23 @@ impl Pinned {
     /// Records that copies reading this buffer were queued on `stream`.
     pub fn copied_on(&mut self, stream: &CudaStream) -> Result<()> {
         let ordinal = self.ctx.ordinal();
-        let e = self
-            .ctx
-            .new_event(None)
-            .map_err(|e| driver_err(ordinal, "creating an event", e))?;
+        let e =
+            blocking_event(&self.ctx).map_err(|e| driver_err(ordinal, "creating an event", e))?;
         e.record(stream)
             .map_err(|e| driver_err(ordinal, "recording an event", e))?;
         self.last_copy = Some(e);
         Ok(())
     }
+}
+
+/// An event the host waits on by sleeping (`CU_EVENT_BLOCKING_SYNC`), not by spinning: while
+/// the load waits for a buffer's copies, every core fills the next buffers, and a spinning
+/// wait would take one of them. (cudarc's flags are an enum, so timing stays enabled: one
+/// timestamp per record, nothing next to a copy.)
+pub(crate) fn blocking_event(
+    ctx: &Arc<CudaContext>,
+) -> std::result::Result<CudaEvent, DriverError> {
+    ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC))
 }
 
 impl Drop for Pinned {

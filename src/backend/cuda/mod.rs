@@ -5,10 +5,11 @@
 //! copied, the free device memory is checked against what the load needs.
 //!
 //! Two ways up the PCIe link, chosen per load ([`Upload`]):
-//! - **register** ([`register`]): a mapped file in the page cache is page-locked in place,
-//!   a few chunks at a time, and copied from directly.
-//! - **staging** ([`staging`]): a ring of pinned buffers filled by the host I/O engine, for
-//!   caller bytes, `ReadMode::Pread`, cold files, old drivers, and what registering refused.
+//! - **staging** ([`staging`], the automatic choice): a ring of pinned buffers filled by the
+//!   host I/O engine on every core, each copied up while the next are filled.
+//! - **register** ([`register`], asked for): a mapped file in the page cache is page-locked
+//!   in place, a few chunks at a time, and copied from directly; what registering refuses
+//!   goes through the ring.
 //!
 //! Dtype conversions run as the PTX kernels of [`kernels`]. Memory the backend owns is in
 //! [`memory`]. Every exit from a load, an error included, first waits for every stream
@@ -272,7 +273,11 @@ impl CudaBackend {
         let can_register = if file.mapping().is_none() {
             Err("the file is not mapped (caller bytes, or ReadMode::Pread)".to_owned())
         } else if !self.register_supported {
-            Err("the device does not support read-only host registration".to_owned())
+            Err(
+                "CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED is 0 on this device \
+                 (read-only host memory cannot be registered): use staging"
+                    .to_owned(),
+            )
         } else if self.driver_version < CLEAN_REGISTER_DRIVER {
             Err(format!(
                 "driver {} would dirty the page cache on unregistering (12.8 or later needed)",
@@ -282,12 +287,12 @@ impl CudaBackend {
             Ok(())
         };
         match upload {
-            Upload::Staging => Ok(Upload::Staging),
+            // `Auto` stages: registering is serial (a chunk at a time, at 10-25 GB/s on the
+            // calling thread), while the ring is filled on every core; and x86 drivers of the
+            // newest GPUs report no read-only registration at all. Registering stays an
+            // explicit choice, for the bench to compare on each machine.
+            Upload::Auto | Upload::Staging => Ok(Upload::Staging),
             Upload::Register => can_register.map(|()| Upload::Register),
-            // Registering faults missing pages in one readahead at a time: files not nearly
-            // all in the page cache go through the staging ring, read by several threads.
-            Upload::Auto if can_register.is_ok() && file.is_warm() => Ok(Upload::Register),
-            Upload::Auto => Ok(Upload::Staging),
             // Refused by `backend::place` before the plan reaches the backend.
             Upload::InPlace | Upload::HostImport => Err(format!("{upload} is not CUDA's")),
         }

@@ -10,6 +10,7 @@ use std::ffi::c_void;
 use cudarc::driver::sys;
 use cudarc::driver::{CudaEvent, CudaStream};
 
+use super::memory::blocking_event;
 use super::{CudaBackend, Current, STREAMS, Transfer, driver_err};
 use crate::error::Result;
 use crate::plan::LoadPlan;
@@ -39,9 +40,7 @@ impl Registered<'_> {
     /// and the chunk unregistered at once.
     fn track(&mut self, ptr: *mut c_void, stream: &CudaStream) -> Result<()> {
         let backend = self.backend;
-        let copied = backend
-            .ctx
-            .new_event(None)
+        let copied = blocking_event(&backend.ctx)
             .and_then(|e| e.record(stream).map(|()| e))
             .map_err(|e| driver_err(backend.ordinal, "recording an event", e));
         match copied {

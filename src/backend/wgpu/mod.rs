@@ -554,6 +554,17 @@ impl WgpuBackend {
         )
     }
 
+    /// What the adapter is where it is not a hardware GPU through a primary backend (a
+    /// software renderer, or a GPU through GL, wgpu's fallback): said in every load's report,
+    /// so that a run that expected a discrete Vulkan adapter shows what ran instead.
+    pub(crate) fn not_a_gpu(&self) -> Option<&'static str> {
+        match (self.info.device_type, self.info.backend) {
+            (wgpu::DeviceType::Cpu, _) => Some("a software adapter, not a GPU"),
+            (_, wgpu::Backend::Gl) => Some("reached through GL, wgpu's fallback"),
+            _ => None,
+        }
+    }
+
     /// Places every tensor of the plan in a buffer of its own, returning their storages in
     /// the plan's order.
     pub(crate) fn place(&self, plan: &LoadPlan<'_>) -> Result<Vec<WgpuStorage>> {

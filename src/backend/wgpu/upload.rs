@@ -54,6 +54,9 @@ pub(super) fn upload(backend: &Arc<WgpuBackend>, plan: &LoadPlan<'_>) -> Result<
     let upload = resolve(backend, plan.upload())
         .map_err(|why| plan.unsupported_upload(Device::Wgpu(Some(backend.index)), why))?;
     plan.note_upload(upload);
+    if let Some(what) = backend.not_a_gpu() {
+        plan.note(format!("{}: {what}", backend.description()));
+    }
     let ring = Ring::of(upload);
     let items = plan.items();
     let max = backend.limits.max_buffer_size;
