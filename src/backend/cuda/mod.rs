@@ -17,9 +17,11 @@
 
 mod kernels;
 mod memory;
+mod numa;
 mod register;
 mod staging;
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::{self, CUdeviceptr};
@@ -126,13 +128,28 @@ pub(crate) fn list() -> Result<Vec<String>> {
                 // SAFETY: as above.
                 let register = unsafe { result::device::get_attribute(dev, attr) }
                     .is_ok_and(|v| v != 0);
+                // SAFETY: as above.
+                let node = pci_address(|a| unsafe { result::device::get_attribute(dev, a) }.ok())
+                    .and_then(|address| numa::node_of(Path::new(numa::SYSFS), &address))
+                    .map_or("unknown".to_owned(), |n| n.to_string());
                 Ok(format!(
-                    "cuda:{i}: {name} (driver {version}), {total} bytes, read-only host register {}",
+                    "cuda:{i}: {name} (driver {version}), {total} bytes, read-only host register {}, NUMA node {node}",
                     if register { "yes" } else { "no" }
                 ))
             })
         })
         .collect()
+}
+
+/// The device's PCI address as sysfs names it, from its attributes (`attribute` asks one).
+fn pci_address(attribute: impl Fn(sys::CUdevice_attribute) -> Option<i32>) -> Option<String> {
+    use sys::CUdevice_attribute as A;
+    let number = |a| attribute(a).and_then(|v| u32::try_from(v).ok());
+    Some(numa::pci_address(
+        number(A::CU_DEVICE_ATTRIBUTE_PCI_DOMAIN_ID)?,
+        number(A::CU_DEVICE_ATTRIBUTE_PCI_BUS_ID)?,
+        number(A::CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID)?,
+    ))
 }
 
 /// The CUDA version the driver supports (`cuDriverGetVersion`, such as 12080).
@@ -152,6 +169,8 @@ pub struct CudaBackend {
     name: String,
     driver_version: i32,
     register_supported: bool,
+    /// The NUMA node the GPU hangs off, where sysfs says (the staging ring is placed there).
+    numa_node: Option<usize>,
     streams: Vec<Arc<CudaStream>>,
     ring: Mutex<Option<staging::Ring>>,
     /// Loaded on first use; a failure is reported to that load and tried again by the next.
@@ -210,6 +229,8 @@ impl CudaBackend {
         let name = ctx.name().unwrap_or_else(|_| "unknown".to_owned());
         let attr = sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED;
         let register_supported = ctx.attribute(attr).is_ok_and(|v| v != 0);
+        let numa_node = pci_address(|a| ctx.attribute(a).ok())
+            .and_then(|address| numa::node_of(Path::new(numa::SYSFS), &address));
         let streams = (0..STREAMS)
             .map(|_| {
                 ctx.new_stream()
@@ -222,6 +243,7 @@ impl CudaBackend {
             name,
             driver_version: version,
             register_supported,
+            numa_node,
             streams,
             ring: Mutex::new(None),
             kernels: Mutex::new(None),
@@ -328,6 +350,11 @@ impl CudaBackend {
             ));
         }
         Ok(())
+    }
+
+    /// The CPUs of the GPU's NUMA node, where sysfs says.
+    fn node_cpus(&self) -> Option<Vec<usize>> {
+        numa::cpus_of(Path::new(numa::SYSFS), self.numa_node?)
     }
 
     /// The conversion kernels, loaded on first use.

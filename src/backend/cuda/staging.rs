@@ -128,9 +128,18 @@ pub(crate) fn stage_and_copy(
 ) -> Result<()> {
     let mut guard = backend.ring.lock().unwrap_or_else(|p| p.into_inner());
     if guard.is_none() {
-        let buffers = (0..RING)
-            .map(|_| Pinned::alloc(&backend.ctx, STAGING))
-            .collect::<Result<_>>()?;
+        let alloc = || {
+            let _current = Current::push(&backend.ctx)?;
+            (0..RING)
+                .map(|_| Pinned::alloc(&backend.ctx, STAGING))
+                .collect::<Result<_>>()
+        };
+        // On the GPU's NUMA node where sysfs names one: allocated (and so first touched) by
+        // a thread bound to that node's CPUs.
+        let buffers = match backend.node_cpus() {
+            Some(cpus) => super::numa::on_cpus(&cpus, alloc)?,
+            None => alloc()?,
+        };
         *guard = Some(Ring { buffers });
     }
     let ring = guard
