@@ -188,10 +188,46 @@ def saves(runs, tmp):
         ], runs, count * nbytes)
 
 
+def peers(where):
+    """The peer loaders installed here, as (label, load(path, device)) giving owned tensors:
+    runai-model-streamer's SafetensorsStreamer (owned by default) and fastsafetensors (nogds,
+    each tensor cloned out of its buffer, which its close frees)."""
+    out = []
+    try:
+        from runai_model_streamer import SafetensorsStreamer
+
+        def runai(path, device):
+            with SafetensorsStreamer() as s:
+                s.stream_file(path, device=device)
+                return dict(s.get_tensors())
+
+        out.append((f"runai-model-streamer SafetensorsStreamer ({where}, owned)", runai))
+    except ImportError as e:
+        print(f"torch: runai-model-streamer skipped ({e})")
+    try:
+        from fastsafetensors import SafeTensorsFileLoader, SingleGroup
+
+        def fastsafetensors(path, device):
+            loader = SafeTensorsFileLoader(SingleGroup(), device, nogds=True, framework="pytorch")
+            try:
+                loader.add_filenames({0: [path]})
+                fb = loader.copy_files_to_device()
+                try:
+                    return {k: fb.get_tensor(k).clone() for k in loader.get_keys()}
+                finally:
+                    fb.close()
+            finally:
+                loader.close()
+
+        out.append((f"fastsafetensors (nogds, {where}) + clone()", fastsafetensors))
+    except ImportError as e:
+        print(f"torch: fastsafetensors skipped ({e})")
+    return out
+
+
 def torch_cpu(path, runs, nbytes):
     """The torch group on the CPU: owned tensors from every loader (peers where installed)."""
     import safetensors.torch
-    import torch
 
     import tensorplace.torch
 
@@ -209,35 +245,8 @@ def torch_cpu(path, runs, nbytes):
         ("tensorplace.torch.load_file(f)", lambda: tensorplace.torch.load_file(path), None),
         ("tensorplace.torch.iter_tensors(f), each taken and dropped", stream, None),
     ]
-    try:
-        from runai_model_streamer import SafetensorsStreamer
-
-        def runai():
-            with SafetensorsStreamer() as s:
-                s.stream_file(path)
-                return dict(s.get_tensors())
-
-        paths.append(("runai-model-streamer SafetensorsStreamer (owned)", runai, None))
-    except ImportError as e:
-        print(f"torch: runai-model-streamer skipped ({e})")
-    try:
-        from fastsafetensors import SafeTensorsFileLoader, SingleGroup
-
-        def fastsafetensors():
-            loader = SafeTensorsFileLoader(SingleGroup(), "cpu", nogds=True, framework="pytorch")
-            try:
-                loader.add_filenames({0: [path]})
-                fb = loader.copy_files_to_device()
-                try:
-                    return {k: fb.get_tensor(k).clone() for k in loader.get_keys()}
-                finally:
-                    fb.close()
-            finally:
-                loader.close()
-
-        paths.append(("fastsafetensors (nogds, CPU) + clone()", fastsafetensors, None))
-    except ImportError as e:
-        print(f"torch: fastsafetensors skipped ({e})")
+    for label, load in peers("CPU"):
+        paths.append((label, lambda load=load: load(path, "cpu"), None))
     paths.append(("safetensors.torch.load_file(f) + clone()", cloned, None))
     nothing = lambda out: None  # noqa: E731
     group("torch", [(label, fn, nothing) for label, fn, _ in paths], runs, nbytes)
@@ -361,35 +370,8 @@ def main():
         return
     sync = lambda out: torch.cuda.synchronize()  # noqa: E731
     gpu = [('tensorplace.torch.load_file(f, "cuda:0")', lambda: tensorplace.torch.load_file(path, "cuda:0"), sync)]
-    try:
-        from runai_model_streamer import SafetensorsStreamer
-
-        def runai_gpu():
-            with SafetensorsStreamer() as s:
-                s.stream_file(path, device="cuda:0")
-                return dict(s.get_tensors())
-
-        gpu.append(("runai-model-streamer onto cuda:0", runai_gpu, sync))
-    except ImportError as e:
-        print(f"torch: runai-model-streamer skipped ({e})")
-    try:
-        from fastsafetensors import SafeTensorsFileLoader, SingleGroup
-
-        def fastsafetensors_gpu():
-            loader = SafeTensorsFileLoader(SingleGroup(), "cuda:0", nogds=True, framework="pytorch")
-            try:
-                loader.add_filenames({0: [path]})
-                fb = loader.copy_files_to_device()
-                try:
-                    return {k: fb.get_tensor(k).clone() for k in loader.get_keys()}
-                finally:
-                    fb.close()
-            finally:
-                loader.close()
-
-        gpu.append(("fastsafetensors (nogds) onto cuda:0 + clone()", fastsafetensors_gpu, sync))
-    except ImportError as e:
-        print(f"torch: fastsafetensors skipped ({e})")
+    for label, load in peers("cuda:0"):
+        gpu.append((label, lambda load=load: load(path, "cuda:0"), sync))
     gpu.append(('safetensors.torch.load_file(f, device="cuda:0")',
                 lambda: safetensors.torch.load_file(path, device="cuda:0"), sync))
     group("torch", gpu, args.runs, nbytes)
