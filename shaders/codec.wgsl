@@ -11,6 +11,9 @@ const F16: u32 = 3u;
 const BF16: u32 = 4u;
 const F32: u32 = 5u;
 const F64: u32 = 6u;
+// Integers, signed or not: a 64-bit one narrowed to 32 bits keeps its low word.
+const INT64: u32 = 7u;
+const INT32: u32 = 8u;
 
 const ZERO: u32 = 0u;
 const INF: u32 = 1u;
@@ -167,6 +170,9 @@ fn encode(fout: u32, sgn: u32, v: Value) -> u32 {
 }
 
 fn convert_bits(fin: u32, fout: u32, lo: u32, hi: u32) -> u32 {
+    if (fin == INT64) {
+        return lo;
+    }
     var sgn = 0u;
     var is_nan = false;
     if (fin == F64) {

@@ -34,6 +34,10 @@ enum Format {
     Bf16 = 4,
     F32 = 5,
     F64 = 6,
+    /// A 64-bit integer, signed or not: narrowed, it keeps its low 32 bits.
+    Int64 = 7,
+    /// A 32-bit integer, signed or not.
+    Int32 = 8,
 }
 
 impl Format {
@@ -45,11 +49,13 @@ impl Format {
             Dtype::BF16 => Format::Bf16,
             Dtype::F32 => Format::F32,
             Dtype::F64 => Format::F64,
+            Dtype::I64 | Dtype::U64 => Format::Int64,
+            Dtype::I32 | Dtype::U32 => Format::Int32,
             _ => return None,
         })
     }
 
-    /// Exponent and mantissa bits (F64 is handled apart).
+    /// Exponent and mantissa bits (F64 is handled apart; integers are never taken apart).
     const fn fields(self) -> (u32, u32) {
         match self {
             Format::E4m3 => (4, 3),
@@ -58,6 +64,7 @@ impl Format {
             Format::Bf16 => (8, 7),
             Format::F32 => (8, 23),
             Format::F64 => (11, 52),
+            Format::Int64 | Format::Int32 => (0, 0),
         }
     }
 }
@@ -108,13 +115,41 @@ impl Conversion {
         let wide_to = matches!(to, Dtype::F32 | Dtype::F16 | Dtype::BF16);
         let f8_to = matches!(to, Dtype::F8_E4M3 | Dtype::F8_E5M2);
         let narrow_from = matches!(from, Dtype::F32 | Dtype::F16 | Dtype::BF16);
+        let float_from = matches!(
+            from,
+            Dtype::F64 | Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F8_E4M3 | Dtype::F8_E5M2
+        );
         let same = from as u8 == to as u8;
-        Format::of(from).is_some() && !same && (wide_to || (f8_to && narrow_from))
+        float_from && !same && (wide_to || (f8_to && narrow_from))
     }
 
     /// The conversion from `from` to `to`, if the table has it (`from == to` is none).
     pub fn between(from: Dtype, to: Dtype) -> Option<Conversion> {
         Conversion::supported(from, to).then_some(Conversion { from, to })
+    }
+
+    /// The 64-bit types narrowed to 32 bits, as JAX holds them without `jax_enable_x64`
+    /// (and as numpy's `astype` narrows): I64 and U64 keep their low 32 bits (two's
+    /// complement: a value out of range wraps), F64 rounds to F32 as in the table.
+    pub const NARROWING: [Conversion; 3] = [
+        Conversion {
+            from: Dtype::I64,
+            to: Dtype::I32,
+        },
+        Conversion {
+            from: Dtype::U64,
+            to: Dtype::U32,
+        },
+        Conversion {
+            from: Dtype::F64,
+            to: Dtype::F32,
+        },
+    ];
+
+    /// The narrowing of `from` to 32 bits ([`NARROWING`](Self::NARROWING)), if it is a 64-bit
+    /// type that has one.
+    pub fn narrowing(from: Dtype) -> Option<Conversion> {
+        Conversion::NARROWING.into_iter().find(|c| c.from == from)
     }
 
     /// The source dtype.
@@ -181,6 +216,23 @@ impl Conversion {
     pub fn convert(self, input: &[u8], output: &mut [u8]) {
         let in_size = self.from.bits() / 8;
         let out_size = self.to.bits() / 8;
+        if self.format_from() == Format::Int64 {
+            // The low 32 bits of each (little-endian: its first four bytes).
+            for (i, o) in input.chunks_exact(8).zip(output.chunks_exact_mut(4)) {
+                o.copy_from_slice(&i[..4]);
+            }
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if self.from == Dtype::F64 && self.to == Dtype::F32 {
+            // The hardware's conversion is the table's (round to nearest even; a NaN quieted,
+            // its payload's top bits kept: see the module's documentation), at memory speed.
+            for (i, o) in input.chunks_exact(8).zip(output.chunks_exact_mut(4)) {
+                let x = f64::from_le_bytes(i.try_into().unwrap_or([0; 8]));
+                o.copy_from_slice(&(x as f32).to_bits().to_le_bytes());
+            }
+            return;
+        }
         let elements = input
             .chunks_exact(in_size)
             .zip(output.chunks_exact_mut(out_size));
@@ -243,6 +295,9 @@ enum Value {
 
 /// Converts the bits `lo` (and `hi`, an F64's upper word) of `from` to `to`.
 fn convert_bits(from: Format, to: Format, lo: u32, hi: u32) -> u32 {
+    if from == Format::Int64 {
+        return lo;
+    }
     let (sign, nan) = match from {
         Format::F64 => (
             hi >> 31,
@@ -292,7 +347,8 @@ fn nan_bits(from: Format, to: Format, sign: u32, lo: u32, hi: u32) -> u32 {
         (Format::Bf16, _) => (sign << 15) | 0x7FC0,
         (Format::E4m3, _) => (sign << 7) | 0x7F,
         (Format::E5m2, _) => (sign << 7) | 0x7E,
-        (Format::F64, _) => 0,
+        // No conversion gives these (integers are never taken apart).
+        (Format::F64 | Format::Int64 | Format::Int32, _) => 0,
     }
 }
 
@@ -397,6 +453,49 @@ fn encode(to: Format, sign: u32, value: Value) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The narrowings give what Rust's `as` casts give (numpy's `astype`: integers wrap,
+    /// F64 rounds to nearest even), the F64 fast path what the bit-level reference gives, on
+    /// edge values and pseudo-random patterns (NaNs, infinities and subnormals among them).
+    #[test]
+    fn narrowings_equal_the_casts() {
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let mut values: Vec<u64> = vec![0, u64::MAX, i64::MIN as u64, 0x7FF0_0000_0000_0001];
+        values.extend(
+            [1.5f64, -0.0, f64::INFINITY, f64::MIN_POSITIVE / 3.0, 3.4e39].map(f64::to_bits),
+        );
+        for _ in 0..10_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            values.push(x);
+        }
+        let input: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let run = |c: Conversion| {
+            let mut out = vec![0u8; values.len() * 4];
+            c.convert(&input, &mut out);
+            out
+        };
+        let i32s: Vec<u8> = values
+            .iter()
+            .flat_map(|&v| (v as i64 as i32).to_le_bytes())
+            .collect();
+        let u32s: Vec<u8> = values
+            .iter()
+            .flat_map(|&v| (v as u32).to_le_bytes())
+            .collect();
+        let f32s: Vec<u8> = values
+            .iter()
+            .flat_map(|&v| c(Dtype::F64, Dtype::F32).convert_one(v).to_le_bytes())
+            .collect();
+        assert_eq!(run(Conversion::narrowing(Dtype::I64).unwrap()), i32s);
+        assert_eq!(run(Conversion::narrowing(Dtype::U64).unwrap()), u32s);
+        assert_eq!(run(Conversion::narrowing(Dtype::F64).unwrap()), f32s);
+        assert_eq!(Conversion::narrowing(Dtype::F32), None);
+        // Not offered as casts: `Loader::dtype` takes floating targets only.
+        assert_eq!(Conversion::between(Dtype::I64, Dtype::I32), None);
+        assert_eq!(Conversion::between(Dtype::I64, Dtype::F32), None);
+    }
 
     fn c(from: Dtype, to: Dtype) -> Conversion {
         Conversion::between(from, to).unwrap()

@@ -17,7 +17,7 @@ use crate::dtype::Dtype;
 use crate::error::{Error, ErrorKind, Result};
 use crate::header::{Metadata, TensorInfo};
 use crate::parallel::{self, Threads};
-use crate::plan::{LoadPlan, PlanEntry, Upload, View};
+use crate::plan::{Cast, LoadPlan, PlanEntry, Upload, View};
 use crate::read::file::{HostFile, ReadMode};
 use crate::reader::Reader;
 use crate::report::{LoadReport, ReadPath};
@@ -85,6 +85,7 @@ struct Split<'a> {
 pub struct Loader<'a> {
     device: Result<Device>,
     dtype: Option<Dtype>,
+    narrow_64: bool,
     filter: Option<Filter<'a>>,
     slices: HashMap<String, Slice>,
     split: Option<Split<'a>>,
@@ -101,6 +102,7 @@ impl std::fmt::Debug for Loader<'_> {
         f.debug_struct("Loader")
             .field("device", &self.device)
             .field("dtype", &self.dtype)
+            .field("narrow_64", &self.narrow_64)
             .field("filter", &self.filter.is_some())
             .field("slices", &self.slices)
             .field("split", &self.split.as_ref().map(|s| (s.rank, s.world)))
@@ -121,6 +123,7 @@ impl<'a> Loader<'a> {
         Loader {
             device: device.into_device(),
             dtype: None,
+            narrow_64: false,
             filter: None,
             slices: HashMap::new(),
             split: None,
@@ -138,6 +141,15 @@ impl<'a> Loader<'a> {
     /// other tensors load as they are.
     pub fn dtype(mut self, dtype: Dtype) -> Self {
         self.dtype = Some(dtype);
+        self
+    }
+
+    /// Loads I64, U64 and F64 tensors as I32, U32 and F32, on the device, as JAX holds them
+    /// without `jax_enable_x64` (and as numpy's `astype` narrows): integers keep their low 32
+    /// bits, F64 rounds to nearest. A floating tensor takes [`dtype`](Self::dtype) instead,
+    /// where one is given.
+    pub fn narrow_64bit(mut self, narrow: bool) -> Self {
+        self.narrow_64 = narrow;
         self
     }
 
@@ -269,7 +281,7 @@ impl<'a> Loader<'a> {
             self.adapter.as_deref(),
             self.read_mode,
             self.disk_queue,
-            self.dtype,
+            self.cast(),
             self.upload,
         )
     }
@@ -315,6 +327,14 @@ impl<'a> Loader<'a> {
     /// [`ErrorKind::Io`](crate::ErrorKind::Io) error.
     pub fn load_checkpoint(&self, checkpoint: &Checkpoint) -> Result<Tensors> {
         self.load_opened(checkpoint, View::Copy)
+    }
+
+    /// What the loads convert.
+    fn cast(&self) -> Cast {
+        Cast {
+            dtype: self.dtype,
+            narrow_64: self.narrow_64,
+        }
     }
 
     fn load_path(&self, path: &Path, view: View) -> Result<Tensors> {
@@ -428,7 +448,7 @@ impl<'a> Loader<'a> {
                 p(Progress { done, total });
             }
         };
-        let plan = LoadPlan::new(origin, self.entries(files), self.dtype)?
+        let plan = LoadPlan::new(origin, self.entries(files), self.cast())?
             .with_view(view)
             .with_upload(self.upload)
             .with_progress(&report)

@@ -192,14 +192,37 @@ impl fmt::Debug for LoadPlan<'_> {
     }
 }
 
+/// What a load converts: floating tensors to one dtype, 64-bit types to 32 bits, or both (a
+/// floating tensor takes the dtype where one is given).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Cast {
+    /// The dtype floating tensors are cast to.
+    pub dtype: Option<Dtype>,
+    /// Whether I64, U64 and F64 tensors load as I32, U32 and F32
+    /// ([`Conversion::NARROWING`]).
+    pub narrow_64: bool,
+}
+
+impl Cast {
+    /// The conversion a tensor of `from` takes, if any, or why the one asked for is not in
+    /// the table.
+    pub fn conversion(self, from: Dtype) -> std::result::Result<Option<Conversion>, String> {
+        match self.dtype {
+            Some(to) if from.is_float() => match Conversion::between(from, to) {
+                Some(c) => Ok(Some(c)),
+                None if from == to => Ok(None),
+                None => Err(format!("no conversion from {from} to {to}")),
+            },
+            _ if self.narrow_64 => Ok(Conversion::narrowing(from)),
+            _ => Ok(None),
+        }
+    }
+}
+
 impl<'f> LoadPlan<'f> {
     /// A plan for `entries` (from `origin`: a file or a checkpoint's folder, for errors),
-    /// floating tensors cast to `dtype` where given (others load as they are).
-    pub fn new(
-        origin: Option<&'f Path>,
-        entries: Vec<PlanEntry<'f>>,
-        dtype: Option<Dtype>,
-    ) -> Result<Self> {
+    /// each tensor converted as `cast` says (others load as they are).
+    pub fn new(origin: Option<&'f Path>, entries: Vec<PlanEntry<'f>>, cast: Cast) -> Result<Self> {
         let mut items = Vec::with_capacity(entries.len());
         for PlanEntry {
             name,
@@ -209,17 +232,9 @@ impl<'f> LoadPlan<'f> {
         } in entries
         {
             let tag = |e: Error| e.with_tensor(name).with_opt_file(file.path());
-            let conversion = match dtype {
-                Some(to) if info.dtype.is_float() && info.dtype != to => {
-                    Some(Conversion::between(info.dtype, to).ok_or_else(|| {
-                        tag(Error::new(
-                            ErrorKind::Unsupported,
-                            format!("no conversion from {} to {to}", info.dtype),
-                        ))
-                    })?)
-                }
-                _ => None,
-            };
+            let conversion = cast
+                .conversion(info.dtype)
+                .map_err(|why| tag(Error::new(ErrorKind::Unsupported, why)))?;
             let (shape, input) = selection
                 .resolve(info, file.header().file_range(info))
                 .map_err(tag)?;

@@ -19,7 +19,7 @@ use crate::dtype::Dtype;
 use crate::error::{Error, ErrorKind, Result};
 use crate::header::{Metadata, TensorInfo};
 use crate::memory::{BLOCK_PIECE, Carver, HostBuffer};
-use crate::plan::{LoadPlan, PlanEntry, Upload};
+use crate::plan::{Cast, LoadPlan, PlanEntry, Upload};
 use crate::read;
 use crate::read::file::{HostFile, ReadMode};
 use crate::read::gather::Gather;
@@ -57,7 +57,7 @@ pub struct Reader {
     index: HashMap<String, usize>,
     metadata: Option<Metadata>,
     backend: Arc<dyn Backend>,
-    dtype: Option<Dtype>,
+    cast: Cast,
     upload: Upload,
     /// Memory for small reads: shared blocks, one page fault for many tensors.
     blocks: Carver,
@@ -72,7 +72,7 @@ impl std::fmt::Debug for Reader {
             .field("files", &self.files.len())
             .field("tensors", &self.len())
             .field("device", &self.backend.device())
-            .field("dtype", &self.dtype)
+            .field("cast", &self.cast)
             .finish()
     }
 }
@@ -80,15 +80,15 @@ impl std::fmt::Debug for Reader {
 impl Reader {
     /// Opens `path` (a file, a folder of shards or an index) for reads onto `device`
     /// (resolved now: an absent GPU is an error here), each file read as `mode` says (its
-    /// direct reads through its disk's queue where `disk_queue`), floating tensors cast to
-    /// `dtype` where given.
+    /// direct reads through its disk's queue where `disk_queue`), tensors converted as `cast`
+    /// says.
     pub(crate) fn new(
         path: &Path,
         device: Device,
         adapter: Option<&str>,
         mode: ReadMode,
         disk_queue: bool,
-        dtype: Option<Dtype>,
+        cast: Cast,
         upload: Upload,
     ) -> Result<Reader> {
         let backend = backend::for_device(device, adapter)?;
@@ -132,7 +132,7 @@ impl Reader {
             index,
             metadata,
             backend,
-            dtype,
+            cast,
             upload,
             blocks: Carver::default(),
             populated,
@@ -318,9 +318,7 @@ impl Reader {
     /// Whether a read of a tensor of `info` may be copied straight out of memory: onto the
     /// CPU, unconverted.
     fn copies_from_memory(&self, info: &TensorInfo) -> bool {
-        let converts = self
-            .dtype
-            .is_some_and(|to| info.dtype.is_float() && info.dtype != to);
+        let converts = !matches!(self.cast.conversion(info.dtype), Ok(None));
         self.backend.device() == Device::Cpu && !converts
     }
 
@@ -340,7 +338,7 @@ impl Reader {
 
     /// Places `entries` (in file order) on the device.
     fn place(&self, entries: Vec<PlanEntry<'_>>) -> Result<Vec<Tensor>> {
-        let plan = LoadPlan::new(Some(&self.origin), entries, self.dtype)?.with_upload(self.upload);
+        let plan = LoadPlan::new(Some(&self.origin), entries, self.cast)?.with_upload(self.upload);
         let placed = backend::place(&*self.backend, &plan)?;
         plan.finish();
         Ok(placed)

@@ -1113,3 +1113,78 @@ fn wgpu_reports_say_what_ran() {
         assert_eq!(said, expected, "{described}: {notes:?}");
     }
 }
+
+/// `Loader::narrow_64bit`: I64, U64 and F64 tensors load as I32, U32 and F32 on every device
+/// (integers wrapped as `as` casts wrap, F64 rounded as the table rounds), every other tensor
+/// as it is; with a `dtype` too, floating tensors take the dtype (F64 included), the integers
+/// still narrow. A reader narrows alike.
+#[test]
+fn narrowed_loads_hold_what_jax_holds_without_x64() {
+    let dir = tempfile::tempdir().unwrap();
+    let want = common::mixed_tensors(31);
+    let path = write(&dir, &want);
+    let narrowed = |t: &Tensor| -> (Dtype, Vec<u8>) {
+        let bytes = t.host_bytes().unwrap();
+        let words = bytes.chunks_exact(8);
+        match t.dtype() {
+            Dtype::I64 => (
+                Dtype::I32,
+                words
+                    .flat_map(|w| (i64::from_le_bytes(w.try_into().unwrap()) as i32).to_le_bytes())
+                    .collect(),
+            ),
+            Dtype::U64 => (
+                Dtype::U32,
+                words
+                    .flat_map(|w| (u64::from_le_bytes(w.try_into().unwrap()) as u32).to_le_bytes())
+                    .collect(),
+            ),
+            Dtype::F64 => (Dtype::F32, common::cast(t, Dtype::F32)),
+            d => (d, bytes.into_owned()),
+        }
+    };
+    for device in common::devices("narrowed_loads_hold_what_jax_holds_without_x64") {
+        let loaded = Loader::new(device)
+            .narrow_64bit(true)
+            .load_file(&path)
+            .unwrap();
+        let reader = Loader::new(device)
+            .narrow_64bit(true)
+            .reader(&path)
+            .unwrap();
+        for (name, t) in want.iter() {
+            let (dtype, bytes) = narrowed(t);
+            for got in [
+                loaded.tensor(name).unwrap().clone(),
+                reader.tensor(name).unwrap(),
+            ] {
+                assert_eq!(
+                    (got.dtype(), got.shape()),
+                    (dtype, t.shape()),
+                    "{device} {name}"
+                );
+                assert_eq!(got.host_bytes().unwrap(), bytes, "{device} {name}");
+            }
+        }
+        // With a dtype: the floating tensors the table casts to BF16 (and BF16 itself), and
+        // every integer.
+        let casts = |d: Dtype| d == Dtype::BF16 || Conversion::between(d, Dtype::BF16).is_some();
+        let keep = |t: &Tensor| !t.dtype().is_float() || casts(t.dtype());
+        let both = Loader::new(device)
+            .narrow_64bit(true)
+            .dtype(Dtype::BF16)
+            .filter(|name| keep(want.tensor(name).unwrap()))
+            .load_file(&path)
+            .unwrap();
+        for (name, t) in want.iter().filter(|(_, t)| keep(t)) {
+            let got = both.tensor(name).unwrap();
+            let (dtype, bytes) = if t.dtype().is_float() {
+                (Dtype::BF16, common::cast(t, Dtype::BF16))
+            } else {
+                narrowed(t)
+            };
+            assert_eq!(got.dtype(), dtype, "{device} {name}");
+            assert_eq!(got.host_bytes().unwrap(), bytes, "{device} {name}");
+        }
+    }
+}

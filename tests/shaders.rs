@@ -38,6 +38,47 @@ fn cases() -> Vec<(Conversion, Vec<u8>, Vec<u8>)> {
         .collect()
 }
 
+/// [`cases`], and the narrowings of 64-bit integers (`Conversion::NARROWING`; F64 to F32 is in
+/// the table) over edge values and pseudo-random patterns, their results from Rust's own `as`
+/// casts (two's complement wrapping, as numpy's `astype`): what every kernel must give.
+fn kernel_cases() -> Vec<(Conversion, Vec<u8>, Vec<u8>)> {
+    let mut values: Vec<u64> = vec![
+        0,
+        1,
+        u64::MAX,
+        i64::MIN as u64,
+        i64::MAX as u64,
+        u32::MAX as u64,
+        (u32::MAX as u64) + 1,
+        (i32::MIN as i64) as u64,
+        (i32::MAX as u64) + 1,
+    ];
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    for _ in 0..4093 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        values.push(x);
+    }
+    let input: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let mut out = cases();
+    for c in Conversion::NARROWING {
+        let want: Vec<u8> = match (c.from(), c.to()) {
+            (Dtype::I64, Dtype::I32) => values
+                .iter()
+                .flat_map(|&v| (v as i64 as i32).to_le_bytes())
+                .collect(),
+            (Dtype::U64, Dtype::U32) => values
+                .iter()
+                .flat_map(|&v| (v as u32).to_le_bytes())
+                .collect(),
+            _ => continue, // F64 to F32: in the table, against numpy
+        };
+        out.push((c, input.clone(), want));
+    }
+    out
+}
+
 /// Panics naming the first element where `got` differs from `want`.
 fn assert_same(what: &str, c: Conversion, input: &[u8], got: &[u8], want: &[u8]) {
     assert_eq!(got.len(), want.len(), "{what}: {c}: output length");
@@ -107,7 +148,7 @@ fn every_wgpu_kernel_equals_ml_dtypes_on_the_device() {
         }
     };
     println!("wgpu adapter: {:?}", backend.info().name);
-    for (c, input, want) in cases() {
+    for (c, input, want) in kernel_cases() {
         let got = backend
             .run_kernel(&Kernel::for_conversion(c, false), &input)
             .unwrap();
@@ -151,7 +192,7 @@ fn cuda_kernel_source_equals_ml_dtypes_on_the_host() {
     let source = root.join("shaders/cuda/convert.cl");
     let dir = tempfile::tempdir().unwrap();
     let harness = dir.path().join("harness.c");
-    let cases = cases();
+    let cases = kernel_cases();
     let names: Vec<String> = cases.iter().map(|(c, _, _)| c.kernel_name()).collect();
     std::fs::write(
         &harness,
@@ -234,7 +275,7 @@ int main(int argc, char **argv) {{
     }
     // The committed PTX holds every kernel.
     let ptx = std::fs::read_to_string(root.join("shaders/cuda/convert.ptx")).unwrap();
-    for c in Conversion::ALL {
+    for c in Conversion::ALL.into_iter().chain(Conversion::NARROWING) {
         let k = c.kernel_name();
         assert!(
             ptx.contains(&format!(".entry {k}(")),
@@ -253,7 +294,7 @@ fn every_cuda_kernel_equals_ml_dtypes_on_the_device() {
             return;
         }
     };
-    for (c, input, want) in cases() {
+    for (c, input, want) in kernel_cases() {
         let got = backend.convert(c, &input).unwrap();
         assert_same("cuda", c, &input, &got, &want);
     }

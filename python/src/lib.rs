@@ -272,19 +272,21 @@ fn loaded(tensors: Tensors) -> Loaded {
 }
 
 /// A loader onto `device` reading as `read_mode` says, of the tensors `names` (or all), its
-/// floating tensors cast to `dtype` (a dtype's name, such as `"BF16"`) where given.
+/// floating tensors cast to `dtype` (a dtype's name, such as `"BF16"`) where given, its 64-bit
+/// ones narrowed to 32 bits where `narrow_64` (as JAX holds them without x64).
 fn loader<'a>(
     device: &str,
     names: Option<&'a HashSet<String>>,
     read_mode: &str,
     dtype: Option<&str>,
+    narrow_64: bool,
 ) -> PyResult<Loader<'a>> {
     let device: Device = device.parse().map_err(py_err)?;
     // The crate's names (safetensors' `backend=` values); a bad one is a ValueError.
     let mode: ReadMode = read_mode
         .parse()
         .map_err(|e: tensorplace::Error| PyValueError::new_err(e.to_string()))?;
-    let mut l = Loader::new(device).read_mode(mode);
+    let mut l = Loader::new(device).read_mode(mode).narrow_64bit(narrow_64);
     if let Some(name) = dtype {
         let dtype: Dtype = name
             .parse()
@@ -344,7 +346,7 @@ fn interruptible<T: Send>(
 /// `(rank, world, dims)`, part `rank` of `world` of each tensor `dims` names, cut along the
 /// dimension it gives), with the GIL released and Ctrl-C honoured.
 #[pyfunction]
-#[pyo3(signature = (filename, device = "cpu", names = None, read_mode = "mmap", slices = None, dtype = None, split = None))]
+#[pyo3(signature = (filename, device = "cpu", names = None, read_mode = "mmap", slices = None, dtype = None, split = None, narrow_64 = false))]
 #[allow(clippy::too_many_arguments)]
 fn load_file(
     py: Python<'_>,
@@ -355,6 +357,7 @@ fn load_file(
     slices: Option<Vec<(String, String)>>,
     dtype: Option<String>,
     split: Option<(usize, usize, HashMap<String, usize>)>,
+    narrow_64: bool,
 ) -> PyResult<Loaded> {
     let names: Option<HashSet<String>> = names.map(|v| v.into_iter().collect());
     let device = device.to_owned();
@@ -365,7 +368,7 @@ fn load_file(
         .map(|(name, text)| Ok((name, text.parse::<Slice>().map_err(py_err)?)))
         .collect::<PyResult<Vec<_>>>()?;
     let tensors = interruptible(py, |stop| {
-        let mut l = loader(&device, names.as_ref(), &read_mode, dtype.as_deref())?.interrupt(stop);
+        let mut l = loader(&device, names.as_ref(), &read_mode, dtype.as_deref(), narrow_64)?.interrupt(stop);
         for (name, slice) in &slices {
             l = l.slice(name.clone(), slice.clone());
         }
@@ -379,11 +382,11 @@ fn load_file(
 
 /// Loads a whole file held in `data` onto `device`.
 #[pyfunction]
-#[pyo3(signature = (data, device = "cpu"))]
-fn load(py: Python<'_>, data: &[u8], device: &str) -> PyResult<Loaded> {
+#[pyo3(signature = (data, device = "cpu", narrow_64 = false))]
+fn load(py: Python<'_>, data: &[u8], device: &str, narrow_64: bool) -> PyResult<Loaded> {
     let device = device.to_owned();
     let tensors = interruptible(py, |stop| {
-        loader(&device, None, "mmap", None)?
+        loader(&device, None, "mmap", None, narrow_64)?
             .interrupt(stop)
             .load(data)
             .map_err(py_err)
@@ -682,7 +685,8 @@ impl PyReader {
 /// (floating tensors cast to `dtype` where given). `to_array` makes the framework's array of a `_Tensor`; `arrays`, where the framework
 /// builds arrays on host memory, is `(new_block, build, dtype_of)` (see `Arrays`).
 #[pyfunction]
-#[pyo3(signature = (filename, device, read_mode, to_array, arrays = None, dtype = None))]
+#[pyo3(signature = (filename, device, read_mode, to_array, arrays = None, dtype = None, narrow_64 = false))]
+#[allow(clippy::too_many_arguments)]
 fn open(
     py: Python<'_>,
     filename: PathBuf,
@@ -691,9 +695,10 @@ fn open(
     to_array: Py<PyAny>,
     arrays: Option<(Py<PyAny>, Py<PyAny>, Py<PyAny>)>,
     dtype: Option<&str>,
+    narrow_64: bool,
 ) -> PyResult<PyReader> {
     let reader = py.detach(|| {
-        loader(device, None, read_mode, dtype)?
+        loader(device, None, read_mode, dtype, narrow_64)?
             .reader(&filename)
             .map_err(py_err)
     })?;
@@ -752,7 +757,7 @@ fn stream(
     max_bytes: usize,
 ) -> PyResult<PyStream> {
     let stream = py.detach(|| {
-        loader(device, None, read_mode, None)?
+        loader(device, None, read_mode, None, false)?
             .stream(&filename, max_bytes)
             .map_err(py_err)
     })?;

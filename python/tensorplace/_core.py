@@ -70,7 +70,8 @@ class Framework(NamedTuple):
 
 def load_file(framework: Framework, filename, device: Any = "cpu", backend: str = "mmap",
               names: Optional[List[str]] = None, slices: Optional[List[tuple]] = None,
-              dtype: Optional[str] = None, split: Optional[tuple] = None) -> Dict[str, Any]:
+              dtype: Optional[str] = None, split: Optional[tuple] = None,
+              narrow_64: bool = False) -> Dict[str, Any]:
     """The tensors of ``filename`` (a file, or a sharded checkpoint: a folder or its index)
     on ``device``, as ``framework``'s arrays in file order. ``backend``: ``"mmap"`` (the
     default), ``"pread"`` (files that may change) or ``"direct"`` (O_DIRECT, for files not in
@@ -78,17 +79,18 @@ def load_file(framework: Framework, filename, device: Any = "cpu", backend: str 
     that tensor is loaded as that part of it, reading only its bytes. ``dtype``: the name of
     the dtype floating tensors are cast to on the device (such as ``"BF16"``). ``split``:
     ``(rank, world, dims)``: part ``rank`` of ``world`` of each tensor ``dims`` maps to a
-    dimension, cut there as ``numpy.array_split`` cuts, reading only that part."""
+    dimension, cut there as ``numpy.array_split`` cuts, reading only that part. ``narrow_64``:
+    I64, U64 and F64 tensors load as I32, U32 and F32 (as JAX holds them without x64)."""
     device = framework.device(device)
-    views, _ = _native.load_file(os.fspath(filename), device, names, backend, slices, dtype, split)
+    views, _ = _native.load_file(os.fspath(filename), device, names, backend, slices, dtype, split, narrow_64)
     return {name: framework.to_array(v) for name, v in views}
 
 
-def load(framework: Framework, data: bytes, device: Any = "cpu") -> Dict[str, Any]:
+def load(framework: Framework, data: bytes, device: Any = "cpu", narrow_64: bool = False) -> Dict[str, Any]:
     """The tensors of a whole file held in ``data``, as :func:`load_file`."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"data must be bytes, not {type(data).__name__}")
-    views, _ = _native.load(bytes(data), framework.device(device))
+    views, _ = _native.load(bytes(data), framework.device(device), narrow_64)
     return {name: framework.to_array(v) for name, v in views}
 
 

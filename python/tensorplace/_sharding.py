@@ -25,6 +25,9 @@ from . import numpy as _np
 #: their host copies dropped) before the next window is read.
 WINDOW = 1 << 30
 
+#: What the 64-bit types load as when narrowed.
+_NARROWED = {"I64": "I32", "U64": "U32", "F64": "F32"}
+
 #: The dtypes a cast applies to (the crate casts floating tensors only).
 _FLOATS = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ"}
 
@@ -43,13 +46,15 @@ class _Tensor:
         self.parts = parts
 
 
-def load(filename, sharding: Any, device: Any, dtype: Optional[str], backend: str) -> Dict[str, jax.Array]:
+def load(filename, sharding: Any, device: Any, dtype: Optional[str], backend: str,
+         narrow_64: bool = False) -> Dict[str, jax.Array]:
     """The tensors of ``filename`` as global JAX arrays on ``sharding`` (a ``Sharding``, a
     mapping from names to shardings or ``ShapeDtypeStruct``s, or a callable ``(name, shape,
     dtype)`` returning a sharding or ``None``); ``device``: where a tensor without a sharding
-    goes; ``dtype``: the name of the dtype floating tensors are cast to, or ``None``."""
+    goes; ``dtype``: the name of the dtype floating tensors are cast to, or ``None``;
+    ``narrow_64``: I64, U64 and F64 read as I32, U32 and F32."""
     filename = os.fspath(filename)
-    reader = _native.open(filename, "cpu", backend, _np.to_numpy, None, dtype)
+    reader = _native.open(filename, "cpu", backend, _np.to_numpy, None, dtype, narrow_64)
     rule = _rule(sharding)
     parts: List[Tuple[str, Optional[str]]] = []
     sizes: List[int] = []
@@ -58,6 +63,8 @@ def load(filename, sharding: Any, device: Any, dtype: Optional[str], backend: st
         stored, shape = reader.info(name)
         shape = tuple(shape)
         out = dtype if dtype is not None and stored in _FLOATS else stored
+        if narrow_64 and out in _NARROWED:
+            out = _NARROWED[out]
         target = rule(name, shape, stored)
         if target is None:
             target = jax.sharding.SingleDeviceSharding(device)

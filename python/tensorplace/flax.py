@@ -84,10 +84,16 @@ def load_file(
     tensors are cast to it as they load (such as ``jnp.bfloat16``)."""
     cast = None if dtype is None else _np.dtype_name(np.dtype(dtype))
     if sharding is None:
-        return _core.load_file(FRAMEWORK, filename, device, backend, dtype=cast)
+        return _core.load_file(FRAMEWORK, filename, device, backend, dtype=cast, narrow_64=_narrow())
     from . import _sharding
 
-    return _sharding.load(filename, sharding, _jax_device(device), cast, backend)
+    return _sharding.load(filename, sharding, _jax_device(device), cast, backend, _narrow())
+
+
+def _narrow() -> bool:
+    """Whether 64-bit types load as 32-bit ones: JAX without ``jax_enable_x64`` holds them so,
+    and narrowing them in the load (on the device) spares JAX a second pass over them."""
+    return not jax.config.jax_enable_x64
 
 
 def _jax_device(device: Any):
@@ -104,7 +110,7 @@ def _jax_device(device: Any):
 
 def load(data: bytes, device: Any = "cpu") -> Dict[str, jax.Array]:
     """Loads the bytes of a safetensors file onto ``device`` as JAX arrays."""
-    return _core.load(FRAMEWORK, data, device)
+    return _core.load(FRAMEWORK, data, device, narrow_64=_narrow())
 
 
 def save(tensors: Dict[str, jax.Array], metadata: Optional[Dict[str, str]] = None) -> bytes:

@@ -87,6 +87,9 @@ def run(rank, world, port, path, mode):
         else:
             raise AssertionError(f"rank {rank} loaded although rank 1 failed")
     print(f"rank {rank} ok", flush=True)
+    # Every rank done with the group before any tears its connections down (gloo aborts a
+    # process whose peer closes a pair it still reads).
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -434,3 +434,24 @@ def test_flax_float8_arrives_as_its_jax_type(tmp_path):
             got = loaded[name]
             assert got.dtype == jnp.dtype(want.dtype) and got.shape == want.shape, name
             assert np.asarray(got).tobytes() == want.tobytes(), name
+
+
+def test_flax_narrows_64_bit_types_as_jax_does(tmp_path):
+    # Without jax_enable_x64 JAX holds I64, U64 and F64 as 32-bit types: the load narrows
+    # them itself (on the device), to the values JAX's own conversion gives.
+    assert not jax.config.jax_enable_x64
+    rng = np.random.default_rng(64)
+    tensors = {
+        "i64": rng.integers(-(1 << 62), 1 << 62, size=1000, dtype=np.int64),
+        "u64": rng.integers(0, 1 << 63, size=1000, dtype=np.uint64),
+        "f64": np.concatenate([rng.standard_normal(997) * 1e30, [np.inf, -0.0, 1e-310]]),
+        "f32": rng.standard_normal(5).astype(np.float32),
+    }
+    path = tmp_path / "wide.safetensors"
+    safetensors.numpy.save_file(tensors, path)
+    for loaded in (tensorplace.flax.load_file(path), tensorplace.flax.load(path.read_bytes())):
+        for name, want in tensors.items():
+            got = loaded[name]
+            theirs = jnp.asarray(want)  # JAX's own conversion
+            assert got.dtype == theirs.dtype, (name, got.dtype, theirs.dtype)
+            assert np.asarray(got).tobytes() == np.asarray(theirs).tobytes(), name

@@ -26,6 +26,9 @@ typedef int i32;
 #define BF16 4u
 #define F32 5u
 #define F64 6u
+// Integers, signed or not: a 64-bit one narrowed to 32 bits keeps its low word.
+#define INT64 7u
+#define INT32 8u
 
 #define ZERO 0u
 #define INF 1u
@@ -128,6 +131,7 @@ static u32 encode(u32 to, u32 sgn, Value v) {
 }
 
 static u32 convert_bits(u32 from, u32 to, u32 lo, u32 hi) {
+    if (from == INT64) return lo;
     u32 sgn;
     int is_nan;
     if (from == F64) {
@@ -180,7 +184,8 @@ static u32 convert_bits(u32 from, u32 to, u32 lo, u32 hi) {
         }                                                                                     \
     }
 
-// Every conversion of the table in src/convert.rs, named as Conversion::kernel_name names it.
+// Every conversion of src/convert.rs (its table and its narrowings), named as
+// Conversion::kernel_name names it.
 CONVERT(f64_to_f32, F64, 8u, F32, 4u)
 CONVERT(f64_to_f16, F64, 8u, F16, 2u)
 CONVERT(f64_to_bf16, F64, 8u, BF16, 2u)
@@ -202,3 +207,6 @@ CONVERT(f8_e4m3_to_bf16, E4M3, 1u, BF16, 2u)
 CONVERT(f8_e5m2_to_f32, E5M2, 1u, F32, 4u)
 CONVERT(f8_e5m2_to_f16, E5M2, 1u, F16, 2u)
 CONVERT(f8_e5m2_to_bf16, E5M2, 1u, BF16, 2u)
+// The narrowings of 64-bit integers (Conversion::NARROWING; F64 to F32 is above).
+CONVERT(i64_to_i32, INT64, 8u, INT32, 4u)
+CONVERT(u64_to_u32, INT64, 8u, INT32, 4u)

@@ -81,7 +81,10 @@ impl Kernels {
             module,
             functions: HashMap::new(),
         };
-        for c in Conversion::ALL {
+        let narrowing = Conversion::NARROWING
+            .into_iter()
+            .filter(|c| !Conversion::ALL.contains(c));
+        for c in Conversion::ALL.into_iter().chain(narrowing) {
             let name = CString::new(c.kernel_name()).map_err(|e| fail(e.to_string()))?;
             // SAFETY: the module is loaded and not yet unloaded (it is owned by `kernels`).
             let f = unsafe { result::module::get_function(module, name) }.map_err(|e| {

@@ -33,9 +33,13 @@ pub struct Kernel {
 impl Kernel {
     /// The kernels of every conversion: `convert.wgsl` for each, and the native F16 to F32.
     pub fn all() -> Vec<Kernel> {
+        let narrowing = Conversion::NARROWING
+            .into_iter()
+            .filter(|c| !Conversion::ALL.contains(c));
         let mut all: Vec<Kernel> = Conversion::ALL
-            .iter()
-            .map(|&conversion| Kernel {
+            .into_iter()
+            .chain(narrowing)
+            .map(|conversion| Kernel {
                 conversion,
                 needs_f16: false,
             })
