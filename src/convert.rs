@@ -146,6 +146,14 @@ impl Conversion {
         },
     ];
 
+    /// Every conversion a device kernel implements: the table, then the narrowings it lacks.
+    pub fn with_kernels() -> impl Iterator<Item = Conversion> {
+        let narrowing = Conversion::NARROWING
+            .into_iter()
+            .filter(|c| !Conversion::ALL.contains(c));
+        Conversion::ALL.into_iter().chain(narrowing)
+    }
+
     /// The narrowing of `from` to 32 bits ([`NARROWING`](Self::NARROWING)), if it is a 64-bit
     /// type that has one.
     pub fn narrowing(from: Dtype) -> Option<Conversion> {

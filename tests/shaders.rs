@@ -275,7 +275,7 @@ int main(int argc, char **argv) {{
     }
     // The committed PTX holds every kernel.
     let ptx = std::fs::read_to_string(root.join("shaders/cuda/convert.ptx")).unwrap();
-    for c in Conversion::ALL.into_iter().chain(Conversion::NARROWING) {
+    for c in Conversion::with_kernels() {
         let k = c.kernel_name();
         assert!(
             ptx.contains(&format!(".entry {k}(")),

@@ -81,10 +81,7 @@ impl Kernels {
             module,
             functions: HashMap::new(),
         };
-        let narrowing = Conversion::NARROWING
-            .into_iter()
-            .filter(|c| !Conversion::ALL.contains(c));
-        for c in Conversion::ALL.into_iter().chain(narrowing) {
+        for c in Conversion::with_kernels() {
             let name = CString::new(c.kernel_name()).map_err(|e| fail(e.to_string()))?;
             // SAFETY: the module is loaded and not yet unloaded (it is owned by `kernels`).
             let f = unsafe { result::module::get_function(module, name) }.map_err(|e| {

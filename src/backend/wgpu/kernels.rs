@@ -33,12 +33,7 @@ pub struct Kernel {
 impl Kernel {
     /// The kernels of every conversion: `convert.wgsl` for each, and the native F16 to F32.
     pub fn all() -> Vec<Kernel> {
-        let narrowing = Conversion::NARROWING
-            .into_iter()
-            .filter(|c| !Conversion::ALL.contains(c));
-        let mut all: Vec<Kernel> = Conversion::ALL
-            .into_iter()
-            .chain(narrowing)
+        let mut all: Vec<Kernel> = Conversion::with_kernels()
             .map(|conversion| Kernel {
                 conversion,
                 needs_f16: false,
