@@ -2,6 +2,8 @@
 
 - numpy:  tensorplace.numpy.load_file(f)           vs safetensors.numpy.load_file(f)
 - flax:   tensorplace.flax.load_file(f, device)    vs safetensors.flax.load_file(f) + jax.device_put
+- flax (``--flax``): per dtype, and a checkpoint sharded over 8 CPU devices against
+          safetensors.flax + device_put(sharding) and orbax-checkpoint's SAFETENSORS layout
 - torch on the CPU, owned tensors: tensorplace.torch.load_file(f) and iter_tensors(f) (each
           tensor taken and dropped) vs runai-model-streamer's SafetensorsStreamer (owned),
           fastsafetensors (nogds, CPU, each tensor cloned out of its buffer) and
@@ -293,11 +295,25 @@ def flax(runs, tmp, size):
         arrays = safetensors.flax.load_file(path)
         return {k: jax.device_put(v, s) for (k, v), s in zip(arrays.items(), rule_of(arrays).values())}
 
-    group("flax", [
-        ("tensorplace.flax.load_file(f, sharding=rule), 8 CPU devices",
-         lambda: tensorplace.flax.load_file(path, sharding=rule), ready),
-        ("safetensors.flax.load_file + device_put(sharding)", theirs, ready),
-    ], runs, nbytes)
+    paths = [("tensorplace.flax.load_file(f, sharding=rule), 8 CPU devices",
+              lambda: tensorplace.flax.load_file(path, sharding=rule), ready)]
+    try:
+        from orbax.checkpoint import v1 as ocp
+
+        single = jax.sharding.SingleDeviceSharding(dev)
+
+        def orbax():
+            with ocp.Context(checkpoint_layout=ocp.options.CheckpointLayout.SAFETENSORS):
+                shapes = ocp.metadata(path).metadata
+                abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rule(k, v.shape, None) or single)
+                            for k, v in shapes.items()}
+                return ocp.load(path, abstract_state=abstract)
+
+        paths.append(("orbax-checkpoint load (SAFETENSORS layout), same shardings", orbax, ready))
+    except ImportError as e:
+        print(f"flax: orbax row skipped ({e})")
+    paths.append(("safetensors.flax.load_file + device_put(sharding)", theirs, ready))
+    group("flax", paths, runs, nbytes)
 
 
 def main():
