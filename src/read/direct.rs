@@ -4,12 +4,16 @@
 //! [`BLOCK`] (staging buffers place large pieces so), the whole blocks inside the range are
 //! read straight into it and only its unaligned edges go through a per-thread bounce
 //! buffer; any other range is read as the aligned blocks around it into the bounce buffer,
-//! then copied out.
+//! then copied out. Where the kernel refuses a destination for direct reads (`EFAULT` or
+//! `EINVAL`: memory it cannot pin for the device's DMA, such as some drivers' pinned
+//! mappings), the file's reads go through the bounce buffer from then on, and the load's
+//! report says so.
 
 use std::cell::RefCell;
 use std::fs::File;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::OnceLock;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::memory::HostBuffer;
@@ -43,6 +47,9 @@ pub fn open_direct(path: &Path) -> std::io::Result<File> {
 pub struct DirectFile {
     file: File,
     queue: Option<&'static Queue>,
+    /// Why the kernel refused a destination for reads in place, once it has: the file's
+    /// reads go through the bounce buffer since.
+    in_place_refused: OnceLock<String>,
 }
 
 impl DirectFile {
@@ -55,7 +62,16 @@ impl DirectFile {
         } else {
             None
         };
-        Ok(DirectFile { file, queue })
+        Ok(DirectFile {
+            file,
+            queue,
+            in_place_refused: OnceLock::new(),
+        })
+    }
+
+    /// Why reads straight into the destination were refused by the kernel, if they were.
+    pub fn in_place_refused(&self) -> Option<&str> {
+        self.in_place_refused.get().map(String::as_str)
     }
 
     /// Whether its requests go through its disk's queue (so that the threads reading it
@@ -89,13 +105,15 @@ pub fn read(file: &DirectFile, offset: usize, dst: &mut [u8]) -> Result<()> {
         };
         let bounce = bounce.as_mut_bytes();
         let (head, middle) = in_place_blocks(offset, dst);
-        if middle == 0 {
+        if middle == 0 || file.in_place_refused().is_some() {
             return read_via(file, offset, dst, bounce);
         }
         let (edge, rest) = dst.split_at_mut(head);
         let (blocks, tail) = rest.split_at_mut(middle);
         read_via(file, offset, edge, bounce)?;
-        read_blocks(file, offset + head, blocks)?;
+        let done = read_blocks(file, offset + head, blocks)?;
+        // What the kernel refused to read in place goes through the bounce buffer.
+        read_via(file, offset + head + done, &mut blocks[done..], bounce)?;
         read_via(file, offset + head + middle, tail, bounce)
     })
 }
@@ -124,9 +142,18 @@ fn in_place_blocks(offset: usize, dst: &[u8]) -> (usize, usize) {
     }
 }
 
+/// Whether an error of a direct read into memory that is not ours (the bounce buffer is)
+/// means the kernel refuses that memory or its alignment for direct reads, rather than a
+/// failing disk.
+fn refuses_destination(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EFAULT | libc::EINVAL))
+}
+
 /// Reads `dst.len()` bytes (whole blocks) at `offset` (block-aligned) into `dst` (block-
-/// aligned), with no bounce buffer, in requests of at most [`BOUNCE`] bytes.
-fn read_blocks(file: &DirectFile, offset: usize, dst: &mut [u8]) -> Result<()> {
+/// aligned), with no bounce buffer, in requests of at most [`BOUNCE`] bytes. Returns the
+/// bytes read: all of them, or those before a request the kernel refused for its
+/// destination (see [`refuses_destination`]; `file` then remembers why).
+fn read_blocks(file: &DirectFile, offset: usize, dst: &mut [u8]) -> Result<usize> {
     // Fresh memory is faulted in here, before the disk writes it: the queue's thread (where
     // there is one) then spends its time reading, not zeroing pages.
     touch(dst);
@@ -134,8 +161,15 @@ fn read_blocks(file: &DirectFile, offset: usize, dst: &mut [u8]) -> Result<()> {
     while done < dst.len() {
         let want = (dst.len() - done).min(BOUNCE / BLOCK * BLOCK);
         let at = offset + done;
-        match file.read_at(&mut dst[done..done + want], at as u64, || ()) {
+        match read_in_place(file, &mut dst[done..done + want], at as u64) {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if refuses_destination(&e) => {
+                let _ = file.in_place_refused.set(format!(
+                    "direct reads straight into the destination were refused ({e}): \
+                     read through a bounce buffer"
+                ));
+                return Ok(done);
+            }
             Err(e) => {
                 return Err(Error::io(
                     &format!("reading {want} bytes at {at} directly (O_DIRECT)"),
@@ -166,7 +200,16 @@ fn read_blocks(file: &DirectFile, offset: usize, dst: &mut [u8]) -> Result<()> {
             Ok(n) => done += n,
         }
     }
-    Ok(())
+    Ok(done)
+}
+
+/// One request of [`read_blocks`]. Tests make it fail as a kernel refusing the memory does.
+fn read_in_place(file: &DirectFile, buf: &mut [u8], at: u64) -> std::io::Result<usize> {
+    #[cfg(test)]
+    if tests::REFUSE_IN_PLACE.get() {
+        return Err(std::io::Error::from_raw_os_error(libc::EFAULT));
+    }
+    file.read_at(buf, at, || ())
 }
 
 fn read_via(file: &DirectFile, offset: usize, dst: &mut [u8], bounce: &mut [u8]) -> Result<()> {
@@ -224,6 +267,12 @@ fn read_via(file: &DirectFile, offset: usize, dst: &mut [u8], bounce: &mut [u8])
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::Cell;
+
+    thread_local! {
+        /// Makes this thread's reads in place fail with `EFAULT`.
+        pub(super) static REFUSE_IN_PLACE: Cell<bool> = const { Cell::new(false) };
+    }
 
     /// A file of `len` patterned bytes opened for direct reads twice, read by the reader
     /// threads and through a disk queue (with its folder and bytes), or `None`, said, where
@@ -233,7 +282,13 @@ mod tests {
         let path = dir.path().join("f");
         let data: Vec<u8> = (0..len as u32).map(|i| (i * 7 % 251) as u8).collect();
         std::fs::write(&path, &data).unwrap();
-        let opened = |queue| open_direct(&path).map(|file| DirectFile { file, queue });
+        let opened = |queue| {
+            open_direct(&path).map(|file| DirectFile {
+                file,
+                queue,
+                in_place_refused: OnceLock::new(),
+            })
+        };
         match (opened(None), opened(Some(Queue::for_tests()))) {
             (Ok(own), Ok(queued)) => Some((dir, data, [own, queued])),
             (Err(e), _) | (_, Err(e)) => {
@@ -323,5 +378,31 @@ mod tests {
             let e = read(file, 5, dst).unwrap_err();
             assert_eq!(e.kind(), ErrorKind::Io, "{e}");
         }
+    }
+
+    /// A kernel that refuses the destination of reads in place (`EFAULT`, as for memory it
+    /// cannot pin) costs nothing but speed: the same bytes arrive through the bounce buffer,
+    /// the file remembers why (for the load's report) and reads through it from then on.
+    #[test]
+    fn refused_destinations_fall_back_to_the_bounce_buffer() {
+        let Some((_dir, data, files)) = patterned(40 * BLOCK + 333, "refused reads in place")
+        else {
+            return;
+        };
+        let mut arena = HostBuffer::page_aligned(48 * BLOCK).unwrap();
+        REFUSE_IN_PLACE.set(true);
+        for file in &files {
+            for (offset, len) in [(7, 20 * BLOCK), (3 * BLOCK, 30 * BLOCK + 9)] {
+                let at = offset % BLOCK;
+                let dst = &mut arena.as_mut_bytes()[at..at + len];
+                dst.fill(0);
+                assert!(in_place_blocks(offset, dst).1 > 0);
+                read(file, offset, dst).unwrap();
+                assert!(dst == &data[offset..offset + len], "{offset} {len}");
+                let why = file.in_place_refused().expect("the refusal is remembered");
+                assert!(why.contains("bounce buffer"), "{why}");
+            }
+        }
+        REFUSE_IN_PLACE.set(false);
     }
 }

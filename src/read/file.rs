@@ -258,11 +258,13 @@ impl<'a> HostFile<'a> {
         self.read_path.get().copied()
     }
 
-    /// Why direct reads were asked for or wanted (a cold file) and not used, if they were.
+    /// Why direct reads were asked for or wanted (a cold file) and not used, or not
+    /// straight into their destinations, if they were not.
     pub(crate) fn direct_refused(&self) -> Option<&str> {
         match self.direct.get() {
             Some(Err(why)) => Some(why),
-            _ => None,
+            Some(Ok(file)) => file.in_place_refused(),
+            None => None,
         }
     }
 
