@@ -928,6 +928,52 @@ fn wgpu_conversions_larger_than_the_scratch_match_the_cpu() {
     }
 }
 
+/// Arenas come from the backend's pool and go back to it: a second load reuses the first's
+/// memory once it is dropped (the pool then holds no more than before), a load while the
+/// first's tensors live gets memory of its own (both keep their bytes), and `trim` gives
+/// the unused memory back to the device.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_arenas_return_to_the_pool() {
+    let test = "cuda_arenas_return_to_the_pool";
+    let backend = match tensorplace::internals::CudaBackend::open(0) {
+        Ok(b) if b.pooled() => b,
+        Ok(_) => return println!("SKIPPED {test}: the device has no memory pools"),
+        Err(e) => return println!("SKIPPED {test}: {e}"),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let first = common::mixed_tensors(40);
+    let second: Tensors = first
+        .iter()
+        .map(|(name, t)| {
+            let bytes: Vec<u8> = t.as_bytes().unwrap().iter().map(|b| b ^ 0x5a).collect();
+            let t = Tensor::from_bytes(t.dtype(), t.shape().to_vec(), &bytes).unwrap();
+            (name.to_owned(), t)
+        })
+        .collect();
+    let (a, b) = (write(&dir, &first), {
+        let d = dir.path().join("second.safetensors");
+        tensorplace::save_file(&second, &d, None).unwrap();
+        d
+    });
+    backend.trim().unwrap();
+    let loaded = tensorplace::load_file(&a, "cuda:0").unwrap();
+    drop(loaded);
+    let cached = backend.cached();
+    assert!(cached > 0, "the first load's arena stays in the pool");
+    let loaded = tensorplace::load_file(&a, "cuda:0").unwrap();
+    assert!(
+        backend.cached() < cached,
+        "the second load took the pooled memory"
+    );
+    let other = tensorplace::load_file(&b, "cuda:0").unwrap();
+    assert_same(Device::Cuda(0), &loaded, &first);
+    assert_same(Device::Cuda(0), &other, &second);
+    drop((loaded, other));
+    backend.trim().unwrap();
+    assert_eq!(backend.cached(), 0, "trim gives the pool's memory back");
+}
+
 /// A file over 1 GiB of odd-length tensors, long ones that cross the 512 MiB register chunks
 /// and wrap the 4 x 64 MiB staging ring and short ones the staging ring coalesces, through
 /// both CUDA upload paths, from the page cache and read directly: bytes equal to the file.

@@ -1,6 +1,8 @@
 //! The CUDA group: our load, the per-tensor path every peer uses (allocate and copy each
 //! tensor from the mapping, as candle does), and one pinned-host-to-device copy of the same
-//! size (the ceiling). Each run ends synchronized, its device memory freed.
+//! size (the ceiling). Each run ends synchronized, its device memory freed. Two stage rows
+//! show the fixed cost inside a load's total: allocating and freeing its arena as a load
+//! does (from the backend's pool, warm after the first run) and with `cuMemAlloc`.
 
 use std::ffi::c_void;
 use std::path::Path;
@@ -23,6 +25,7 @@ pub(super) fn group(ordinal: usize, path: &Path) -> Result<Group<'_>> {
     drop(file);
     let device_buf = Arena::alloc(backend.context(), bytes)?;
     let ceiling = backend.clone();
+    let (pooled, unpooled) = (backend.clone(), backend.clone());
     let device = Device::Cuda(ordinal);
     Ok(Group {
         device: device.to_string(),
@@ -45,6 +48,20 @@ pub(super) fn group(ordinal: usize, path: &Path) -> Result<Group<'_>> {
                 "per-tensor clone_htod from the mmap",
                 Role::Baseline,
                 move || per_tensor_clone(&backend, ordinal, path),
+            ),
+            BenchPath::new(
+                if pooled.pooled() {
+                    "stage: allocate + free the arena (pool)"
+                } else {
+                    "stage: allocate + free the arena (no pool: cuMemAlloc)"
+                },
+                Role::Stage,
+                move || pooled.arena(bytes).map(drop),
+            ),
+            BenchPath::new(
+                "stage: allocate + free the arena (cuMemAlloc)",
+                Role::Stage,
+                move || Arena::alloc(unpooled.context(), bytes).map(drop),
             ),
             BenchPath::new(
                 "one pinned host-to-device copy (ceiling)",

@@ -82,32 +82,53 @@ def drop_cache(path):
         os.close(fd)
 
 
+def rchar():
+    """Bytes this process has read through read-like system calls (``/proc/self/io``'s
+    ``rchar``, every thread's): what a loader read with ``pread``/``read``, its own or a
+    library's. Pages of a mapping faulted in are not counted (an mmap reader shows ~0)."""
+    try:
+        with open("/proc/self/io") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+    except (OSError, StopIteration):
+        return 0
+
+
 def timed(fn, ready, nbytes=0):
+    """Seconds of one run, and the bytes read meanwhile (see ``rchar``)."""
     gc.collect()
     for path in COLD:
         drop_cache(path)
     prime_memory(nbytes)
+    before = rchar()
     t = time.perf_counter()
     out = fn()
     ready(out)
     s = time.perf_counter() - t
+    read = rchar() - before
     del out
     gc.collect()
-    return s
+    return s, read
 
 
 def group(name, paths, runs, nbytes):
+    """Times each path ``runs`` times (alternating order, after a warm-up) and prints a row
+    each: GB/s of the median run, the ratio to the last path's, and the bytes read per run
+    through read calls (``rchar``: about 0 for a path that reads through a mapping)."""
     times = {label: [] for label, _, _ in paths}
+    reads = {label: [] for label, _, _ in paths}
     for label, fn, ready in paths:  # warm-up
         timed(fn, ready, nbytes)
     for r in range(runs):
         order = paths if r % 2 == 0 else list(reversed(paths))
         for label, fn, ready in order:
-            times[label].append(timed(fn, ready, nbytes))
+            s, read = timed(fn, ready, nbytes)
+            times[label].append(s)
+            reads[label].append(read)
     base = statistics.median(times[paths[-1][0]])
     for label, _, _ in paths:
         med = statistics.median(times[label])
-        print(f"{name:<6} {label:<58} {nbytes / med / 1e9:8.3f} GB/s  {base / med:6.2f}x")
+        read = statistics.median(reads[label]) / 1e6
+        print(f"{name:<6} {label:<58} {nbytes / med / 1e9:8.3f} GB/s  {base / med:6.2f}x  read {read:8.1f} MB")
 
 
 def f32_tensors(count, nbytes, seed=0):

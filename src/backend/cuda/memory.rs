@@ -1,5 +1,6 @@
-//! CUDA memory that the backend owns: device allocations ([`Arena`]) and page-locked host
-//! buffers ([`Pinned`]), each freed exactly once on drop, in its own context ([`Current`]).
+//! CUDA memory that the backend owns: device allocations ([`Arena`]), from the backend's
+//! stream-ordered [`Pool`] where the device has pools, and page-locked host buffers
+//! ([`Pinned`]), each freed exactly once on drop, in its own context ([`Current`]).
 
 use std::sync::Arc;
 
@@ -55,11 +56,124 @@ impl Drop for Current {
     }
 }
 
-/// A device allocation, freed on drop.
+/// A stream-ordered memory pool of one device (`cuMemPoolCreate`), kept by the backend for
+/// the process's life: a load's arena comes from it (`cuMemAllocFromPoolAsync`) and goes
+/// back to it when the last tensor drops, and the pool keeps that memory (its release
+/// threshold is unbounded) for the next load, which then neither asks the driver for
+/// memory nor maps it anew. [`trim`](Self::trim) gives what no tensor uses back to the
+/// device. The pool is ours, not the device's default one, so other libraries' pools keep
+/// their own settings.
+pub struct Pool {
+    ctx: Arc<CudaContext>,
+    pool: sys::CUmemoryPool,
+    /// Where arenas are allocated and freed.
+    stream: Arc<CudaStream>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("ordinal", &self.ctx.ordinal())
+            .finish()
+    }
+}
+
+// SAFETY: a pool handle may be used from any thread (the driver synchronizes its pools); the
+// value owns the handle, destroyed once by Drop.
+unsafe impl Send for Pool {}
+// SAFETY: as above; `&Pool` only allocates, frees, trims and reads attributes.
+unsafe impl Sync for Pool {}
+
+impl Pool {
+    /// Creates a pool of device memory on `stream`'s device that keeps what is freed.
+    pub fn create(ctx: &Arc<CudaContext>, stream: &Arc<CudaStream>) -> Result<Pool> {
+        let ordinal = ctx.ordinal();
+        let _current = Current::push(ctx)?;
+        let id = i32::try_from(ordinal).map_err(|_| unavailable_ordinal(ordinal))?;
+        // SAFETY: the struct is plain data (integers, a null pointer and padding); every
+        // field the driver reads is set below, the rest zero as the documentation asks.
+        let mut props: sys::CUmemPoolProps = unsafe { std::mem::zeroed() };
+        props.allocType = sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED;
+        props.handleTypes = sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_NONE;
+        props.location.type_ = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
+        props.location.id = id;
+        // SAFETY: `props` is a valid, initialized description; the context is current.
+        let pool = unsafe { result::mem_pool::create(&props) }
+            .map_err(|e| driver_err(ordinal, "cuMemPoolCreate", e))?;
+        let pool = Pool {
+            ctx: ctx.clone(),
+            pool,
+            stream: stream.clone(),
+        };
+        let mut keep = u64::MAX;
+        // SAFETY: the pool is valid; RELEASE_THRESHOLD takes a u64 through the pointer.
+        unsafe {
+            result::mem_pool::set_attribute(
+                pool.pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&raw mut keep).cast(),
+            )
+        }
+        .map_err(|e| driver_err(ordinal, "setting the pool's release threshold", e))?;
+        Ok(pool)
+    }
+
+    /// The bytes the pool holds that no arena uses: memory a load can take besides what
+    /// `cuMemGetInfo` calls free.
+    pub fn unused(&self) -> usize {
+        // Arenas freed on the pool's stream count once the stream reaches their frees.
+        if let Ok(_current) = Current::push(&self.ctx) {
+            let _ = self.stream.synchronize();
+        }
+        let read = |attr| {
+            let mut value = 0u64;
+            // SAFETY: the pool is valid; both attributes are u64s written through the pointer.
+            unsafe { result::mem_pool::get_attribute(self.pool, attr, (&raw mut value).cast()) }
+                .map(|()| value)
+                .unwrap_or(0)
+        };
+        use sys::CUmemPool_attribute as A;
+        let reserved = read(A::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT);
+        let used = read(A::CU_MEMPOOL_ATTR_USED_MEM_CURRENT);
+        usize::try_from(reserved.saturating_sub(used)).unwrap_or(usize::MAX)
+    }
+
+    /// Gives the memory no arena uses back to the device.
+    pub fn trim(&self) -> Result<()> {
+        let _current = Current::push(&self.ctx)?;
+        // Frees queued on the pool's stream return their memory once the stream reaches them.
+        self.stream
+            .synchronize()
+            .map_err(|e| driver_err(self.ctx.ordinal(), "synchronizing", e))?;
+        // SAFETY: the pool is valid; trimming releases only memory no allocation holds.
+        unsafe { result::mem_pool::trim_to(self.pool, 0) }
+            .map_err(|e| driver_err(self.ctx.ordinal(), "cuMemPoolTrimTo", e))
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let _current = Current::push(&self.ctx);
+        let _ = self.stream.synchronize();
+        // SAFETY: the pool is valid and destroyed only here; every arena from it holds an
+        // `Arc` of it, so none is left.
+        let _ = unsafe { result::mem_pool::destroy(self.pool) };
+    }
+}
+
+fn unavailable_ordinal(ordinal: usize) -> Error {
+    Error::new(
+        ErrorKind::DeviceUnavailable,
+        format!("cuda:{ordinal}: ordinal too large"),
+    )
+}
+
+/// A device allocation, freed on drop (given back to its pool, where it came from one).
 #[derive(Debug)]
 pub struct Arena {
     ctx: Arc<CudaContext>,
     ptr: CUdeviceptr,
+    pool: Option<Arc<Pool>>,
 }
 
 impl Arena {
@@ -78,7 +192,38 @@ impl Arena {
         Ok(Arena {
             ctx: ctx.clone(),
             ptr,
+            pool: None,
         })
+    }
+
+    /// Allocates `len` bytes (at least one) from `pool`, ready for use on any stream when
+    /// this returns.
+    pub fn alloc_from(pool: &Arc<Pool>, len: usize) -> Result<Arena> {
+        let ctx = &pool.ctx;
+        let ordinal = ctx.ordinal();
+        let _current = Current::push(ctx)?;
+        let stream = pool.stream.cu_stream();
+        // SAFETY: the pool and its stream are valid and the context current; the pointer is
+        // given back exactly once, by Drop.
+        let ptr = unsafe { result::mem_pool::alloc_async(pool.pool, len.max(1), stream) }.map_err(
+            |e| {
+                Error::new(
+                    ErrorKind::OutOfMemory,
+                    format!("cuda:{ordinal}: allocating {len} bytes from the pool: {e}"),
+                )
+                .with_source(e)
+            },
+        )?;
+        let arena = Arena {
+            ctx: ctx.clone(),
+            ptr,
+            pool: Some(pool.clone()),
+        };
+        // The allocation is ordered on the pool's stream: the copies run on others.
+        pool.stream
+            .synchronize()
+            .map_err(|e| driver_err(ordinal, "synchronizing an allocation", e))?;
+        Ok(arena)
     }
 
     /// The device address of the first byte.
@@ -95,10 +240,24 @@ impl Arena {
 impl Drop for Arena {
     fn drop(&mut self) {
         let _current = Current::push(&self.ctx);
-        // SAFETY: `ptr` came from `malloc_sync` on this context and is freed only here; every
-        // copy or kernel that used it was synchronized before its owner dropped it (the
-        // load's stream guard, or the synchronized load that handed out its tensors).
-        let _ = unsafe { result::free_sync(self.ptr) };
+        match &self.pool {
+            Some(pool) => {
+                // Work the caller queued on the tensors (on any stream) ends first, as
+                // `cuMemFree` would wait for it: the pool may hand the memory to the next
+                // load as soon as its stream reaches the free.
+                let _ = self.ctx.synchronize();
+                // SAFETY: `ptr` came from this pool and is given back only here, after
+                // every use of it completed (above).
+                let _ = unsafe { result::free_async(self.ptr, pool.stream.cu_stream()) };
+            }
+            None => {
+                // SAFETY: `ptr` came from `malloc_sync` on this context and is freed only
+                // here; every copy or kernel that used it was synchronized before its owner
+                // dropped it (the load's stream guard, or the synchronized load that handed
+                // out its tensors), and `cuMemFree` waits for the rest.
+                let _ = unsafe { result::free_sync(self.ptr) };
+            }
+        }
     }
 }
 

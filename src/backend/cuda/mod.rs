@@ -1,8 +1,12 @@
 //! The CUDA backend (cudarc, libcuda loaded at run time).
 //!
 //! One device allocation (an arena) per load; each tensor a view into it, its start
-//! 256-byte aligned; the arena is freed when the last tensor is dropped. Before anything is
-//! copied, the free device memory is checked against what the load needs.
+//! 256-byte aligned; the arena is freed when the last tensor is dropped. Arenas come from
+//! the backend's stream-ordered [`Pool`] where the device has memory pools: freed, they
+//! stay in it for the next load (no `cuMemAlloc` of gigabytes, no fresh mapping, in the
+//! timed window of a repeated load) until [`CudaBackend::trim`]; `TENSORPLACE_CUDA_POOL=0`
+//! allocates each with `cuMemAlloc` instead. Before anything is copied, the free device
+//! memory (and the pool's unused memory) is checked against what the load needs.
 //!
 //! Two ways up the PCIe link, chosen per load ([`Upload`]):
 //! - **staging** ([`staging`], the automatic choice): a ring of pinned buffers filled by the
@@ -40,7 +44,7 @@ pub use kernels::CONVERT_PTX;
 use kernels::Kernels;
 #[cfg(feature = "unstable-internals")]
 pub use memory::Pinned;
-pub use memory::{Arena, Current};
+pub use memory::{Arena, Current, Pool};
 
 /// Alignment of each tensor's start in the arena.
 pub(crate) const ALIGN: usize = 256;
@@ -173,6 +177,8 @@ pub struct CudaBackend {
     numa_node: Option<usize>,
     streams: Vec<Arc<CudaStream>>,
     ring: Mutex<Option<staging::Ring>>,
+    /// Where arenas come from, where the device has memory pools (see the module).
+    pool: Option<Arc<Pool>>,
     /// Loaded on first use; a failure is reported to that load and tried again by the next.
     kernels: Mutex<Option<Arc<Kernels>>>,
 }
@@ -236,7 +242,11 @@ impl CudaBackend {
                 ctx.new_stream()
                     .map_err(|e| driver_err(ordinal, "creating a stream", e))
             })
-            .collect::<Result<_>>()?;
+            .collect::<Result<Vec<Arc<CudaStream>>>>()?;
+        let pool = (ctx.has_async_alloc()
+            && std::env::var_os("TENSORPLACE_CUDA_POOL").is_none_or(|v| v != "0"))
+        .then(|| Pool::create(&ctx, &streams[0]).ok().map(Arc::new))
+        .flatten();
         Ok(CudaBackend {
             ordinal,
             ctx,
@@ -246,6 +256,7 @@ impl CudaBackend {
             numa_node,
             streams,
             ring: Mutex::new(None),
+            pool,
             kernels: Mutex::new(None),
         })
     }
@@ -334,22 +345,58 @@ impl CudaBackend {
         Ok(uploads)
     }
 
-    /// An [`ErrorKind::OutOfMemory`] error unless `need` bytes of device memory are free.
+    /// An [`ErrorKind::OutOfMemory`] error unless `need` bytes of device memory are free
+    /// (or held unused by the pool).
     fn check_free(&self, need: usize) -> Result<()> {
         let (free, _) = self
             .ctx
             .mem_get_info()
             .map_err(|e| driver_err(self.ordinal, "cuMemGetInfo", e))?;
-        if need > free {
+        let cached = self.pool.as_ref().map_or(0, |p| p.unused());
+        if need > free.saturating_add(cached) {
             return Err(Error::new(
                 ErrorKind::OutOfMemory,
                 format!(
-                    "cuda:{}: the load needs {need} bytes of device memory, {free} are free",
+                    "cuda:{}: the load needs {need} bytes of device memory, {free} are free \
+                     and {cached} held unused by tensorplace's pool",
                     self.ordinal
                 ),
             ));
         }
         Ok(())
+    }
+
+    /// An arena of `len` bytes, as a load takes it: from the pool where there is one
+    /// (trimmed and tried again once where the pool's free memory is in pieces too small),
+    /// else from `cuMemAlloc`.
+    pub fn arena(&self, len: usize) -> Result<Arena> {
+        let Some(pool) = &self.pool else {
+            return Arena::alloc(&self.ctx, len);
+        };
+        Arena::alloc_from(pool, len).or_else(|_| {
+            pool.trim()?;
+            Arena::alloc_from(pool, len)
+        })
+    }
+
+    /// Gives the device memory that loads' freed arenas left in the backend's pool back to
+    /// the device (as `torch.cuda.empty_cache()` does for torch's), so that other libraries
+    /// can allocate it. Memory of tensors still alive stays theirs.
+    pub fn trim(&self) -> Result<()> {
+        match &self.pool {
+            Some(pool) => pool.trim(),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether arenas come from the backend's memory pool (see the module).
+    pub fn pooled(&self) -> bool {
+        self.pool.is_some()
+    }
+
+    /// The device memory the pool holds that no tensor uses (0 without a pool).
+    pub fn cached(&self) -> usize {
+        self.pool.as_ref().map_or(0, |p| p.unused())
     }
 
     /// The CPUs of the GPU's NUMA node, where sysfs says.
@@ -546,10 +593,10 @@ fn upload(backend: &Arc<CudaBackend>, plan: &LoadPlan<'_>) -> Result<Vec<CudaSto
     let items = plan.items();
     let layout = Layout::of(items)?;
     backend.check_free(layout.need()?)?;
-    let arena = Arc::new(Arena::alloc(&backend.ctx, layout.out_total)?);
+    let arena = Arc::new(backend.arena(layout.out_total)?);
     let scratch = match layout.scratch_len {
         0 => None,
-        n => Some(Arena::alloc(&backend.ctx, n)?),
+        n => Some(backend.arena(n)?),
     };
     // Dropped before the arenas on every exit.
     let guard = StreamGuard(backend);
