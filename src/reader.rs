@@ -217,6 +217,45 @@ impl Reader {
     /// one pass over the files, returned in the order given: the shards of a sharded load,
     /// several parts of one tensor among them. A part asked twice is read twice.
     pub fn parts(&self, parts: &[(&str, Option<&Slice>)]) -> Result<Vec<Tensor>> {
+        self.parts_with(&*self.backend, parts)
+    }
+
+    /// [`parts`](Self::parts), each part onto a device of its own (`(name, slice, device)`):
+    /// the shards of a load over several devices, such as the eight GPUs of a mesh, in one
+    /// call. The parts of each device are read in one pass over the files, straight into
+    /// that device's memory (no host copy where the device is a GPU), device after device;
+    /// the reader's own device, dtype, narrowing and upload strategy otherwise.
+    pub fn parts_on(&self, parts: &[(&str, Option<&Slice>, Device)]) -> Result<Vec<Tensor>> {
+        let mut groups: Vec<(Device, Vec<usize>)> = Vec::new();
+        for (k, (_, _, device)) in parts.iter().enumerate() {
+            match groups.iter_mut().find(|(d, _)| d == device) {
+                Some((_, members)) => members.push(k),
+                None => groups.push((*device, vec![k])),
+            }
+        }
+        let mut placed: Vec<Option<Tensor>> = vec![None; parts.len()];
+        for (device, members) in groups {
+            let backend = match device == self.backend.device() {
+                true => self.backend.clone(),
+                false => backend::for_device(device, None)?,
+            };
+            let asked: Vec<(&str, Option<&Slice>)> =
+                members.iter().map(|&k| (parts[k].0, parts[k].1)).collect();
+            for (k, t) in members.into_iter().zip(self.parts_with(&*backend, &asked)?) {
+                placed[k] = Some(t);
+            }
+        }
+        placed
+            .into_iter()
+            .map(|t| t.ok_or_else(|| Error::new(ErrorKind::Backend, "the backend placed no part")))
+            .collect()
+    }
+
+    fn parts_with(
+        &self,
+        backend: &dyn Backend,
+        parts: &[(&str, Option<&Slice>)],
+    ) -> Result<Vec<Tensor>> {
         let mut wanted: Vec<(usize, Located<'_>, Selection<'_>)> = parts
             .iter()
             .enumerate()
@@ -233,7 +272,7 @@ impl Reader {
             .map(|(_, at, selection)| self.entry(at, selection))
             .collect();
         let mut placed: Vec<Option<Tensor>> = vec![None; parts.len()];
-        for (k, t) in order.into_iter().zip(self.place(entries)?) {
+        for (k, t) in order.into_iter().zip(self.place_on(backend, entries)?) {
             placed[k] = Some(t);
         }
         placed
@@ -338,8 +377,12 @@ impl Reader {
 
     /// Places `entries` (in file order) on the device.
     fn place(&self, entries: Vec<PlanEntry<'_>>) -> Result<Vec<Tensor>> {
+        self.place_on(&*self.backend, entries)
+    }
+
+    fn place_on(&self, backend: &dyn Backend, entries: Vec<PlanEntry<'_>>) -> Result<Vec<Tensor>> {
         let plan = LoadPlan::new(Some(&self.origin), entries, self.cast)?.with_upload(self.upload);
-        let placed = backend::place(&*self.backend, &plan)?;
+        let placed = backend::place(backend, &plan)?;
         plan.finish();
         Ok(placed)
     }

@@ -728,6 +728,18 @@ fn readers_read_what_loads_load_on_every_device() {
             for ((got, want), (name, _)) in got.iter().zip(&wants).zip(&asked) {
                 assert_eq!(&host(got), want, "{device} {mode:?} part of {name}");
             }
+            // The same parts, each onto a device of its own (the CPU and this loop's device
+            // in turn, as a mesh's shards go to their devices): the same bytes, where asked.
+            let on: Vec<(&str, Option<&Slice>, Device)> = asked
+                .iter()
+                .enumerate()
+                .map(|(k, &(name, part))| (name, part, [Device::Cpu, device][k % 2]))
+                .collect();
+            let got = reader.parts_on(&on).unwrap();
+            for ((got, want), (name, _, on)) in got.iter().zip(&wants).zip(&on) {
+                assert_eq!(got.device(), on.probe().unwrap(), "{device} part of {name}");
+                assert_eq!(&host(got), want, "{device} {mode:?} part of {name} on {on}");
+            }
             let e = reader
                 .parts(&[(names[0], None), ("nope", None)])
                 .unwrap_err();

@@ -658,11 +658,14 @@ impl PyReader {
     }
 
     /// Reads `parts` ((name, slice text or `None`) pairs: a sharded load's shards) in one
-    /// pass over the files, returned as views in the order given.
+    /// pass over the files, returned as views in the order given; `devices` (one device
+    /// string per part), each part straight onto its own device.
+    #[pyo3(signature = (parts, devices = None))]
     fn get_parts(
         &self,
         py: Python<'_>,
         parts: Vec<(String, Option<String>)>,
+        devices: Option<Vec<String>>,
     ) -> PyResult<Vec<PyTensor>> {
         let slices: Vec<Option<Slice>> = parts
             .iter()
@@ -676,7 +679,28 @@ impl PyReader {
             .zip(&slices)
             .map(|((name, _), slice)| (name.as_str(), slice.as_ref()))
             .collect();
-        let tensors = interruptible(py, |_| self.reader.parts(&asked).map_err(py_err))?;
+        let tensors = match devices {
+            None => interruptible(py, |_| self.reader.parts(&asked).map_err(py_err))?,
+            Some(devices) => {
+                if devices.len() != asked.len() {
+                    return Err(PyValueError::new_err(format!(
+                        "{} devices for {} parts",
+                        devices.len(),
+                        asked.len()
+                    )));
+                }
+                let devices: Vec<Device> = devices
+                    .iter()
+                    .map(|d| d.parse().map_err(py_err))
+                    .collect::<PyResult<_>>()?;
+                let on: Vec<(&str, Option<&Slice>, Device)> = asked
+                    .iter()
+                    .zip(devices)
+                    .map(|(&(name, slice), device)| (name, slice, device))
+                    .collect();
+                interruptible(py, |_| self.reader.parts_on(&on).map_err(py_err))?
+            }
+        };
         Ok(tensors.into_iter().map(Self::view).collect())
     }
 }

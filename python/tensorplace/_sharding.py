@@ -6,6 +6,10 @@ this process's devices holds; identical indices (replicated dimensions) are read
 copied to every device that holds them. The parts of every tensor are read by the crate in
 one pass over the files (``Reader.parts``), a window of at most :data:`WINDOW` bytes at a
 time, and the global arrays assembled with ``jax.make_array_from_single_device_arrays``.
+A part whose first device is a GPU is read straight into that GPU's memory by the crate
+(``Reader.parts_on``: no host copy, casts on the device) and handed to JAX by DLPack; the
+other devices holding it get a device-to-device copy. Parts for CPU devices are read into
+host memory and put on their devices.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ def load(filename, sharding: Any, device: Any, dtype: Optional[str], backend: st
     rule = _rule(sharding)
     parts: List[Tuple[str, Optional[str]]] = []
     sizes: List[int] = []
+    homes: List[Any] = []
     tensors: List[_Tensor] = []
     for name in reader.keys():
         stored, shape = reader.info(name)
@@ -68,8 +73,8 @@ def load(filename, sharding: Any, device: Any, dtype: Optional[str], backend: st
         target = rule(name, shape, stored)
         if target is None:
             target = jax.sharding.SingleDeviceSharding(device)
-        tensors.append(_plan(filename, name, shape, out, target, parts, sizes))
-    return _place(reader, tensors, parts, sizes)
+        tensors.append(_plan(filename, name, shape, out, target, parts, sizes, homes))
+    return _place(reader, tensors, parts, sizes, homes)
 
 
 def _rule(sharding: Any) -> Callable[[str, Tuple[int, ...], str], Any]:
@@ -112,9 +117,9 @@ def _flatten(tree: Mapping, prefix: str = "") -> Dict[str, Any]:
     return out
 
 
-def _plan(filename, name, shape, dtype, sharding, parts, sizes) -> _Tensor:
+def _plan(filename, name, shape, dtype, sharding, parts, sizes, homes) -> _Tensor:
     """The tensor's parts on this process's devices, each distinct part added once to
-    ``parts`` (with its size in ``sizes``)."""
+    ``parts`` (with its size in ``sizes`` and the first device holding it in ``homes``)."""
     if not isinstance(sharding, jax.sharding.Sharding):
         raise TensorplaceError(
             "InvalidSharding", f'tensor "{name}": {sharding!r} is not a jax.sharding.Sharding', filename, name
@@ -134,6 +139,7 @@ def _plan(filename, name, shape, dtype, sharding, parts, sizes) -> _Tensor:
             seen[key] = len(parts)
             parts.append((name, text))
             sizes.append(math.prod(shard_shape) * itemsize)
+            homes.append(device)
         devices.append((device, seen[key]))
     return _Tensor(name, shape, _jax_dtype(dtype), sharding, devices, range(first, len(parts)))
 
@@ -156,7 +162,23 @@ def _jax_dtype(name: str):
     return jax.dtypes.canonicalize_dtype(dtype)
 
 
-def _place(reader, tensors: List[_Tensor], parts, sizes) -> Dict[str, jax.Array]:
+def _on_gpu(device) -> bool:
+    return getattr(device, "platform", None) in ("gpu", "cuda")
+
+
+def _read(reader, parts, homes) -> List[Any]:
+    """Reads ``parts``: as host (numpy) arrays where every home is a CPU device, else each
+    part onto its home (a GPU's parts straight into its memory, as JAX arrays there)."""
+    if not any(_on_gpu(d) for d in homes):
+        return [_np.to_numpy(v) for v in reader.get_parts(parts)]
+    from .flax import to_jax
+
+    targets = [f"cuda:{d.local_hardware_id}" if _on_gpu(d) else "cpu" for d in homes]
+    views = reader.get_parts(parts, targets)
+    return [to_jax(v) if _on_gpu(d) else _np.to_numpy(v) for v, d in zip(views, homes)]
+
+
+def _place(reader, tensors: List[_Tensor], parts, sizes, homes) -> Dict[str, jax.Array]:
     """Reads the parts a window of whole tensors at a time (at most :data:`WINDOW` bytes, at
     least one tensor), places each part on its devices and assembles the global arrays."""
     out: Dict[str, jax.Array] = {}
@@ -170,9 +192,11 @@ def _place(reader, tensors: List[_Tensor], parts, sizes) -> Dict[str, jax.Array]
             nbytes += size
             end += 1
         lo, hi = tensors[t].parts.start, tensors[end - 1].parts.stop
-        host = [_np.to_numpy(v) for v in reader.get_parts(parts[lo:hi])] if hi > lo else []
+        read = _read(reader, parts[lo:hi], homes[lo:hi]) if hi > lo else []
         for tensor in tensors[t:end]:
-            shards = [jax.device_put(host[k - lo], d) for d, k in tensor.devices]
+            # A GPU part is on its home already; every other placement is a copy.
+            shards = [read[k - lo] if d == homes[k] and _on_gpu(d) else jax.device_put(read[k - lo], d)
+                      for d, k in tensor.devices]
             out[tensor.name] = jax.make_array_from_single_device_arrays(
                 tensor.shape, tensor.sharding, shards, dtype=tensor.dtype
             )

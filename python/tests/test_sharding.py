@@ -127,3 +127,49 @@ def test_bad_shardings_are_errors_naming_the_tensor(tmp_path):
     assert e.value.kind == "InvalidSharding" and e.value.tensor == "w"
     with pytest.raises(TypeError):
         tensorplace.flax.load_file(path, sharding=3)
+
+
+def test_parts_go_to_the_devices_asked(tmp_path):
+    """The crate's reader places each part on the device named for it: on the CPU, the same
+    bytes as without devices; a device list of the wrong length is refused."""
+    from tensorplace import _tensorplace as native
+    from tensorplace import numpy as tnp
+
+    path = checkpoint(tmp_path)
+    reference = dict(np.load(tmp_path / "reference.npz"))
+    reader = native.open(str(path), "cpu", "mmap", tnp.to_numpy, None, None, False)
+    parts = [("w", "[0:512, :]"), ("cols", None), ("w", "[512:1024, 7:9]")]
+    wants = [reference["w"][:512], reference["cols"], reference["w"][512:, 7:9]]
+    for got, want in zip(reader.get_parts(parts, ["cpu"] * 3), wants):
+        np.testing.assert_array_equal(tnp.to_numpy(got), want)
+    with pytest.raises(ValueError):
+        reader.get_parts(parts, ["cpu"])
+
+
+def test_gpu_shards_load_straight_onto_the_gpus(tmp_path):
+    """On a machine with JAX GPUs: a sharding over every GPU (each part read into its GPU's
+    memory by the crate, cast there), tensors the rule leaves to the CPU on the CPU; values
+    equal to the reference."""
+    gpus = [d for d in jax.devices() if d.platform in ("gpu", "cuda")]
+    if not gpus:
+        pytest.skip("no JAX GPU device here")
+    path = checkpoint(tmp_path)
+    reference = dict(np.load(tmp_path / "reference.npz"))
+    mesh = jax.sharding.Mesh(np.array(gpus), ("a",))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("a"))
+    cpu = jax.devices("cpu")[0]
+
+    def rule(name, shape, dtype):
+        if name == "norm":
+            return jax.sharding.SingleDeviceSharding(cpu)
+        return rows if shape and shape[0] % len(gpus) == 0 else None
+
+    for dtype in [None, jnp.bfloat16]:
+        loaded = tensorplace.flax.load_file(path, device=gpus[0], sharding=rule, dtype=dtype)
+        for name, want in reference.items():
+            got = loaded[name]
+            on = {cpu} if name == "norm" else set(gpus) if got.ndim and want.shape[0] % len(gpus) == 0 else {gpus[0]}
+            assert got.devices() == on, name
+            if dtype is not None and want.dtype.kind == "f":
+                want = want.astype(ml_dtypes.bfloat16)
+            np.testing.assert_array_equal(np.asarray(got), want, err_msg=name)
