@@ -102,6 +102,24 @@ pub fn write_atomically(
     path: &Path,
     write: impl FnOnce(&mut dyn Write) -> Result<()>,
 ) -> Result<()> {
+    prepare(path, write)?.commit()
+}
+
+/// A file written in full to its temporary sibling and flushed to disk, not yet in place:
+/// [`commit`](Self::commit) renames it over its target; dropped uncommitted, the temporary
+/// is removed and the target never changed. Several files committed one after the other
+/// once all are prepared (a sharded checkpoint's) change nothing on disk unless every one
+/// of them was written.
+pub(crate) struct Prepared {
+    tmp: tempfile::NamedTempFile,
+    path: PathBuf,
+}
+
+/// Writes the temporary of `path` (see [`write_atomically`]) without renaming it.
+pub(crate) fn prepare(
+    path: &Path,
+    write: impl FnOnce(&mut dyn Write) -> Result<()>,
+) -> Result<Prepared> {
     use std::os::unix::fs::PermissionsExt;
     let (dir, name) = split(path)?;
     let permissions = match fs::metadata(path) {
@@ -137,16 +155,29 @@ pub fn write_atomically(
     tmp.as_file()
         .sync_all()
         .map_err(|e| Error::io("flushing to disk", None, e))?;
-    {
-        let _commit = commit();
-        tmp.persist(path)
-            .map_err(|e| Error::io("renaming the temporary file over it", None, e.error))?;
+    Ok(Prepared {
+        tmp,
+        path: path.to_owned(),
+    })
+}
+
+impl Prepared {
+    /// Renames the temporary over the target, and makes the rename durable.
+    pub(crate) fn commit(self) -> Result<()> {
+        let (dir, _) = split(&self.path)?;
+        let dir = dir.to_owned();
+        {
+            let _commit = commit();
+            self.tmp
+                .persist(&self.path)
+                .map_err(|e| Error::io("renaming the temporary file over it", None, e.error))?;
+        }
+        // Make the rename itself durable; a failure here leaves a complete file either way.
+        if let Ok(d) = fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
     }
-    // Make the rename itself durable; a failure here leaves a complete file either way.
-    if let Ok(d) = fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
 }
 
 /// How much a [`WriteBehind`] writes before it starts that part's writeback.

@@ -73,6 +73,9 @@ pub enum ErrorKind {
     /// A slice or a tensor-parallel split does not fit the tensor (an index out of range, a
     /// step, more indices than dimensions, a cut inside a byte of a packed dtype).
     InvalidSlice,
+    /// An argument that is not valid for the call (a shard size that does not parse, a
+    /// shard written past the last).
+    InvalidArgument,
 }
 
 impl ErrorKind {
@@ -106,6 +109,7 @@ impl ErrorKind {
             ErrorKind::Interrupted => "interrupted",
             ErrorKind::InvalidIndex => "checkpoint index inconsistent with its shards",
             ErrorKind::InvalidSlice => "invalid slice",
+            ErrorKind::InvalidArgument => "invalid argument",
         }
     }
 

@@ -90,6 +90,7 @@ mod read;
 mod reader;
 mod report;
 mod save;
+mod shards;
 mod slice;
 mod storage;
 mod stream;
@@ -113,6 +114,10 @@ pub use reader::{MemoryRead, Reader};
 pub use report::{LoadReport, ReadPath};
 pub use save::{
     Serialized, TensorView, save, save_file, save_views, save_views_file, serialize_views,
+};
+pub use shards::{
+    CheckpointWriter, MAX_SHARD_SIZE, ShardSplit, parse_size, save_checkpoint,
+    save_views_checkpoint,
 };
 pub use slice::{Slice, SliceIndex};
 pub use storage::{CpuStorage, Storage};

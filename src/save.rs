@@ -53,6 +53,11 @@ impl<'a> TensorView<'a> {
     pub fn new(dtype: Dtype, shape: &'a [usize], data: &'a [u8]) -> Self {
         TensorView { dtype, shape, data }
     }
+
+    /// The bytes it will write.
+    pub fn len_bytes(&self) -> usize {
+        self.data.len()
+    }
 }
 
 /// What the writer needs of a tensor, whoever holds its bytes.
@@ -248,8 +253,18 @@ pub fn serialize_views<'a, 'v>(
 }
 
 /// Writes a whole file to `path` atomically (see [`save_file`]).
-fn to_file<E: Entry>(Layout { head, order }: Layout<'_, E>, path: &Path) -> Result<()> {
-    atomic::write_atomically(path, |w| {
+fn to_file<E: Entry>(layout: Layout<'_, E>, path: &Path) -> Result<()> {
+    prepare_file(layout, path)?
+        .commit()
+        .map_err(|e| e.with_file(path))
+}
+
+/// The file of `layout` written beside `path`, flushed, not yet renamed over it.
+fn prepare_file<E: Entry>(
+    Layout { head, order }: Layout<'_, E>,
+    path: &Path,
+) -> Result<atomic::Prepared> {
+    atomic::prepare(path, |w| {
         let io = |e| Error::io("writing", None, e);
         w.write_all(&head).map_err(io)?;
         for (name, t) in order {
@@ -259,6 +274,28 @@ fn to_file<E: Entry>(Layout { head, order }: Layout<'_, E>, path: &Path) -> Resu
         Ok(())
     })
     .map_err(|e| e.with_file(path))
+}
+
+/// The file of `views` (names distinct) with `metadata`, written beside `path` and flushed,
+/// not yet renamed over it: one shard of a checkpoint.
+pub(crate) fn prepare_views_file(
+    views: Vec<(&str, &TensorView<'_>)>,
+    metadata: Option<&Metadata>,
+    path: &Path,
+) -> Result<atomic::Prepared> {
+    let layout = layout(views, metadata).map_err(|e| e.with_file(path))?;
+    prepare_file(layout, path)
+}
+
+/// The file of `tensors` (names distinct) with `metadata`, written beside `path` and
+/// flushed, not yet renamed over it: one shard of a checkpoint.
+pub(crate) fn prepare_tensors_file(
+    tensors: Vec<(&str, &Tensor)>,
+    metadata: Option<&Metadata>,
+    path: &Path,
+) -> Result<atomic::Prepared> {
+    let layout = layout(tensors, metadata).map_err(|e| e.with_file(path))?;
+    prepare_file(layout, path)
 }
 
 fn tensors_layout<'a>(

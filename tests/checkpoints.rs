@@ -796,3 +796,99 @@ fn readers_read_what_loads_load_on_every_device() {
     let e = Loader::new("cuda:7").reader(sharded()).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::DeviceUnavailable);
 }
+
+/// The files of `dir`, sorted by name.
+fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
+}
+
+/// `save_checkpoint` writes the Hub's layout (its split, names and index), which loads back
+/// as the tensors saved; a later save with fewer shards replaces the files of the first;
+/// a save that fails on its last shard (a reserved name) leaves the folder as it was, with
+/// no temporary behind.
+#[test]
+fn sharded_saves_write_the_hubs_layout_whole_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut tensors = Tensors::new();
+    for (k, n) in [3000usize, 5000, 2000, 9000, 100, 40_000, 7]
+        .into_iter()
+        .enumerate()
+    {
+        let t = Tensor::from_bytes(Dtype::U8, vec![n], &common::bytes(n, k as u64)).unwrap();
+        tensors.insert(format!("t{k}"), t);
+    }
+    let mut metadata = tensorplace::Metadata::new();
+    metadata.insert("format".into(), "np".into());
+    let paths =
+        tensorplace::save_checkpoint(&tensors, dir.path(), 10_000, Some(&metadata)).unwrap();
+    // [3000 + 5000 + 2000], then 40000 alone (where it comes), then [9000 + 100 + 7]:
+    // huggingface_hub's rule.
+    let files = |n: usize| (1..=n).map(move |k| format!("model-{k:05}-of-{n:05}.safetensors"));
+    let mut want: Vec<String> = files(3)
+        .chain(["model.safetensors.index.json".into()])
+        .collect();
+    assert_eq!(
+        paths
+            .iter()
+            .map(|p| p.file_name().unwrap().to_str().unwrap().to_owned())
+            .collect::<Vec<_>>(),
+        want
+    );
+    want.sort();
+    assert_eq!(listing(dir.path()), want);
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join(tensorplace::INDEX_NAME)).unwrap())
+            .unwrap();
+    assert_eq!(index["metadata"]["total_size"], 59_107);
+    assert_eq!(index["metadata"]["format"], "np");
+    for (name, file) in [("t2", 1), ("t5", 2), ("t6", 3)] {
+        let want = format!("model-{file:05}-of-00003.safetensors");
+        assert_eq!(index["weight_map"][name], want.as_str(), "{name}");
+    }
+    let back = tensorplace::load_file(dir.path(), "cpu").unwrap();
+    assert_eq!(back.len(), tensors.len());
+    for (name, t) in tensors.iter() {
+        assert_eq!(
+            back.tensor(name).unwrap().as_bytes(),
+            t.as_bytes(),
+            "{name}"
+        );
+    }
+    // Fewer shards: the first save's other files go.
+    let paths = tensorplace::save_checkpoint(&tensors, dir.path(), 30_000, None).unwrap();
+    assert_eq!(paths.len(), 3);
+    assert_eq!(listing(dir.path()).len(), 3, "{:?}", listing(dir.path()));
+    // One shard: model.safetensors alone.
+    tensorplace::save_checkpoint(&tensors, dir.path(), tensorplace::MAX_SHARD_SIZE, None).unwrap();
+    assert_eq!(listing(dir.path()), ["model.safetensors"]);
+    // A failure on the last shard: nothing changed, nothing left behind.
+    tensorplace::save_checkpoint(&tensors, dir.path(), 10_000, None).unwrap();
+    let before: Vec<(String, Vec<u8>)> = listing(dir.path())
+        .into_iter()
+        .map(|n| (n.clone(), std::fs::read(dir.path().join(&n)).unwrap()))
+        .collect();
+    let mut bad = tensors.clone();
+    bad.insert(
+        "__metadata__",
+        Tensor::from_bytes(Dtype::U8, vec![1], &[1]).unwrap(),
+    );
+    let e = tensorplace::save_checkpoint(&bad, dir.path(), 20_000, None).unwrap_err();
+    assert_eq!(
+        (e.kind(), e.tensor()),
+        (ErrorKind::InvalidTensor, Some("__metadata__"))
+    );
+    let after: Vec<(String, Vec<u8>)> = listing(dir.path())
+        .into_iter()
+        .map(|n| (n.clone(), std::fs::read(dir.path().join(&n)).unwrap()))
+        .collect();
+    assert!(
+        before == after,
+        "the folder changed: {:?}",
+        listing(dir.path())
+    );
+}

@@ -544,3 +544,55 @@ fn load_of_more_shards_than_the_soft_open_file_limit() {
     assert!(text.contains("1100 tensors"), "{text}");
     assert!(text.contains("verified"), "{text}");
 }
+
+/// `convert IN OUT --max-shard-size`: a file and a checkpoint written as the Hub's shards
+/// (each shard at most the size, the index naming every tensor), which load back as the
+/// input; a size that does not parse exits 2.
+#[test]
+fn convert_writes_shards_of_a_size() {
+    if skip_without_cli("convert_writes_shards_of_a_size") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sharded = common::fixtures().join("sharded");
+    let single = common::fixtures().join("numpy_all.safetensors");
+    for (k, (input, size, max)) in [(single, "300", 300), (sharded, "20KB", 20_000)]
+        .iter()
+        .enumerate()
+    {
+        let output = dir.path().join(format!("out{k}"));
+        let out = run(&[
+            "convert",
+            input.to_str().unwrap(),
+            output.to_str().unwrap(),
+            "--max-shard-size",
+            size,
+            "--device",
+            "cpu",
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let want = tensorplace::load_file(input, "cpu").unwrap();
+        let ckpt = tensorplace::open(&output).unwrap();
+        assert_eq!(ckpt.total_size(), Some(want.total_bytes() as u64));
+        assert!(ckpt.files().len() > 1);
+        for file in ckpt.files() {
+            let shard = tensorplace::load_file(file, "cpu").unwrap();
+            assert!(
+                shard.total_bytes() <= *max || shard.len() == 1,
+                "{}",
+                file.display()
+            );
+        }
+        let back = tensorplace::load_file(&output, "cpu").unwrap();
+        assert_eq!(back.len(), want.len());
+        for (name, t) in want.iter() {
+            assert_eq!(
+                back.tensor(name).unwrap().as_bytes(),
+                t.as_bytes(),
+                "{name}"
+            );
+        }
+    }
+    let out = run(&["convert", "a", "b", "--max-shard-size", "5XB"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+}

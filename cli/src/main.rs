@@ -156,8 +156,18 @@ struct ConvertArgs {
     /// The output file; for a checkpoint, the output folder (each shard written
     /// atomically under its own name, then the index).
     output: PathBuf,
+    /// Write OUTPUT as a folder of shards of at most SIZE bytes of tensors each (5GB,
+    /// 500MB: huggingface_hub's units and split; model.safetensors alone where one is enough),
+    /// with model.safetensors.index.json; nothing in the folder changes unless every file
+    /// was written.
+    #[arg(long, value_name = "SIZE", value_parser = parse_shard_size)]
+    max_shard_size: Option<u64>,
     #[command(flatten)]
     target: DeviceArgs,
+}
+
+fn parse_shard_size(text: &str) -> std::result::Result<u64, String> {
+    tensorplace::parse_size(text).map_err(|e| e.message().to_owned())
 }
 
 /// Set by the interrupt handler once a Ctrl-C (or SIGTERM) has arrived.
@@ -576,6 +586,9 @@ fn verify(path: &Path, reference: Loader<'_>, tensors: &Tensors) -> Result<usize
 }
 
 fn convert(args: &ConvertArgs, interrupts: Interrupts) -> Result<()> {
+    if let Some(max) = args.max_shard_size {
+        return convert_to_shards(args, max, interrupts);
+    }
     if !is_multi_file(&args.input) {
         interrupts.clean_up_on_interrupt(vec![args.output.clone()]);
         let tensors = args.target.loader()?.load_file(&args.input)?;
@@ -617,6 +630,38 @@ fn convert(args: &ConvertArgs, interrupts: Interrupts) -> Result<()> {
             .map_err(|e| Error::io("writing", None, e))
     })
     .map_err(|e| e.with_file(&index_path))
+}
+
+/// `convert --max-shard-size`: the input (a file or a checkpoint) written as a checkpoint of
+/// shards split as huggingface_hub splits, in the input's order, one output shard's tensors
+/// in memory at a time; every shard written before any is put in place, the index last.
+fn convert_to_shards(args: &ConvertArgs, max: u64, interrupts: Interrupts) -> Result<()> {
+    let reader = args.target.loader()?.reader(&args.input)?;
+    let names: Vec<&str> = reader.names().collect();
+    let sizes = names
+        .iter()
+        .map(|&name| {
+            let (dtype, shape) = reader.info(name)?;
+            let out = match args.target.dtype {
+                Some(to) if dtype.is_float() => to,
+                _ => dtype,
+            };
+            let numel = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+            let bytes = numel.and_then(|n| out.bytes_for(n)).ok_or_else(|| {
+                Error::new(ErrorKind::SizeOverflow, "the tensor's size").with_tensor(name)
+            })?;
+            Ok((name, bytes as u64))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let split = tensorplace::ShardSplit::new(sizes, max);
+    let mut writer =
+        tensorplace::CheckpointWriter::new(&args.output, split, reader.metadata().cloned())?;
+    interrupts.clean_up_on_interrupt(writer.paths());
+    while let Some((_, names)) = writer.next_shard() {
+        let tensors = reader.tensors(names.iter().map(String::as_str))?;
+        writer.write_shard(&tensors)?;
+    }
+    writer.finish().map(drop)
 }
 
 /// SIGINT and SIGTERM, blocked in the main thread (and so in every thread it starts later).

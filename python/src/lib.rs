@@ -875,6 +875,24 @@ fn save_file(
     })
 }
 
+/// Writes `tensors` to the folder `directory` as a checkpoint of shards of at most
+/// `max_shard_size` (a size such as "5GB", or a number of bytes) split as huggingface_hub
+/// splits, and returns the paths written (the index last). Nothing in the folder changes
+/// unless every file was written.
+#[pyfunction]
+#[pyo3(signature = (tensors, directory, max_shard_size, metadata = None))]
+fn save_checkpoint(
+    tensors: Vec<Spec<'_>>,
+    directory: PathBuf,
+    max_shard_size: &str,
+    metadata: Option<Vec<(String, String)>>,
+) -> PyResult<Vec<PathBuf>> {
+    let max = tensorplace::parse_size(max_shard_size).map_err(|e| PyValueError::new_err(e.message().to_owned()))?;
+    with_views(&tensors, metadata, |views, md| {
+        tensorplace::save_views_checkpoint(views, &directory, max, md)
+    })
+}
+
 /// The native module.
 #[pymodule]
 fn _tensorplace(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -889,5 +907,6 @@ fn _tensorplace(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(stream, m)?)?;
     m.add_function(wrap_pyfunction!(save, m)?)?;
     m.add_function(wrap_pyfunction!(save_file, m)?)?;
+    m.add_function(wrap_pyfunction!(save_checkpoint, m)?)?;
     Ok(())
 }

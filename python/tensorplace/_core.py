@@ -5,7 +5,7 @@ knows no framework: each framework module imports it; ``_safe_open`` picks one b
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 from . import _tensorplace as _native
 
@@ -105,6 +105,20 @@ def save_file(framework: Framework, tensors: Dict[str, Any], filename,
     leaves the file that was there."""
     specs = [framework.spec(k, v) for k, v in tensors.items()]
     _native.save_file(specs, os.fspath(filename), _metadata(metadata))
+
+
+def save_checkpoint(framework: Framework, tensors: Dict[str, Any], directory,
+                    max_shard_size: Union[int, str] = "5GB",
+                    metadata: Optional[Dict[str, str]] = None) -> List[str]:
+    """Writes ``tensors`` to the folder ``directory`` as a checkpoint ``huggingface_hub``
+    reads: shards of at most ``max_shard_size`` bytes of tensors (``"5GB"``, ``"500MB"`` or
+    a number of bytes), split as its ``split_state_dict_into_shards_factory`` splits, named
+    ``model-00001-of-0000N.safetensors``, and ``model.safetensors.index.json``; one shard is
+    ``model.safetensors`` alone. Every shard is written before any is put in place, the
+    index last: a failure leaves the folder as it was. Returns the paths written."""
+    specs = [framework.spec(k, v) for k, v in tensors.items()]
+    paths = _native.save_checkpoint(specs, os.fspath(directory), str(max_shard_size), _metadata(metadata))
+    return [os.fspath(p) for p in paths]
 
 
 def slice_text(index, shape, clamp: bool = False) -> Optional[str]:

@@ -14,7 +14,7 @@ set ``XLA_PYTHON_CLIENT_PREALLOCATE=false``.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -125,3 +125,15 @@ def save_file(
 ) -> None:
     """Writes ``tensors`` to ``filename`` (atomically)."""
     _core.save_file(FRAMEWORK, tensors, filename, metadata)
+
+
+def save_checkpoint(
+    tensors: Dict[str, jax.Array],
+    save_directory: Union[str, os.PathLike],
+    max_shard_size: Union[int, str] = "5GB",
+    metadata: Optional[Dict[str, str]] = None,
+) -> List[str]:
+    """Writes ``tensors`` to the folder ``save_directory`` as a sharded checkpoint, split and
+    named as ``huggingface_hub`` does (``model-00001-of-0000N.safetensors`` and
+    ``model.safetensors.index.json``), atomically as a whole. Returns the paths written."""
+    return _core.save_checkpoint(FRAMEWORK, tensors, save_directory, max_shard_size, metadata)

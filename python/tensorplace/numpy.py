@@ -7,7 +7,7 @@ the packed F4 and F6 types have no numpy type and raise :class:`TensorplaceError
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional, Union
+from typing import Dict, List, Optional, Union
 
 import numpy as np
 
@@ -141,3 +141,15 @@ def save_file(
 ) -> None:
     """Writes ``tensor_dict`` to ``filename`` (atomically: a failure leaves the old file)."""
     _core.save_file(FRAMEWORK, tensor_dict, filename, metadata)
+
+
+def save_checkpoint(
+    tensors: Dict[str, np.ndarray],
+    save_directory: Union[str, os.PathLike],
+    max_shard_size: Union[int, str] = "5GB",
+    metadata: Optional[Dict[str, str]] = None,
+) -> List[str]:
+    """Writes ``tensors`` to the folder ``save_directory`` as a sharded checkpoint, split and
+    named as ``huggingface_hub`` does (``model-00001-of-0000N.safetensors`` and
+    ``model.safetensors.index.json``), atomically as a whole. Returns the paths written."""
+    return _core.save_checkpoint(FRAMEWORK, tensors, save_directory, max_shard_size, metadata)

@@ -189,3 +189,15 @@ def save_file(
 ) -> None:
     """Writes ``tensors`` to ``filename`` (atomically)."""
     _core.save_file(FRAMEWORK, tensors, filename, metadata)
+
+
+def save_checkpoint(
+    tensors: Dict[str, torch.Tensor],
+    save_directory: Union[str, os.PathLike],
+    max_shard_size: Union[int, str] = "5GB",
+    metadata: Optional[Dict[str, str]] = None,
+) -> List[str]:
+    """Writes ``tensors`` to the folder ``save_directory`` as a sharded checkpoint, split and
+    named as ``huggingface_hub`` does (``model-00001-of-0000N.safetensors`` and
+    ``model.safetensors.index.json``), atomically as a whole. Returns the paths written."""
+    return _core.save_checkpoint(FRAMEWORK, tensors, save_directory, max_shard_size, metadata)
