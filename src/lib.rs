@@ -82,6 +82,7 @@ mod device;
 mod dtype;
 mod error;
 mod header;
+pub mod hub;
 mod loader;
 mod memory;
 mod parallel;

@@ -7,7 +7,7 @@
 //! variables onto these options.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 use crate::backend;
@@ -94,6 +94,7 @@ pub struct Loader<'a> {
     disk_queue: bool,
     upload: Upload,
     adapter: Option<String>,
+    hf_cache: Option<PathBuf>,
     interrupt: Option<&'a AtomicBool>,
 }
 
@@ -111,6 +112,7 @@ impl std::fmt::Debug for Loader<'_> {
             .field("disk_queue", &self.disk_queue)
             .field("upload", &self.upload)
             .field("adapter", &self.adapter)
+            .field("hf_cache", &self.hf_cache)
             .field("interrupt", &self.interrupt.is_some())
             .finish()
     }
@@ -132,6 +134,7 @@ impl<'a> Loader<'a> {
             disk_queue: true,
             upload: Upload::Auto,
             adapter: None,
+            hf_cache: None,
             interrupt: None,
         }
     }
@@ -226,6 +229,20 @@ impl<'a> Loader<'a> {
         self
     }
 
+    /// Resolves paths that do not exist on disk and read as Hugging Face repository ids
+    /// (`org/name`, `org/name@revision`) from the cache folder `dir`, offline (see
+    /// [`crate::hub`]; [`hub::default_cache_dir`](crate::hub::default_cache_dir) names the
+    /// folder `huggingface_hub` uses).
+    pub fn hf_cache(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.hf_cache = Some(dir.into());
+        self
+    }
+
+    /// `path`, or the checkpoint of the repository id it names (see [`hf_cache`](Self::hf_cache)).
+    fn locate<'p>(&self, path: &'p Path) -> Result<std::borrow::Cow<'p, Path>> {
+        crate::hub::locate(path, self.hf_cache.as_deref())
+    }
+
     /// A human description of the device this loader's loads go to, its adapter choice
     /// included, such as `cuda:0 (NVIDIA H100 80GB HBM3)`, or the error a load would
     /// return for it (an invalid device string, an absent GPU, no adapter of that name).
@@ -249,7 +266,7 @@ impl<'a> Loader<'a> {
     /// A mapped file (the default [`ReadMode`]) is read during this call: it must not be
     /// truncated meanwhile (see the crate's Safety section).
     pub fn load_file(&self, path: impl AsRef<Path>) -> Result<Tensors> {
-        self.load_path(path.as_ref(), View::Copy)
+        self.load_path(&self.locate(path.as_ref())?, View::Copy)
     }
 
     /// Loads the file (or checkpoint) at `path` with CPU tensors as zero-copy views of its
@@ -267,7 +284,7 @@ impl<'a> Loader<'a> {
     /// them raise `SIGBUS`. Replacing the file by renaming another over it (as
     /// [`save_file`](crate::save_file) does) is safe.
     pub unsafe fn load_file_mapped(&self, path: impl AsRef<Path>) -> Result<Tensors> {
-        self.load_path(path.as_ref(), View::Mapped)
+        self.load_path(&self.locate(path.as_ref())?, View::Mapped)
     }
 
     /// Opens the file (or checkpoint) at `path` for lazy reads with this loader's device,
@@ -276,7 +293,7 @@ impl<'a> Loader<'a> {
     /// reader ignores them.
     pub fn reader(&self, path: impl AsRef<Path>) -> Result<Reader> {
         Reader::new(
-            path.as_ref(),
+            &self.locate(path.as_ref())?,
             self.device.clone()?,
             self.adapter.as_deref(),
             self.read_mode,

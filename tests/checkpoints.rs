@@ -892,3 +892,81 @@ fn sharded_saves_write_the_hubs_layout_whole_or_not_at_all() {
         listing(dir.path())
     );
 }
+
+/// A Hugging Face cache of one repository as `huggingface_hub` lays it out: `main` the
+/// sharded fixture (links into `blobs/`), the tag `v1` one file, a ref `broken` whose index
+/// names a shard never downloaded. Returns the cache folder.
+pub fn hub_cache(root: &Path) -> PathBuf {
+    let folder = root.join("models--acme--tiny");
+    let add = |commit: &str, name: &str, source: &Path| {
+        let blob = folder.join("blobs").join(format!("{commit}-{name}"));
+        std::fs::create_dir_all(blob.parent().unwrap()).unwrap();
+        std::fs::copy(source, &blob).unwrap();
+        let link = folder.join("snapshots").join(commit).join(name);
+        std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(&blob, &link).unwrap();
+    };
+    for entry in std::fs::read_dir(sharded()).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        add(&"a".repeat(40), &name, &path);
+        if !name.starts_with("model-00002") {
+            add(&"c".repeat(40), &name, &path);
+        }
+    }
+    add(
+        &"b".repeat(40),
+        "model.safetensors",
+        &common::fixtures().join("numpy_all.safetensors"),
+    );
+    std::fs::create_dir_all(folder.join("refs")).unwrap();
+    for (r, c) in [("main", "a"), ("v1", "b"), ("broken", "c")] {
+        std::fs::write(folder.join("refs").join(r), c.repeat(40)).unwrap();
+    }
+    root.to_owned()
+}
+
+/// Repository ids resolve through the cache (`Loader::hf_cache`): a branch, a tag, a commit
+/// hash; a missing shard, revision or repository is an error naming it; without a cache, or
+/// for a path on disk, nothing changes.
+#[test]
+fn repository_ids_load_from_the_hugging_face_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = hub_cache(dir.path());
+    let loader = Loader::new("cpu").hf_cache(&cache);
+    let main = tensorplace::load_file(sharded(), "cpu").unwrap();
+    let v1 =
+        tensorplace::load_file(common::fixtures().join("numpy_all.safetensors"), "cpu").unwrap();
+    let commit = format!("acme/tiny@{}", "b".repeat(40));
+    for (id, want) in [
+        ("acme/tiny", &main),
+        ("acme/tiny@v1", &v1),
+        (commit.as_str(), &v1),
+    ] {
+        let got = loader.load_file(id).unwrap();
+        assert_eq!(got.len(), want.len(), "{id}");
+        for (name, t) in want.iter() {
+            assert_eq!(
+                got.tensor(name).unwrap().as_bytes(),
+                t.as_bytes(),
+                "{id} {name}"
+            );
+        }
+    }
+    let reader = loader.reader("acme/tiny").unwrap();
+    assert_eq!(reader.names().count(), main.len());
+    let e = loader.load_file("acme/tiny@broken").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidIndex, "{e}");
+    for absent in ["acme/tiny@v9", "acme/other"] {
+        let e = loader.load_file(absent).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+        assert!(e.to_string().contains("Hugging Face cache"), "{e}");
+    }
+    assert_eq!(
+        Loader::new("cpu")
+            .load_file("acme/tiny")
+            .unwrap_err()
+            .kind(),
+        ErrorKind::Io
+    );
+}

@@ -596,3 +596,31 @@ fn convert_writes_shards_of_a_size() {
     let out = run(&["convert", "a", "b", "--max-shard-size", "5XB"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 }
+
+/// A FILE that is a repository id loads from the cache `HF_HUB_CACHE` names.
+#[test]
+fn files_may_be_repository_ids_of_the_hugging_face_cache() {
+    if skip_without_cli("files_may_be_repository_ids_of_the_hugging_face_cache") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cache = crate::checkpoints::hub_cache(dir.path());
+    let out = Command::new(exe())
+        .args(["load", "acme/tiny@v1", "--device", "cpu", "--verify"])
+        .env("HF_HUB_CACHE", &cache)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("verified"), "{}", stdout(&out));
+    let out = Command::new(exe())
+        .args(["inspect", "acme/tiny"])
+        .env("HF_HUB_CACHE", &cache)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("4 files, 29 tensors"),
+        "{}",
+        stdout(&out)
+    );
+}

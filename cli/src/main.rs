@@ -225,7 +225,20 @@ fn try_main() -> Result<()> {
         }
         Err(e) => return Err(usage_error(e)),
     };
-    match cli.command {
+    let mut command = cli.command;
+    // A FILE that is not on disk may be a repository id of the Hugging Face cache.
+    let cache = tensorplace::hub::default_cache_dir();
+    let locate = |path: &mut PathBuf| -> Result<()> {
+        *path = tensorplace::hub::locate(path, cache.as_deref())?.into_owned();
+        Ok(())
+    };
+    match &mut command {
+        Command::Convert(args) => locate(&mut args.input)?,
+        Command::Inspect(args) => locate(&mut args.file)?,
+        Command::Load(args) => args.file.as_mut().map_or(Ok(()), locate)?,
+        Command::Bench(_) | Command::Devices => {}
+    }
+    match command {
         Command::Convert(args) => convert(&args, interrupts),
         Command::Inspect(args) => interrupts.unblock().and_then(|()| inspect(&args)),
         Command::Load(args) => interrupts.unblock().and_then(|()| load(&args)),

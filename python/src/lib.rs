@@ -287,6 +287,11 @@ fn loader<'a>(
         .parse()
         .map_err(|e: tensorplace::Error| PyValueError::new_err(e.to_string()))?;
     let mut l = Loader::new(device).read_mode(mode).narrow_64bit(narrow_64);
+    // A filename not on disk may be a repository id of the Hugging Face cache (HF_HUB_CACHE,
+    // HF_HOME or the default folder, read at each call).
+    if let Some(dir) = tensorplace::hub::default_cache_dir() {
+        l = l.hf_cache(dir);
+    }
     if let Some(name) = dtype {
         let dtype: Dtype = name
             .parse()
@@ -404,6 +409,8 @@ fn inspect(
     Vec<(String, &'static str, Vec<usize>, PathBuf)>,
     Option<HashMap<String, String>>,
 )> {
+    let cache = tensorplace::hub::default_cache_dir();
+    let filename = tensorplace::hub::locate(&filename, cache.as_deref()).map_err(py_err)?;
     let checkpoint = tensorplace::open(&filename).map_err(py_err)?;
     let tensors = checkpoint
         .iter()
