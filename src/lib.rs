@@ -89,6 +89,8 @@ mod parallel;
 mod plan;
 mod read;
 mod reader;
+#[cfg(feature = "remote")]
+pub mod remote;
 mod report;
 mod save;
 mod shards;

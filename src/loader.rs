@@ -95,6 +95,8 @@ pub struct Loader<'a> {
     upload: Upload,
     adapter: Option<String>,
     hf_cache: Option<PathBuf>,
+    #[cfg(feature = "remote")]
+    remote: crate::remote::RemoteOptions,
     interrupt: Option<&'a AtomicBool>,
 }
 
@@ -135,6 +137,8 @@ impl<'a> Loader<'a> {
             upload: Upload::Auto,
             adapter: None,
             hf_cache: None,
+            #[cfg(feature = "remote")]
+            remote: Default::default(),
             interrupt: None,
         }
     }
@@ -238,6 +242,15 @@ impl<'a> Loader<'a> {
         self
     }
 
+    /// How objects given by URL (`s3://`, `gs://`, `az://`, `https://`) are read: store
+    /// options over the environment's (credentials, endpoints), the size of each ranged read,
+    /// the reads in flight, retries and timeouts (see [`crate::remote`]).
+    #[cfg(feature = "remote")]
+    pub fn remote(mut self, options: crate::remote::RemoteOptions) -> Self {
+        self.remote = options;
+        self
+    }
+
     /// `path`, or the checkpoint of the repository id it names (see [`hf_cache`](Self::hf_cache)).
     fn locate<'p>(&self, path: &'p Path) -> Result<std::borrow::Cow<'p, Path>> {
         crate::hub::locate(path, self.hf_cache.as_deref())
@@ -296,8 +309,7 @@ impl<'a> Loader<'a> {
             &self.locate(path.as_ref())?,
             self.device.clone()?,
             self.adapter.as_deref(),
-            self.read_mode,
-            self.disk_queue,
+            &|path| self.open_file(path, self.read_mode),
             self.cast(),
             self.upload,
         )
@@ -356,6 +368,14 @@ impl<'a> Loader<'a> {
 
     fn load_path(&self, path: &Path, view: View) -> Result<Tensors> {
         let device = self.device.clone()?;
+        #[cfg(feature = "remote")]
+        if crate::remote::is_url(path) && checkpoint::is_multi_file(path) {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "a remote checkpoint's index is not read yet: load each shard's URL",
+            )
+            .with_file(path));
+        }
         if checkpoint::is_multi_file(path) {
             return self.load_opened(&Checkpoint::open(path)?, view);
         }
@@ -404,8 +424,13 @@ impl<'a> Loader<'a> {
         self.load_files(device, Some(checkpoint.path()), &files, view, metadata)
     }
 
-    /// Opens `path` to be read as `mode` says, with this loader's disk queue choice.
+    /// Opens `path` to be read as `mode` says, with this loader's disk queue choice; an
+    /// object's URL with its remote options.
     fn open_file(&self, path: &Path, mode: ReadMode) -> Result<HostFile<'static>> {
+        #[cfg(feature = "remote")]
+        if let Some(url) = path.to_str().filter(|_| crate::remote::is_url(path)) {
+            return crate::remote::open(url, &self.remote);
+        }
         let mut file = HostFile::open(path, mode)?;
         file.set_disk_queue(self.disk_queue);
         Ok(file)

@@ -21,7 +21,7 @@ use crate::header::{Metadata, TensorInfo};
 use crate::memory::{BLOCK_PIECE, Carver, HostBuffer};
 use crate::plan::{Cast, LoadPlan, PlanEntry, Upload};
 use crate::read;
-use crate::read::file::{HostFile, ReadMode};
+use crate::read::file::HostFile;
 use crate::read::gather::Gather;
 use crate::slice::{Selection, Slice};
 use crate::storage::{CpuStorage, Storage};
@@ -79,15 +79,13 @@ impl std::fmt::Debug for Reader {
 
 impl Reader {
     /// Opens `path` (a file, a folder of shards or an index) for reads onto `device`
-    /// (resolved now: an absent GPU is an error here), each file read as `mode` says (its
-    /// direct reads through its disk's queue where `disk_queue`), tensors converted as `cast`
-    /// says.
+    /// (resolved now: an absent GPU is an error here), each file opened by `open` (the
+    /// loader's read mode, disk queue and remote options), tensors converted as `cast` says.
     pub(crate) fn new(
         path: &Path,
         device: Device,
         adapter: Option<&str>,
-        mode: ReadMode,
-        disk_queue: bool,
+        open: &dyn Fn(&Path) -> Result<HostFile<'static>>,
         cast: Cast,
         upload: Upload,
     ) -> Result<Reader> {
@@ -102,9 +100,8 @@ impl Reader {
         let mut files = Vec::with_capacity(paths.len());
         let mut index = HashMap::new();
         for (k, p) in paths.iter().enumerate() {
-            let mut file = HostFile::open(p, mode)?;
+            let mut file = open(p)?;
             file.set_lazy();
-            file.set_disk_queue(disk_queue);
             // One file's header is its own index.
             for (name, _) in file.tensors().filter(|_| paths.len() > 1) {
                 if index.insert(name.to_owned(), k).is_some() {

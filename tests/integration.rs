@@ -7,4 +7,5 @@ mod common;
 mod format;
 mod layout;
 mod reliability;
+mod remote;
 mod shaders;

@@ -65,12 +65,21 @@ impl std::fmt::Display for ReadMode {
     }
 }
 
+/// Bytes read by ranges from elsewhere than a local file (an object in object storage).
+pub(crate) trait RangeSource: Send + Sync {
+    /// Fills `buf` with the bytes at `offset`, or says what failed.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+}
+
 /// What a [`HostFile`]'s bytes are read from.
 enum Backing<'a> {
     // The file stays open beside its mapping, for positioned reads of cold pages.
     Mapped(Arc<Mmap>, File),
     Borrowed(&'a [u8]),
     File(File),
+    /// Read by ranges (positioned reads, as a file's).
+    #[cfg_attr(not(feature = "remote"), allow(dead_code))]
+    Remote(Box<dyn RangeSource>),
 }
 
 /// A safetensors file ready to load: its bytes and its validated header.
@@ -97,6 +106,7 @@ impl std::fmt::Debug for HostFile<'_> {
             Backing::Mapped(..) => "mmap",
             Backing::Borrowed(_) => "bytes",
             Backing::File(_) => "pread",
+            Backing::Remote(_) => "remote",
         };
         f.debug_struct("HostFile")
             .field("path", &self.path)
@@ -179,6 +189,24 @@ impl<'a> HostFile<'a> {
         ))
     }
 
+    /// A file read by ranges from `source` (an object at the URL `name`), `len` bytes long,
+    /// whose validated header is `header`.
+    #[cfg(feature = "remote")]
+    pub(crate) fn from_source(
+        name: String,
+        len: u64,
+        header: Header,
+        source: Box<dyn RangeSource>,
+    ) -> HostFile<'static> {
+        HostFile::new(
+            Some(PathBuf::from(name)),
+            len,
+            header,
+            Backing::Remote(source),
+            ReadMode::Pread,
+        )
+    }
+
     fn new(
         path: Option<PathBuf>,
         len: u64,
@@ -209,7 +237,7 @@ impl<'a> HostFile<'a> {
             .get_or_init(|| match (&self.backing, self.mode) {
                 (Backing::Borrowed(_), _) => ReadPath::Memory,
                 (Backing::Mapped(..), _) if !self.is_cold() => ReadPath::Memory,
-                (Backing::File(_), ReadMode::Pread) => ReadPath::Pread,
+                (Backing::File(_), ReadMode::Pread) | (Backing::Remote(_), _) => ReadPath::Pread,
                 _ if self.direct_file().is_ok() => ReadPath::Direct,
                 _ => ReadPath::Pread,
             })
@@ -276,11 +304,14 @@ impl<'a> HostFile<'a> {
 
     fn direct_file(&self) -> std::result::Result<&DirectFile, &str> {
         self.direct
-            .get_or_init(|| match &self.path {
-                Some(p) => DirectFile::open(p, self.disk_queue).map_err(|e| {
+            .get_or_init(|| match (&self.path, &self.backing) {
+                (_, Backing::Remote(_)) => {
+                    Err("a remote object cannot be read directly".to_owned())
+                }
+                (Some(p), _) => DirectFile::open(p, self.disk_queue).map_err(|e| {
                     format!("the file system refuses O_DIRECT ({e}): positioned reads instead")
                 }),
-                None => Err("caller bytes cannot be read directly".to_owned()),
+                (None, _) => Err("caller bytes cannot be read directly".to_owned()),
             })
             .as_ref()
             .map_err(String::as_str)
@@ -339,7 +370,7 @@ impl<'a> HostFile<'a> {
         match &self.backing {
             Backing::Mapped(m, _) => Some(m),
             Backing::Borrowed(b) => Some(b),
-            Backing::File(_) => None,
+            Backing::File(_) | Backing::Remote(_) => None,
         }
     }
 
@@ -363,7 +394,7 @@ impl<'a> HostFile<'a> {
         let map = match &self.backing {
             Backing::Mapped(m, _) => m,
             Backing::Borrowed(_) => return 1.0,
-            Backing::File(_) => return 0.0,
+            Backing::File(_) | Backing::Remote(_) => return 0.0,
         };
         let page = page_size();
         let start = self.header.data_start() / page * page;
@@ -431,7 +462,7 @@ impl<'a> HostFile<'a> {
             Backing::Mapped(_, file) | Backing::File(file) => {
                 read_exact_at(file, buf, offset as u64).map_err(|e| e.with_opt_file(self.path()))
             }
-            Backing::Borrowed(_) => self.read_at(offset, buf),
+            Backing::Borrowed(_) | Backing::Remote(_) => self.read_at(offset, buf),
         }
     }
 
@@ -450,6 +481,7 @@ impl<'a> HostFile<'a> {
                 Ok(())
             }
             Backing::File(file) => read_exact_at(file, buf, offset as u64),
+            Backing::Remote(source) => source.read_exact_at(buf, offset as u64),
         }
         .map_err(|e| e.with_opt_file(self.path()))
     }
