@@ -25,9 +25,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use object_store::path::Path as Location;
-use object_store::{
-    ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreScheme, RetryConfig,
-};
+use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreScheme, RetryConfig};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::header::{Header, N_LEN};
@@ -167,9 +165,16 @@ fn store_for(url: &str, options: &RemoteOptions) -> Result<(Arc<dyn ObjectStore>
         retry_timeout: options.timeout * (options.retries as u32 + 1),
         ..RetryConfig::default()
     };
-    let client = ClientOptions::new()
-        .with_timeout(options.timeout)
-        .with_connect_timeout(options.timeout.min(Duration::from_secs(10)));
+    // As configuration keys, after the environment's (a client-options value would replace
+    // the environment's client settings, `AWS_ALLOW_HTTP` among them) and before the caller's.
+    let ms = |d: Duration| format!("{}ms", d.as_millis().max(1));
+    let timeouts = [
+        ("timeout".to_owned(), ms(options.timeout)),
+        (
+            "connect_timeout".to_owned(),
+            ms(options.timeout.min(Duration::from_secs(10))),
+        ),
+    ];
     let bad_key = |key: &str| {
         Error::new(
             ErrorKind::InvalidArgument,
@@ -178,8 +183,8 @@ fn store_for(url: &str, options: &RemoteOptions) -> Result<(Arc<dyn ObjectStore>
     };
     macro_rules! build {
         ($builder:expr) => {{
-            let mut b = $builder.with_retry(retry).with_client_options(client);
-            for (key, value) in &options.options {
+            let mut b = $builder.with_retry(retry);
+            for (key, value) in timeouts.iter().chain(&options.options) {
                 let key = key.to_ascii_lowercase();
                 b = b.with_config(key.parse().map_err(|_| bad_key(&key))?, value.clone());
             }

@@ -10,12 +10,16 @@
           safetensors.torch.load_file(f) + clone() of each tensor (a mapping's views made owned)
 - torch:  tensorplace.torch.load_file(f, "cuda:0") vs safetensors.torch.load_file(f, device="cuda:0")
           (where a GPU is present)
+- s3 (``--remote``): tensorplace.numpy.load_file("s3://...") from moto's S3 server on 127.0.0.1
+          vs the same file read locally, runai-model-streamer's S3 path (with
+          runai-model-streamer-s3) and boto3 get_object + safetensors.numpy.load
 
     python python/benches/compare.py [--size-gib 1] [--runs 5] [--file PATH]
     python python/benches/compare.py --lazy [--runs 3]    # safe_open loops, get_slice rows
     python python/benches/compare.py --saves [--runs 5]   # save_file / save
     python python/benches/compare.py --cold               # each run from the disk, not the page cache
     python python/benches/compare.py --flax [--size-gib 1] # flax per dtype, and sharded over 8 CPU devices
+    python python/benches/compare.py --remote [--size-gib 1] # an object in a local S3 server (moto)
 
 ``--lazy``: ``with safe_open(f, "np") as h: for k in keys: h.get_tensor(k)`` (ours against
 safetensors', in file order, reverse and random) on files of 2,000 x 400 KB, 20,000 x 4 KB and
@@ -35,6 +39,7 @@ import argparse
 import gc
 import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -337,6 +342,68 @@ def flax(runs, tmp, size):
     group("flax", paths, runs, nbytes)
 
 
+def remote(runs, tmp, size):
+    """An object in an S3 server on 127.0.0.1 (moto's, in its own process), ``size`` bytes:
+    tensorplace reading it by ranges vs the same file read locally (warm), runai-model-streamer's
+    S3 path against the same server (where installed), and a whole-object download (boto3
+    ``get_object``) then ``safetensors.numpy.load`` (the baseline)."""
+    import subprocess
+    import socket
+
+    import boto3
+    import safetensors.numpy
+
+    import tensorplace.numpy
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+               "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true",
+               "AWS_EC2_METADATA_DISABLED": "true", "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0"}
+        os.environ.update(env)
+        client = boto3.client("s3", endpoint_url=endpoint)
+        for _ in range(100):
+            try:
+                client.create_bucket(Bucket="bench")
+                break
+            except Exception:  # the server is starting
+                time.sleep(0.1)
+        path = os.path.join(tmp, "remote.safetensors")
+        nbytes = write_file(path, int(size))
+        with open(path, "rb") as f:
+            client.upload_fileobj(f, "bench", "remote.safetensors")
+        url = "s3://bench/remote.safetensors"
+        nothing = lambda out: None  # noqa: E731
+
+        def download():
+            body = client.get_object(Bucket="bench", Key="remote.safetensors")["Body"].read()
+            return safetensors.numpy.load(body)
+
+        paths = [("tensorplace.numpy.load_file(s3://...)", lambda: tensorplace.numpy.load_file(url), nothing),
+                 ("tensorplace.numpy.load_file(local file, warm)", lambda: tensorplace.numpy.load_file(path), nothing)]
+        try:
+            from runai_model_streamer import SafetensorsStreamer
+
+            def runai():
+                with SafetensorsStreamer() as st:
+                    st.stream_file(url, device="cpu")
+                    return dict(st.get_tensors())
+
+            runai()  # S3 needs the runai-model-streamer-s3 package: skipped without it
+            paths.append(("runai-model-streamer SafetensorsStreamer(s3://...)", runai, nothing))
+        except (ImportError, ValueError, RuntimeError) as e:
+            print(f"remote: runai row skipped ({e})")
+        paths.append(("boto3 get_object + safetensors.numpy.load", download, nothing))
+        group("s3", paths, runs, nbytes)
+    finally:
+        server.kill()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-gib", type=float, default=1.0)
@@ -346,7 +413,13 @@ def main():
     ap.add_argument("--saves", action="store_true", help="save_file and save instead")
     ap.add_argument("--cold", action="store_true", help="drop the file from the page cache before each run")
     ap.add_argument("--flax", action="store_true", help="flax per dtype and sharded (8 CPU devices) instead")
+    ap.add_argument("--remote", action="store_true", help="an object in a local S3 server (moto) instead")
     args = ap.parse_args()
+    if args.remote:
+        tmp = tempfile.TemporaryDirectory()
+        print(f"median of {args.runs} runs; ratio: x the last row of each group")
+        remote(args.runs, tmp.name, args.size_gib * (1 << 30))
+        return
     if args.flax:
         # Before JAX starts: the sharded row's 8 CPU devices.
         os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"

@@ -442,6 +442,9 @@ struct PyReader {
     to_array: Py<PyAny>,
     /// Where the framework builds arrays on host blocks (the CPU frameworks).
     arrays: Option<Arrays>,
+    /// Whether reads go over the network (an object's URL): the GIL is then released for
+    /// every read, small ones included.
+    remote: bool,
 }
 
 /// Reads at most this large, copied out of a mapping, go into a shared [`Arrays`] block.
@@ -559,14 +562,15 @@ impl PyReader {
         }
     }
 
-    /// Runs `read` with the GIL released; where it reads `bytes` or more, on a worker while
-    /// this thread honours Ctrl-C.
+    /// Runs `read` with the GIL released (but for small reads of local files); where it
+    /// reads `bytes` or more, on a worker while this thread honours Ctrl-C.
     fn run<T: Send>(
+        &self,
         py: Python<'_>,
         bytes: usize,
         read: impl FnOnce() -> tensorplace::Result<T> + Send,
     ) -> PyResult<T> {
-        if bytes < HELD {
+        if bytes < HELD && !self.remote {
             return read().map_err(py_err);
         }
         if bytes < WATCHED {
@@ -617,10 +621,10 @@ impl PyReader {
             .and_then(|n| dtype.bytes_for(n))
             .unwrap_or(usize::MAX);
         let tensor = match slice {
-            None => Self::run(py, bytes, || self.reader.tensor(name))?,
+            None => self.run(py, bytes, || self.reader.tensor(name))?,
             Some(text) => {
                 let slice: Slice = text.parse().map_err(py_err)?;
-                Self::run(py, bytes, || self.reader.slice(name, &slice))?
+                self.run(py, bytes, || self.reader.slice(name, &slice))?
             }
         };
         Ok(Self::view(tensor))
@@ -740,10 +744,12 @@ fn open(
         dtypes: Mutex::new(Vec::new()),
         current: Mutex::new(None),
     });
+    let remote = tensorplace::remote::is_url(&filename);
     Ok(PyReader {
         reader,
         to_array,
         arrays,
+        remote,
     })
 }
 
