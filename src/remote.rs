@@ -203,7 +203,13 @@ fn store_for(url: &str, options: &RemoteOptions) -> Result<(Arc<dyn ObjectStore>
         }
         ObjectStoreScheme::Http => {
             let base = &parsed[..url::Position::BeforePath];
-            build!(object_store::http::HttpBuilder::new().with_url(base))
+            // An `http://` URL asks for plain HTTP itself.
+            let plain = parsed.scheme() == "http";
+            build!(
+                object_store::http::HttpBuilder::new()
+                    .with_url(base)
+                    .with_config(object_store::ClientConfigKey::AllowHttp, plain.to_string())
+            )
         }
         other => {
             return Err(Error::new(

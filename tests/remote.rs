@@ -170,7 +170,7 @@ fn object(count: usize, big: usize) -> (Vec<u8>, Tensors) {
 
 fn options(part_size: usize, retries: usize, timeout_s: u64) -> RemoteOptions {
     RemoteOptions {
-        options: vec![("allow_http".into(), "true".into())],
+        options: Vec::new(),
         part_size,
         retries,
         timeout: Duration::from_secs(timeout_s),
@@ -290,4 +290,41 @@ fn failing_servers_are_errors_not_hangs() {
         .load_file(&server.url)
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+}
+
+/// The CLI loads and converts an object by URL.
+#[test]
+fn the_cli_loads_and_converts_urls() {
+    if crate::cli::skip_without_cli("the_cli_loads_and_converts_urls") {
+        return;
+    }
+    let (data, want) = object(20, 100 << 10);
+    let server = serve(data, Mode::Good);
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("copy.safetensors");
+    for args in [
+        vec!["load", server.url.as_str(), "--device", "cpu"],
+        vec![
+            "convert",
+            server.url.as_str(),
+            out_path.to_str().unwrap(),
+            "--device",
+            "cpu",
+        ],
+    ] {
+        let out = std::process::Command::new(crate::cli::exe())
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_same(
+        &tensorplace::load_file(&out_path, "cpu").unwrap(),
+        &want,
+        "converted",
+    );
 }
