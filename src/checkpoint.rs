@@ -299,6 +299,62 @@ impl Checkpoint {
         Checkpoint::from_shards(dir, shards, Some(Index::of(&json)))
     }
 
+    /// The checkpoint of the index at `url` (an object's URL, see [`crate::remote`]): its
+    /// shards are the objects beside it that its `weight_map` names, checked against it as
+    /// a local index's are (but for files the index does not list: an object store is not
+    /// listed).
+    #[cfg(feature = "remote")]
+    pub(crate) fn open_remote(
+        url: &str,
+        options: &crate::remote::RemoteOptions,
+    ) -> Result<Checkpoint> {
+        let index_path = Path::new(url);
+        let bad = |msg: String| index_err(index_path, msg);
+        let bytes = crate::remote::fetch(url, options, MAX_INDEX_LEN)?;
+        let text = String::from_utf8(bytes).map_err(|_| bad("not UTF-8".into()))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| bad("no \"weight_map\" object".into()))?;
+        let (weight_map, files) = weight_map(index_path, map)?;
+        let dir = Path::new(url.rsplit_once('/').map_or(url, |(dir, _)| dir));
+        let threads = if files.len() > 1 {
+            Threads::Io
+        } else {
+            Threads::Caller
+        };
+        let shards = parallel::map(files.clone(), threads, |file: &str| {
+            let path = dir.join(file);
+            let shard = path.to_str().unwrap_or_default();
+            let header = crate::remote::open(shard, options).map_err(|e| {
+                let missing = std::error::Error::source(&e)
+                    .and_then(|c| c.downcast_ref::<std::io::Error>())
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound);
+                if !missing {
+                    return e;
+                }
+                let first = weight_map
+                    .iter()
+                    .find(|(_, f)| **f == file)
+                    .map(|(n, _)| *n);
+                let e = index_err(&path, format!("a shard the index names is missing ({url})"));
+                match first {
+                    Some(name) => e.with_tensor(name),
+                    None => e,
+                }
+            })?;
+            Ok(Shard {
+                path,
+                header: header.into_header(),
+            })
+        })?;
+        check_mapped_tensors(&files, &weight_map, &shards)?;
+        check_indexed_tensors(dir, index_path, &weight_map, &shards)?;
+        Checkpoint::from_shards(dir, shards, Some(Index::of(&json)))
+    }
+
     fn from_shards(path: &Path, shards: Vec<Shard>, index: Option<Index>) -> Result<Checkpoint> {
         let count = shards.iter().map(|s| s.header.tensors().len()).sum();
         let mut names: IndexMap<String, usize> = IndexMap::with_capacity(count);

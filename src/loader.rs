@@ -95,8 +95,7 @@ pub struct Loader<'a> {
     upload: Upload,
     adapter: Option<String>,
     hf_cache: Option<PathBuf>,
-    #[cfg(feature = "remote")]
-    remote: crate::remote::RemoteOptions,
+    remote: Remote,
     interrupt: Option<&'a AtomicBool>,
 }
 
@@ -137,8 +136,7 @@ impl<'a> Loader<'a> {
             upload: Upload::Auto,
             adapter: None,
             hf_cache: None,
-            #[cfg(feature = "remote")]
-            remote: Default::default(),
+            remote: Remote::default(),
             interrupt: None,
         }
     }
@@ -310,6 +308,7 @@ impl<'a> Loader<'a> {
             self.device.clone()?,
             self.adapter.as_deref(),
             &|path| self.open_file(path, self.read_mode),
+            &|path| self.open_checkpoint(path),
             self.cast(),
             self.upload,
         )
@@ -368,16 +367,8 @@ impl<'a> Loader<'a> {
 
     fn load_path(&self, path: &Path, view: View) -> Result<Tensors> {
         let device = self.device.clone()?;
-        #[cfg(feature = "remote")]
-        if crate::remote::is_url(path) && checkpoint::is_multi_file(path) {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                "a remote checkpoint's index is not read yet: load each shard's URL",
-            )
-            .with_file(path));
-        }
         if checkpoint::is_multi_file(path) {
-            return self.load_opened(&Checkpoint::open(path)?, view);
+            return self.load_opened(&self.open_checkpoint(path)?, view);
         }
         let file = self.open_file(path, self.read_mode)?;
         self.check_slices(|n| file.header().tensors().contains_key(n), Some(path))?;
@@ -395,10 +386,9 @@ impl<'a> Loader<'a> {
         } else {
             Threads::Caller
         };
-        let (mode, disk_queue) = (self.read_mode, self.disk_queue);
+        let (mode, disk_queue, remote) = (self.read_mode, self.disk_queue, &self.remote);
         let files = parallel::map(chosen, threads, |(path, header, names)| {
-            let mut file = HostFile::open(path, mode)?;
-            file.set_disk_queue(disk_queue);
+            let file = open_file(path, mode, disk_queue, remote)?;
             // The layout the checkpoint recorded must still hold.
             for name in names {
                 let now = file.header().tensors().get(name);
@@ -424,16 +414,20 @@ impl<'a> Loader<'a> {
         self.load_files(device, Some(checkpoint.path()), &files, view, metadata)
     }
 
+    /// Opens the checkpoint at `path` (a folder or an index; an index's URL with this
+    /// loader's remote options).
+    fn open_checkpoint(&self, path: &Path) -> Result<Checkpoint> {
+        #[cfg(feature = "remote")]
+        if let Some(url) = path.to_str().filter(|_| crate::remote::is_url(path)) {
+            return Checkpoint::open_remote(url, &self.remote);
+        }
+        Checkpoint::open(path)
+    }
+
     /// Opens `path` to be read as `mode` says, with this loader's disk queue choice; an
     /// object's URL with its remote options.
     fn open_file(&self, path: &Path, mode: ReadMode) -> Result<HostFile<'static>> {
-        #[cfg(feature = "remote")]
-        if let Some(url) = path.to_str().filter(|_| crate::remote::is_url(path)) {
-            return crate::remote::open(url, &self.remote);
-        }
-        let mut file = HostFile::open(path, mode)?;
-        file.set_disk_queue(self.disk_queue);
-        Ok(file)
+        open_file(path, mode, self.disk_queue, &self.remote)
     }
 
     /// Whether the filter keeps `name`.
@@ -577,4 +571,29 @@ fn load_report(device: Device, files: &[HostFile<'_>], plan: &LoadPlan<'_>) -> L
         upload,
         notes,
     }
+}
+
+/// The options objects given by URL are read with (nothing without the `remote` feature).
+#[cfg(feature = "remote")]
+type Remote = crate::remote::RemoteOptions;
+#[cfg(not(feature = "remote"))]
+type Remote = ();
+
+/// Opens `path` to be read as `mode` says (its direct reads through its disk's queue where
+/// `disk_queue`); an object's URL with `remote`.
+fn open_file(
+    path: &Path,
+    mode: ReadMode,
+    disk_queue: bool,
+    remote: &Remote,
+) -> Result<HostFile<'static>> {
+    #[cfg(feature = "remote")]
+    if let Some(url) = path.to_str().filter(|_| crate::remote::is_url(path)) {
+        return crate::remote::open(url, remote);
+    }
+    #[cfg(not(feature = "remote"))]
+    let () = remote;
+    let mut file = HostFile::open(path, mode)?;
+    file.set_disk_queue(disk_queue);
+    Ok(file)
 }

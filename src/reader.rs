@@ -80,18 +80,20 @@ impl std::fmt::Debug for Reader {
 impl Reader {
     /// Opens `path` (a file, a folder of shards or an index) for reads onto `device`
     /// (resolved now: an absent GPU is an error here), each file opened by `open` (the
-    /// loader's read mode, disk queue and remote options), tensors converted as `cast` says.
+    /// loader's read mode, disk queue and remote options) and a checkpoint by
+    /// `open_checkpoint`, tensors converted as `cast` says.
     pub(crate) fn new(
         path: &Path,
         device: Device,
         adapter: Option<&str>,
         open: &dyn Fn(&Path) -> Result<HostFile<'static>>,
+        open_checkpoint: &dyn Fn(&Path) -> Result<Checkpoint>,
         cast: Cast,
         upload: Upload,
     ) -> Result<Reader> {
         let backend = backend::for_device(device, adapter)?;
         let (paths, metadata) = if checkpoint::is_multi_file(path) {
-            let ckpt = Checkpoint::open(path)?;
+            let ckpt = open_checkpoint(path)?;
             let paths: Vec<PathBuf> = ckpt.files().map(Path::to_path_buf).collect();
             (paths, ckpt.metadata().cloned())
         } else {

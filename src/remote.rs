@@ -119,18 +119,7 @@ pub(crate) fn open(url: &str, options: &RemoteOptions) -> Result<HostFile<'stati
 }
 
 fn open_inner(url: &str, options: &RemoteOptions) -> Result<HostFile<'static>> {
-    let (store, location) = store_for(url, options)?;
-    let mut object = RemoteObject {
-        url: url.to_owned(),
-        store,
-        location,
-        e_tag: None,
-        part_size: options.part_size.max(1),
-        deadline: options.timeout * (options.retries as u32 + 1) + Duration::from_secs(10),
-        limit: in_flight(options.concurrency),
-    };
-    let (first, size, e_tag) = object.first_read()?;
-    object.e_tag = e_tag;
+    let (object, first, size) = RemoteObject::open(url, options)?;
     let n = Header::read_len(first.get(..N_LEN).unwrap_or(&[]), size)?;
     let json = match first.get(N_LEN..N_LEN + n) {
         Some(json) => json.to_vec(),
@@ -222,12 +211,7 @@ fn store_for(url: &str, options: &RemoteOptions) -> Result<(Arc<dyn ObjectStore>
 }
 
 fn store_err(e: object_store::Error) -> Error {
-    let kind = match e {
-        object_store::Error::NotFound { .. } => std::io::ErrorKind::NotFound,
-        object_store::Error::PermissionDenied { .. }
-        | object_store::Error::Unauthenticated { .. } => std::io::ErrorKind::PermissionDenied,
-        _ => std::io::ErrorKind::Other,
-    };
+    let kind = io_kind(&e);
     Error::io(
         "reading the object",
         None,
@@ -235,7 +219,53 @@ fn store_err(e: object_store::Error) -> Error {
     )
 }
 
+/// The I/O error kind of a store's error (`NotFound` for a missing object, say).
+fn io_kind(e: &object_store::Error) -> std::io::ErrorKind {
+    match e {
+        object_store::Error::NotFound { .. } => std::io::ErrorKind::NotFound,
+        object_store::Error::PermissionDenied { .. }
+        | object_store::Error::Unauthenticated { .. } => std::io::ErrorKind::PermissionDenied,
+        _ => std::io::ErrorKind::Other,
+    }
+}
+
+/// The whole object at `url`, of at most `max_len` bytes (an index). Errors name the URL.
+pub(crate) fn fetch(url: &str, options: &RemoteOptions, max_len: u64) -> Result<Vec<u8>> {
+    let fetch = || {
+        let (object, mut bytes, size) = RemoteObject::open(url, options)?;
+        if size > max_len {
+            return Err(Error::new(
+                ErrorKind::InvalidIndex,
+                format!("{size} bytes: over the {max_len}-byte limit for an index"),
+            ));
+        }
+        let have = bytes.len();
+        bytes.resize(usize::try_from(size).unwrap_or(usize::MAX), 0);
+        object.read_exact_at(&mut bytes[have..], have as u64)?;
+        Ok(bytes)
+    };
+    fetch().map_err(|e| e.with_file(url))
+}
+
 impl RemoteObject {
+    /// The object at `url`, with its first [`GUESS`] bytes (all of a smaller one) and size;
+    /// later reads ask for the version this read saw.
+    fn open(url: &str, options: &RemoteOptions) -> Result<(RemoteObject, Vec<u8>, u64)> {
+        let (store, location) = store_for(url, options)?;
+        let mut object = RemoteObject {
+            url: url.to_owned(),
+            store,
+            location,
+            e_tag: None,
+            part_size: options.part_size.max(1),
+            deadline: options.timeout * (options.retries as u32 + 1) + Duration::from_secs(10),
+            limit: in_flight(options.concurrency),
+        };
+        let (first, size, e_tag) = object.first_read()?;
+        object.e_tag = e_tag;
+        Ok((object, first, size))
+    }
+
     /// The first [`GUESS`] bytes (all of a smaller object), the object's size and version.
     fn first_read(&self) -> Result<(Vec<u8>, u64, Option<String>)> {
         let options = GetOptions {
@@ -258,19 +288,20 @@ impl RemoteObject {
         request: impl Future<Output = object_store::Result<T>>,
     ) -> Result<T> {
         let deadline = self.deadline;
-        let reading = |why: String| {
-            Error::new(
-                ErrorKind::Io,
-                format!(
-                    "reading bytes {}..{} of {}: {why}",
-                    range.start, range.end, self.url
-                ),
-            )
+        let reading = |kind: std::io::ErrorKind, why: String| {
+            let what = format!(
+                "reading bytes {}..{} of {}",
+                range.start, range.end, self.url
+            );
+            Error::io(&what, None, std::io::Error::new(kind, why))
         };
         match runtime()?.block_on(async { tokio::time::timeout(deadline, request).await }) {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(reading(e.to_string())),
-            Err(_) => Err(reading(format!("no answer within {deadline:?}"))),
+            Ok(Err(e)) => Err(reading(io_kind(&e), e.to_string())),
+            Err(_) => Err(reading(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {deadline:?}"),
+            )),
         }
     }
 

@@ -46,22 +46,34 @@ struct Counts {
 type Asked = Option<(usize, Option<usize>)>;
 
 fn serve(data: Vec<u8>, mode: Mode) -> Server {
+    serve_all(vec![("/o.safetensors".to_owned(), data)], mode)
+}
+
+/// A server of `objects` (path, bytes); its URL names the first.
+fn serve_all(objects: Vec<(String, Vec<u8>)>, mode: Mode) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/o.safetensors", listener.local_addr().unwrap());
+    let url = format!("http://{}{}", listener.local_addr().unwrap(), objects[0].0);
     let requests = Arc::new(Counts::default());
-    let (data, count) = (Arc::new(data), requests.clone());
+    let objects: Arc<std::collections::HashMap<String, Vec<u8>>> =
+        Arc::new(objects.into_iter().collect());
+    let count = requests.clone();
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(stream) = stream else { return };
-            let (data, count) = (data.clone(), count.clone());
-            std::thread::spawn(move || answer(stream, &data, mode, &count));
+            let (objects, count) = (objects.clone(), count.clone());
+            std::thread::spawn(move || answer(stream, &objects, mode, &count));
         }
     });
     Server { url, requests }
 }
 
 /// Answers the requests of one connection.
-fn answer(mut stream: TcpStream, data: &[u8], mode: Mode, count: &Counts) {
+fn answer(
+    mut stream: TcpStream,
+    objects: &std::collections::HashMap<String, Vec<u8>>,
+    mode: Mode,
+    count: &Counts,
+) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     loop {
         let mut line = String::new();
@@ -91,10 +103,10 @@ fn answer(mut stream: TcpStream, data: &[u8], mode: Mode, count: &Counts) {
                 .write_all(head.as_bytes())
                 .and_then(|()| stream.write_all(body))
         };
-        if path != "/o.safetensors" {
+        let Some(data) = objects.get(&path) else {
             let _ = respond(&mut stream, "404 Not Found", String::new(), b"");
             continue;
-        }
+        };
         match mode {
             Mode::Failing if n > 0 => {
                 let _ = respond(
@@ -327,4 +339,43 @@ fn the_cli_loads_and_converts_urls() {
         &want,
         "converted",
     );
+}
+
+/// A sharded checkpoint by its index's URL: one plan over the shards it names, equal to the
+/// local load; a reader of it; a shard the server lacks is the index's error.
+#[test]
+fn remote_indexes_load_as_checkpoints() {
+    let sharded = common::fixtures().join("sharded");
+    let mut objects = Vec::new();
+    for entry in std::fs::read_dir(&sharded).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        objects.push((format!("/ckpt/{name}"), std::fs::read(&path).unwrap()));
+    }
+    objects.sort_by_key(|(name, _)| !name.ends_with(".index.json"));
+    let want = tensorplace::load_file(&sharded, "cpu").unwrap();
+    let server = serve_all(objects.clone(), Mode::Good);
+    assert!(
+        server.url.ends_with(tensorplace::INDEX_NAME),
+        "{}",
+        server.url
+    );
+    let loader = Loader::new("cpu").remote(options(1 << 20, 1, 10));
+    assert_same(
+        &loader.load_file(&server.url).unwrap(),
+        &want,
+        "remote index",
+    );
+    let reader = loader.reader(&server.url).unwrap();
+    assert_eq!(reader.names().count(), want.len());
+    let (name, t) = want.iter().last().unwrap();
+    assert_eq!(
+        reader.tensor(name).unwrap().host_bytes().unwrap(),
+        t.host_bytes().unwrap()
+    );
+    objects.retain(|(name, _)| !name.contains("00002"));
+    let server = serve_all(objects, Mode::Good);
+    let e = loader.load_file(&server.url).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidIndex, "{e}");
+    assert!(e.to_string().contains("missing"), "{e}");
 }
