@@ -51,11 +51,21 @@ pub struct RemoteOptions {
 }
 
 impl Default for RemoteOptions {
+    /// 8 MiB parts, 32 reads in flight, 3 retries, 30 s a request; the environment's
+    /// `TENSORPLACE_REMOTE_PART_SIZE` (bytes) and `TENSORPLACE_REMOTE_CONCURRENCY` where set
+    /// (for the command line and Python, which take no options).
     fn default() -> Self {
+        let var = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+        };
         RemoteOptions {
             options: Vec::new(),
-            part_size: 8 << 20,
-            concurrency: 32,
+            part_size: var("TENSORPLACE_REMOTE_PART_SIZE")
+                .unwrap_or(8 << 20)
+                .max(1),
+            concurrency: var("TENSORPLACE_REMOTE_CONCURRENCY").unwrap_or(32).max(1),
             retries: 3,
             timeout: Duration::from_secs(30),
         }

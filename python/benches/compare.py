@@ -343,7 +343,9 @@ def flax(runs, tmp, size):
 
 
 def remote(runs, tmp, size):
-    """An object in an S3 server on 127.0.0.1 (moto's, in its own process), ``size`` bytes:
+    """An object in an S3 server on 127.0.0.1 in its own process (s3s-fs where it is on the
+    PATH, ``cargo install s3s-fs@0.14.1 --features binary``: a file-backed Rust server; else
+    moto's, whose ranged reads cost in proportion to the object's size), ``size`` bytes:
     tensorplace reading it by ranges vs the same file read locally (warm), runai-model-streamer's
     S3 path against the same server (where installed), and a whole-object download (boto3
     ``get_object``) then ``safetensors.numpy.load`` (the baseline)."""
@@ -359,8 +361,18 @@ def remote(runs, tmp, size):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     endpoint = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import shutil
+
+    s3s = shutil.which("s3s-fs")
+    if s3s:
+        root = os.path.join(tmp, "s3")
+        os.makedirs(root)
+        command = [s3s, "--host", "127.0.0.1", "--port", str(port), "--access-key", "test",
+                   "--secret-key", "test", root]
+    else:
+        command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    print(f"S3 server: {os.path.basename(command[0]) if s3s else 'moto'}")
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
                "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true",
