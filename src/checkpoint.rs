@@ -119,6 +119,21 @@ fn index_err(file: &Path, msg: impl Into<String>) -> Error {
     Error::new(ErrorKind::InvalidIndex, msg).with_file(file)
 }
 
+/// An index's text as JSON.
+fn index_json(index_path: &Path, text: &str) -> Result<serde_json::Value> {
+    serde_json::from_str(text).map_err(|e| index_err(index_path, format!("not valid JSON: {e}")))
+}
+
+/// An index's `weight_map` object.
+fn weight_map_of<'j>(
+    index_path: &Path,
+    json: &'j serde_json::Value,
+) -> Result<&'j serde_json::Map<String, serde_json::Value>> {
+    json.get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| index_err(index_path, "no \"weight_map\" object"))
+}
+
 /// What an index's `weight_map` maps each tensor to, in its order, and the shards it names,
 /// in name order; a file name that is not one inside the folder is an error.
 fn weight_map<'j>(
@@ -282,15 +297,8 @@ impl Checkpoint {
 
     /// The shards `index` names, checked against it.
     fn with_index(dir: &Path, index_path: &Path) -> Result<Checkpoint> {
-        let bad = |msg: String| index_err(index_path, msg);
-        let text = read_index(index_path)?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-        let map = json
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| bad("no \"weight_map\" object".into()))?;
-        let (weight_map, files) = weight_map(index_path, map)?;
+        let json = index_json(index_path, &read_index(index_path)?)?;
+        let (weight_map, files) = weight_map(index_path, weight_map_of(index_path, &json)?)?;
         let paths = shard_paths(dir, index_path, &files, &weight_map)?;
         let shards = read_headers(&paths)?;
         check_mapped_tensors(&files, &weight_map, &shards)?;
@@ -312,13 +320,8 @@ impl Checkpoint {
         let bad = |msg: String| index_err(index_path, msg);
         let bytes = crate::remote::fetch(url, options, MAX_INDEX_LEN)?;
         let text = String::from_utf8(bytes).map_err(|_| bad("not UTF-8".into()))?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-        let map = json
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| bad("no \"weight_map\" object".into()))?;
-        let (weight_map, files) = weight_map(index_path, map)?;
+        let json = index_json(index_path, &text)?;
+        let (weight_map, files) = weight_map(index_path, weight_map_of(index_path, &json)?)?;
         let dir = Path::new(url.rsplit_once('/').map_or(url, |(dir, _)| dir));
         let threads = if files.len() > 1 {
             Threads::Io
