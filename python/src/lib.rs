@@ -404,11 +404,34 @@ fn load(py: Python<'_>, data: &[u8], device: &str, narrow_64: bool) -> PyResult<
 #[pyfunction]
 #[allow(clippy::type_complexity)]
 fn inspect(
+    py: Python<'_>,
     filename: PathBuf,
 ) -> PyResult<(
     Vec<(String, &'static str, Vec<usize>, PathBuf)>,
     Option<HashMap<String, String>>,
 )> {
+    if tensorplace::remote::is_url(&filename) {
+        // An object's headers, through a reader (which reads nothing else until asked),
+        // the GIL released while the network answers.
+        let reader = py.detach(|| {
+            loader("cpu", None, "mmap", None, false)?
+                .reader(&filename)
+                .map_err(py_err)
+        })?;
+        let tensors = reader
+            .names()
+            .map(|name| {
+                let (dtype, shape) = reader.info(name)?;
+                let file = reader.file_of(name)?.to_path_buf();
+                Ok((name.to_owned(), dtype.name(), shape.to_vec(), file))
+            })
+            .collect::<tensorplace::Result<_>>()
+            .map_err(py_err)?;
+        let metadata = reader
+            .metadata()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+        return Ok((tensors, metadata));
+    }
     let cache = tensorplace::hub::default_cache_dir();
     let filename = tensorplace::hub::locate(&filename, cache.as_deref()).map_err(py_err)?;
     let checkpoint = tensorplace::open(&filename).map_err(py_err)?;

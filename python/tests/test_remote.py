@@ -79,3 +79,19 @@ def test_missing_objects_buckets_and_credentials_are_errors(env, monkeypatch):
     with pytest.raises(TensorplaceError) as e:
         tensorplace.numpy.load_file("s3://models/bad.safetensors")
     assert e.value.kind == "HeaderTooLarge" and "s3://models/bad.safetensors" in str(e.value)
+
+
+def test_headers_and_torch_loads_of_objects(env):
+    torch = pytest.importorskip("torch")
+    import tensorplace.torch
+    from tensorplace import _tensorplace as native
+
+    want = tensors()
+    env.put_object(Bucket="models", Key="t/model.safetensors", Body=safetensors.numpy.save(want))
+    url = "s3://models/t/model.safetensors"
+    entries, _ = native.inspect(url)
+    assert {name: (dtype, tuple(shape)) for name, dtype, shape, _ in entries} == {
+        k: ({"float32": "F32", "float16": "F16", "int64": "I64"}[str(v.dtype)], v.shape) for k, v in want.items()}
+    got = tensorplace.torch.load_file(url)
+    for name, value in want.items():
+        assert torch.equal(got[name], torch.from_numpy(value)), name
