@@ -150,7 +150,19 @@ fn open_inner(url: &str, options: &RemoteOptions) -> Result<HostFile<'static>> {
 
 /// The store and the object's location in it for `url`: the store's own settings from the
 /// environment, then `options`, with our retry policy and timeouts.
+/// Makes rustls on ring the process's TLS provider, unless the application installed one
+/// first: the stores' HTTPS clients need one (reqwest is built without a bundled provider).
+fn install_tls_provider() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    // Deprecated for its lack of post-quantum key exchange, which no store requires.
+    #[allow(deprecated)]
+    INSTALLED.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
 fn store_for(url: &str, options: &RemoteOptions) -> Result<(Arc<dyn ObjectStore>, Location)> {
+    install_tls_provider();
     let parsed = url::Url::parse(url)
         .map_err(|e| Error::new(ErrorKind::InvalidArgument, format!("not a URL: {e}")))?;
     let (scheme, location) = ObjectStoreScheme::parse(&parsed).map_err(|e| {
@@ -367,6 +379,21 @@ impl RangeSource for RemoteObject {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An HTTPS store builds its TLS client (rustls on ring, installed at first use): a
+    /// closed port is a refused connection, not a client that could not be built.
+    #[test]
+    fn https_clients_build_and_fail_cleanly() {
+        let options = RemoteOptions {
+            retries: 0,
+            timeout: Duration::from_secs(5),
+            ..RemoteOptions::default()
+        };
+        assert!(store_for("https://127.0.0.1:9/x.safetensors", &options).is_ok());
+        let e = open("https://127.0.0.1:9/x.safetensors", &options).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+        assert!(!e.to_string().contains("builder error"), "{e}");
+    }
 
     #[test]
     fn urls_are_told_from_paths() {
