@@ -379,3 +379,16 @@ fn remote_indexes_load_as_checkpoints() {
     assert_eq!(e.kind(), ErrorKind::InvalidIndex, "{e}");
     assert!(e.to_string().contains("missing"), "{e}");
 }
+
+/// An HTTPS store builds its TLS client (rustls on ring, installed at first use): a closed
+/// port is a refused connection, not a client that could not be built. (Here, not among the
+/// library's unit tests: the unit test binary then links no network stack.)
+#[test]
+fn https_clients_build_and_fail_cleanly() {
+    let e = Loader::new("cpu")
+        .remote(options(1 << 20, 0, 5))
+        .load_file("https://127.0.0.1:9/x.safetensors")
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+    assert!(!e.to_string().contains("builder error"), "{e}");
+}
