@@ -82,6 +82,7 @@ mod device;
 mod dtype;
 mod error;
 mod header;
+mod host_cache;
 pub mod hub;
 mod loader;
 mod memory;
@@ -180,6 +181,13 @@ pub mod internals {
 /// ```
 pub fn load_file(path: impl AsRef<Path>, device: impl IntoDevice) -> Result<Tensors> {
     Loader::new(device).load_file(path)
+}
+
+/// Gives back to the system, at once, the host memory a load onto the CPU left for the next
+/// one (the last arena freed, kept for 10 s at most: see the crate's README, "Host memory");
+/// the bytes given back. As `torch.cuda.empty_cache()` for torch's GPU memory.
+pub fn trim_host_memory() -> usize {
+    host_cache::HostCache::global().trim()
 }
 
 /// Loads every tensor of a whole safetensors file held in `bytes` onto `device`.

@@ -1,10 +1,15 @@
 //! Owned host memory for tensors: large buffers are anonymous mappings advised for
 //! transparent huge pages (a fresh buffer is filled once, and its page faults, not the copy,
-//! bound the fill: 2 MiB pages take 512 times fewer), small ones come from the heap.
+//! bound the fill: 2 MiB pages take 512 times fewer), small ones come from the heap. An
+//! arena ([`HostBuffer::reusable`]) takes the mapping the last one left, where it fits
+//! (see [`host_cache`](crate::host_cache)).
+
+use std::sync::Arc;
 
 use memmap2::{Advice, MmapMut};
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::host_cache::{HostCache, Mapping};
 
 /// Buffers at least this large are anonymous mappings with huge pages advised.
 const HUGE: usize = 2 << 20;
@@ -13,6 +18,9 @@ const HUGE: usize = 2 << 20;
 /// page by page as they are first written, where the heap would write every zero first (an
 /// aligned allocation is zeroed by hand), and gives them back when they are freed.
 const MAPPED: usize = 256 << 10;
+
+/// What a reused arena holds in debug builds before its owner writes it.
+pub const POISON: u8 = 0xA5;
 
 /// A cache line: the heap's unit, so that a heap buffer starts on a 64-byte boundary.
 #[derive(Debug, Clone, Copy)]
@@ -25,21 +33,23 @@ unsafe impl bytemuck::Zeroable for Line {}
 // SAFETY: as above; it is `Copy`, `repr(C)` and holds only bytes.
 unsafe impl bytemuck::Pod for Line {}
 
-/// Zeroed host memory of a fixed length, aligned to 64 bytes at least (a page for large ones).
+/// Host memory of a fixed length, aligned to 64 bytes at least (a page for large ones):
+/// zeroed, or for an arena ([`reusable`](Self::reusable)) holding what it held before.
 #[derive(Debug)]
-pub struct HostBuffer(Memory);
+pub struct HostBuffer {
+    memory: Memory,
+    /// Where the mapping goes when the buffer is dropped (a reusable buffer's), rather than
+    /// being unmapped.
+    cache: Option<Arc<HostCache>>,
+}
 
 /// Where a [`HostBuffer`]'s bytes are.
 #[derive(Debug)]
 enum Memory {
     /// From the heap, in cache lines.
     Heap { lines: Vec<Line>, len: usize },
-    /// `len` bytes at `start` of an anonymous private mapping.
-    Mapped {
-        map: MmapMut,
-        start: usize,
-        len: usize,
-    },
+    /// The first `len` bytes of an anonymous private mapping's buffer.
+    Mapped { mapping: Mapping, len: usize },
 }
 
 impl HostBuffer {
@@ -56,7 +66,10 @@ impl HostBuffer {
         }
         let lines = bytemuck::allocation::try_zeroed_vec(len.div_ceil(64))
             .map_err(|()| oom(String::new()))?;
-        Ok(HostBuffer(Memory::Heap { lines, len }))
+        Ok(HostBuffer {
+            memory: Memory::Heap { lines, len },
+            cache: None,
+        })
     }
 
     /// A zeroed anonymous mapping of `len` bytes (at least one page), page-aligned whatever
@@ -66,17 +79,23 @@ impl HostBuffer {
     /// it at the few hundred pages a request may list (README's performance section has the
     /// figures).
     pub fn page_aligned(len: usize) -> Result<HostBuffer> {
+        HostBuffer::mapped(len, len)
+    }
+
+    /// [`page_aligned`](Self::page_aligned), its mapping room for `capacity` bytes (at least
+    /// `len`): the pages past `len` cost address space until written.
+    fn mapped(len: usize, capacity: usize) -> Result<HostBuffer> {
         let oom = |why: String| {
             Error::new(
                 ErrorKind::OutOfMemory,
-                format!("cannot map {len} bytes of host memory{why}"),
+                format!("cannot map {capacity} bytes of host memory{why}"),
             )
         };
         // Room to start on a huge-page boundary wherever the kernel puts the mapping; the
         // pages past the buffer are never touched, so they cost address space only.
-        let map_len = match len {
-            0..HUGE => len.max(1),
-            _ => len
+        let map_len = match capacity {
+            0..HUGE => capacity.max(1),
+            _ => capacity
                 .checked_next_multiple_of(HUGE)
                 .and_then(|l| l.checked_add(HUGE))
                 .ok_or_else(|| oom(String::new()))?,
@@ -85,11 +104,57 @@ impl HostBuffer {
         // Where the kernel does not allow huge pages (THP off, or not Linux), the buffer
         // works with small pages: the advice is only advice.
         let _ = map.advise(Advice::HugePage);
-        let start = match len {
+        let start = match capacity {
             0..HUGE => 0,
             _ => (map.as_ptr() as usize).next_multiple_of(HUGE) - map.as_ptr() as usize,
         };
-        Ok(HostBuffer(Memory::Mapped { map, start, len }))
+        Ok(HostBuffer {
+            memory: Memory::Mapped {
+                mapping: Mapping { map, start },
+                len,
+            },
+            cache: None,
+        })
+    }
+
+    /// Memory for an arena of `len` bytes, which its owner writes before reading any of it:
+    /// laid out as [`page_aligned`](Self::page_aligned) (or [`zeroed`](Self::zeroed) for a
+    /// `capacity` under a huge page). Of at least a huge page, it goes to the process's
+    /// [`HostCache`] when dropped, and comes from it where a mapping kept there holds
+    /// `capacity` bytes (and not twice as many): then without a page to fault in, holding an
+    /// earlier buffer's bytes ([`POISON`] in debug builds, so that tests catch a byte read
+    /// before it is written). Callers whose arenas
+    /// vary in size ask one `capacity` (at least `len`) for all of them, so that each fits
+    /// in what another freed.
+    pub fn reusable(len: usize, capacity: usize) -> Result<HostBuffer> {
+        HostBuffer::reusable_in(HostCache::global(), len, capacity)
+    }
+
+    /// [`reusable`](Self::reusable) with `cache`.
+    pub(crate) fn reusable_in(
+        cache: &Arc<HostCache>,
+        len: usize,
+        capacity: usize,
+    ) -> Result<HostBuffer> {
+        let capacity = capacity.max(len);
+        if capacity < HUGE {
+            return HostBuffer::zeroed(len);
+        }
+        let mut buffer = match cache.take(capacity) {
+            Some(mapping) => {
+                let mut buffer = HostBuffer {
+                    memory: Memory::Mapped { mapping, len },
+                    cache: None,
+                };
+                if cfg!(debug_assertions) {
+                    buffer.as_mut_bytes().fill(POISON);
+                }
+                buffer
+            }
+            None => HostBuffer::mapped(len, capacity)?,
+        };
+        buffer.cache = Some(Arc::clone(cache));
+        Ok(buffer)
     }
 
     /// A buffer holding a copy of `bytes`.
@@ -101,17 +166,19 @@ impl HostBuffer {
 
     /// The bytes.
     pub fn as_bytes(&self) -> &[u8] {
-        match &self.0 {
+        match &self.memory {
             Memory::Heap { lines, len } => &bytemuck::cast_slice(lines)[..*len],
-            Memory::Mapped { map, start, len } => &map[*start..*start + *len],
+            Memory::Mapped { mapping, len } => &mapping.map[mapping.start..mapping.start + *len],
         }
     }
 
     /// The bytes, writable.
     pub fn as_mut_bytes(&mut self) -> &mut [u8] {
-        match &mut self.0 {
+        match &mut self.memory {
             Memory::Heap { lines, len } => &mut bytemuck::cast_slice_mut(lines)[..*len],
-            Memory::Mapped { map, start, len } => &mut map[*start..*start + *len],
+            Memory::Mapped { mapping, len } => {
+                &mut mapping.map[mapping.start..mapping.start + *len]
+            }
         }
     }
 
@@ -124,6 +191,21 @@ impl HostBuffer {
     #[cfg_attr(not(feature = "unstable-internals"), allow(dead_code))]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+impl Drop for HostBuffer {
+    fn drop(&mut self) {
+        let Some(cache) = self.cache.take() else {
+            return;
+        };
+        let empty = Memory::Heap {
+            lines: Vec::new(),
+            len: 0,
+        };
+        if let Memory::Mapped { mapping, .. } = std::mem::replace(&mut self.memory, empty) {
+            cache.put(mapping);
+        }
     }
 }
 
@@ -241,7 +323,7 @@ mod tests {
             assert_eq!(b.len(), len);
             assert!(b.as_bytes().iter().all(|&x| x == 0));
             assert_eq!(b.as_bytes().as_ptr() as usize % 64, 0);
-            assert_eq!(matches!(b.0, Memory::Mapped { .. }), len >= MAPPED);
+            assert_eq!(matches!(b.memory, Memory::Mapped { .. }), len >= MAPPED);
             // Large ones start on a huge-page boundary, so that huge pages can back all of it.
             if len >= HUGE {
                 assert_eq!(b.as_bytes().as_ptr() as usize % HUGE, 0, "{len}");

@@ -167,6 +167,8 @@ pub(crate) struct LoadPlan<'f> {
     items: Vec<PlanItem<'f>>,
     view: View,
     upload: Upload,
+    /// The least capacity of a CPU arena (see [`with_arena_capacity`](Self::with_arena_capacity)).
+    arena_capacity: usize,
     total: u64,
     done: AtomicU64,
     progress: Option<&'f (dyn Fn(u64, u64) + Sync)>,
@@ -266,6 +268,7 @@ impl<'f> LoadPlan<'f> {
             items,
             view: View::Copy,
             upload: Upload::Auto,
+            arena_capacity: 0,
             total,
             done: AtomicU64::new(0),
             progress: None,
@@ -284,6 +287,19 @@ impl<'f> LoadPlan<'f> {
     pub fn with_upload(mut self, upload: Upload) -> Self {
         self.upload = upload;
         self
+    }
+
+    /// Asks the CPU backend for an arena of at least `capacity` bytes, whatever the tensors
+    /// need: loads of varying sizes that ask the same (a stream's batches) take each other's
+    /// freed memory from the host cache (see [`HostBuffer::reusable`](crate::memory::HostBuffer::reusable)).
+    pub fn with_arena_capacity(mut self, capacity: usize) -> Self {
+        self.arena_capacity = capacity;
+        self
+    }
+
+    /// The least capacity of a CPU arena.
+    pub fn arena_capacity(&self) -> usize {
+        self.arena_capacity
     }
 
     /// Reports progress to `progress(done, total)`, in input bytes.

@@ -59,6 +59,8 @@ pub struct Reader {
     backend: Arc<dyn Backend>,
     cast: Cast,
     upload: Upload,
+    /// The least capacity of the CPU arena of each read (see [`LoadPlan::with_arena_capacity`]).
+    arena_capacity: usize,
     /// Memory for small reads: shared blocks, one page fault for many tensors.
     blocks: Carver,
     /// Per file, which windows of its mapping have their pages mapped (see `populate`).
@@ -133,6 +135,7 @@ impl Reader {
             backend,
             cast,
             upload,
+            arena_capacity: 0,
             blocks: Carver::default(),
             populated,
         })
@@ -333,7 +336,7 @@ impl Reader {
                 read.copy_to(carved.as_mut_bytes())?;
                 CpuStorage::carved(carved)
             } else {
-                let mut buffer = HostBuffer::zeroed(read.len()).map_err(|e| read.tag(e))?;
+                let mut buffer = HostBuffer::reusable(read.len(), 0).map_err(|e| read.tag(e))?;
                 read.copy_to(buffer.as_mut_bytes())?;
                 let len = buffer.len();
                 CpuStorage::owned(Arc::new(buffer), 0..len)
@@ -374,13 +377,21 @@ impl Reader {
         self.files[k].path().unwrap_or(&self.origin)
     }
 
+    /// Gives the CPU arena of each read a capacity of at least `capacity` bytes, so that
+    /// reads of varying sizes (a stream's batches) take each other's memory when freed.
+    pub(crate) fn set_arena_capacity(&mut self, capacity: usize) {
+        self.arena_capacity = capacity;
+    }
+
     /// Places `entries` (in file order) on the device.
     fn place(&self, entries: Vec<PlanEntry<'_>>) -> Result<Vec<Tensor>> {
         self.place_on(&*self.backend, entries)
     }
 
     fn place_on(&self, backend: &dyn Backend, entries: Vec<PlanEntry<'_>>) -> Result<Vec<Tensor>> {
-        let plan = LoadPlan::new(Some(&self.origin), entries, self.cast)?.with_upload(self.upload);
+        let plan = LoadPlan::new(Some(&self.origin), entries, self.cast)?
+            .with_upload(self.upload)
+            .with_arena_capacity(self.arena_capacity);
         let placed = backend::place(backend, &plan)?;
         plan.finish();
         Ok(placed)

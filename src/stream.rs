@@ -11,6 +11,7 @@
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::thread::JoinHandle;
 
+use crate::backend::cpu::ALIGN;
 use crate::error::{Error, ErrorKind, Result};
 use crate::reader::Reader;
 use crate::tensor::Tensor;
@@ -41,8 +42,11 @@ impl std::fmt::Debug for Stream {
 impl Stream {
     /// Streams the tensors `names` (in file order) of `reader`, loading at most `max_bytes`
     /// ahead of the caller.
-    pub(crate) fn new(reader: Reader, names: Vec<String>, max_bytes: usize) -> Result<Stream> {
-        let batches = batches(&reader, names, (max_bytes / (WAITING + 2)).max(1))?;
+    pub(crate) fn new(mut reader: Reader, names: Vec<String>, max_bytes: usize) -> Result<Stream> {
+        let (batches, largest) = batches(&reader, names, (max_bytes / (WAITING + 2)).max(1))?;
+        // Every batch's arena the size of the largest: a batch's memory, freed with its last
+        // tensor, serves a later batch.
+        reader.set_arena_capacity(largest);
         let (send, receive) = mpsc::sync_channel(WAITING);
         let worker = std::thread::Builder::new()
             .name("tensorplace-stream".into())
@@ -56,10 +60,14 @@ impl Stream {
     }
 }
 
-/// The names cut into batches of at most `limit` bytes as stored (a larger tensor alone).
-fn batches(reader: &Reader, names: Vec<String>, limit: usize) -> Result<Vec<Vec<String>>> {
+/// The names cut into batches of at most `limit` bytes as stored (a larger tensor alone),
+/// and the bytes the largest batch's arena takes (its tensors as stored, each aligned as the
+/// CPU backend aligns them; a stream that widens a dtype needs more, and its batches then
+/// map memory of their own).
+fn batches(reader: &Reader, names: Vec<String>, limit: usize) -> Result<(Vec<Vec<String>>, usize)> {
     let mut out: Vec<Vec<String>> = Vec::new();
     let mut size = 0usize;
+    let (mut arena, mut largest) = (0usize, 0usize);
     for name in names {
         let (dtype, shape) = reader.info(&name)?;
         let bytes = shape
@@ -69,18 +77,22 @@ fn batches(reader: &Reader, names: Vec<String>, limit: usize) -> Result<Vec<Vec<
             .ok_or_else(|| {
                 Error::new(ErrorKind::SizeOverflow, "the tensor's size").with_tensor(&name)
             })?;
+        let aligned = bytes.saturating_add(ALIGN - 1) / ALIGN * ALIGN;
         match out.last_mut() {
             Some(batch) if size + bytes <= limit => {
                 batch.push(name);
                 size += bytes;
+                arena = arena.saturating_add(aligned);
             }
             _ => {
                 out.push(vec![name]);
                 size = bytes;
+                arena = aligned;
             }
         }
+        largest = largest.max(arena);
     }
-    Ok(out)
+    Ok((out, largest))
 }
 
 /// The stream's thread: each batch read in one pass and sent, until the caller stops

@@ -434,3 +434,62 @@ fn truncate_while_mapped_child() {
         .load_file(&path);
     println!("no signal: {:?}", result.map(|t| t.len()));
 }
+
+/// The address of a CPU tensor's first byte.
+fn address(t: &Tensor) -> usize {
+    t.host_bytes().unwrap().as_ptr() as usize
+}
+
+/// A load's memory, freed with its last tensor, is kept for the next load (in the same place,
+/// and the bytes the new ones), and given back by `trim_host_memory`. Run in a child process:
+/// the cache is the process's.
+#[test]
+fn freed_arenas_serve_the_next_loads() {
+    common::in_child(
+        "reliability::freed_arenas_child",
+        "TENSORPLACE_FREED_ARENAS_CHILD",
+    );
+}
+
+/// The child of `freed_arenas_serve_the_next_loads`.
+#[test]
+#[ignore = "run as a child process by freed_arenas_serve_the_next_loads"]
+fn freed_arenas_child() {
+    if std::env::var_os("TENSORPLACE_FREED_ARENAS_CHILD").is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        dir.path().join("a.safetensors"),
+        dir.path().join("b.safetensors"),
+    );
+    let (want_a, want_b) = (big(32, 1), big(30, 2));
+    tensorplace::save_file(&want_a, &a, None).unwrap();
+    tensorplace::save_file(&want_b, &b, None).unwrap();
+    let same = |got: &Tensors, want: &Tensors| {
+        for (name, w) in want.iter() {
+            assert_eq!(
+                got.tensor(name).unwrap().host_bytes().unwrap(),
+                w.host_bytes().unwrap()
+            );
+        }
+    };
+    let first = tensorplace::load_file(&a, Device::Cpu).unwrap();
+    let at = address(first.tensor("w0").unwrap());
+    // A tensor that lives on keeps the arena from the cache.
+    let kept = first.tensor("w7").unwrap().clone();
+    drop(first);
+    let second = tensorplace::load_file(&b, Device::Cpu).unwrap();
+    assert_ne!(address(second.tensor("w0").unwrap()), at);
+    same(&second, &want_b);
+    drop(kept);
+    // The other file, a little smaller, lands where the first load's tensors were, and
+    // nothing else was kept.
+    let third = tensorplace::load_file(&b, Device::Cpu).unwrap();
+    assert_eq!(address(third.tensor("w0").unwrap()), at);
+    assert_eq!(tensorplace::trim_host_memory(), 0);
+    same(&third, &want_b);
+    drop((second, third));
+    assert!(tensorplace::trim_host_memory() >= 2 * (30 << 20));
+    assert_eq!(tensorplace::trim_host_memory(), 0);
+}

@@ -426,6 +426,7 @@ def main():
     ap.add_argument("--cold", action="store_true", help="drop the file from the page cache before each run")
     ap.add_argument("--flax", action="store_true", help="flax per dtype and sharded (8 CPU devices) instead")
     ap.add_argument("--remote", action="store_true", help="an object in a local S3 server (moto) instead")
+    ap.add_argument("--torch", action="store_true", help="the torch groups alone (CPU, and cuda:0 where present)")
     args = ap.parse_args()
     if args.remote:
         tmp = tempfile.TemporaryDirectory()
@@ -455,6 +456,9 @@ def main():
     if args.cold:
         COLD.append(path)
 
+    if args.torch:
+        torch_groups(path, args.runs, nbytes)
+        return
     import safetensors.numpy
     import tensorplace.numpy
 
@@ -478,7 +482,11 @@ def main():
             ("safetensors.flax.load_file(f) + jax.device_put",
              lambda: jax.device_put(safetensors.flax.load_file(path), dev), ready),
         ], args.runs, nbytes)
+    torch_groups(path, args.runs, nbytes)
 
+
+def torch_groups(path, runs, nbytes):
+    """The torch group on the CPU, then on cuda:0 where a CUDA device is present."""
     try:
         import torch
         import safetensors.torch
@@ -486,7 +494,7 @@ def main():
     except ImportError as e:
         print(f"torch: skipped ({e})")
         return
-    torch_cpu(path, args.runs, nbytes)
+    torch_cpu(path, runs, nbytes)
     if not torch.cuda.is_available():
         print("torch: skipped on cuda:0 (no CUDA device)")
         return
@@ -496,7 +504,7 @@ def main():
         gpu.append((label, lambda load=load: load(path, "cuda:0"), sync))
     gpu.append(('safetensors.torch.load_file(f, device="cuda:0")',
                 lambda: safetensors.torch.load_file(path, device="cuda:0"), sync))
-    group("torch", gpu, args.runs, nbytes)
+    group("torch", gpu, runs, nbytes)
 
 
 if __name__ == "__main__":

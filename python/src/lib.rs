@@ -929,6 +929,13 @@ fn save_checkpoint(
     })
 }
 
+/// Gives back at once the host memory a load onto the CPU left for the next one (the last
+/// arena freed, else kept for 10 s at most); the bytes given back.
+#[pyfunction]
+fn trim_host_memory() -> usize {
+    tensorplace::trim_host_memory()
+}
+
 /// The native module.
 #[pymodule]
 fn _tensorplace(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -944,5 +951,6 @@ fn _tensorplace(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(save, m)?)?;
     m.add_function(wrap_pyfunction!(save_file, m)?)?;
     m.add_function(wrap_pyfunction!(save_checkpoint, m)?)?;
+    m.add_function(wrap_pyfunction!(trim_host_memory, m)?)?;
     Ok(())
 }

@@ -7,10 +7,16 @@ copied once), and every tensor is handed to the framework through DLPack without
 Errors are :class:`TensorplaceError` (a ``safetensors.SafetensorError`` where safetensors is
 installed), with the error's ``kind``, ``file`` and ``tensor``; a missing file's is also a
 ``FileNotFoundError`` (as safetensors raises), a denied one's a ``PermissionError``.
+
+A load onto the CPU keeps the memory of the last arena freed (its tensors all gone) for the
+next load, for 10 s at most (``TENSORPLACE_HOST_CACHE``: the largest kept, in bytes; ``0``
+keeps nothing): :func:`trim_host_memory` gives it back at once.
 """
 
 from ._core import TensorplaceError, TensorplaceFileNotFoundError, TensorplacePermissionError
 from ._safe_open import safe_open
+from ._tensorplace import trim_host_memory
 
-__all__ = ["TensorplaceError", "TensorplaceFileNotFoundError", "TensorplacePermissionError", "safe_open"]
+__all__ = ["TensorplaceError", "TensorplaceFileNotFoundError", "TensorplacePermissionError", "safe_open",
+           "trim_host_memory"]
 __version__ = "0.1.0"

@@ -5,6 +5,8 @@ errors by kind, arrays that outlive their file, and memory freed with the arrays
 import gc
 import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -326,6 +328,7 @@ def test_memory_is_freed_with_the_arrays(tmp_path):
     loaded = tensorplace.numpy.load_file(path)
     del loaded
     gc.collect()
+    tensorplace.trim_host_memory()
     start = rss()
     for _ in range(6):
         arrays = tensorplace.numpy.load_file(path)
@@ -334,13 +337,38 @@ def test_memory_is_freed_with_the_arrays(tmp_path):
         del arrays
         gc.collect()
     assert peak >= start + (200 << 20), "the arrays were resident"
+    # The last arena is kept for the next load (each load after the first took it), until
+    # trimmed.
+    assert rss() >= start + (200 << 20), "the arena is kept for the next load"
+    assert tensorplace.trim_host_memory() >= 256 << 20
     assert rss() <= start + (64 << 20), f"{start >> 20} MiB before, {rss() >> 20} MiB after"
     for _ in range(3):
         arrays = tensorplace.flax.load_file(path)
         assert float(arrays["w5"][7]) == 5.0
         del arrays
         gc.collect()
+    tensorplace.trim_host_memory()
     assert rss() <= start + (64 << 20), f"{start >> 20} MiB before, {rss() >> 20} MiB after (jax)"
+
+
+KEEP_NOTHING = r"""
+import gc, sys, tensorplace, tensorplace.numpy
+for _ in range(2):
+    arrays = tensorplace.numpy.load_file(sys.argv[1])
+    del arrays
+    gc.collect()
+print(tensorplace.trim_host_memory())
+"""
+
+
+def test_host_cache_can_be_turned_off(tmp_path):
+    path = tmp_path / "big.safetensors"
+    safetensors.numpy.save_file({f"w{i}": np.full(1 << 20, i, np.float32) for i in range(8)}, path)  # 32 MiB
+    for env, kept in (("0", False), (str(1 << 30), True), (str(16 << 20), False)):
+        out = subprocess.run([sys.executable, "-c", KEEP_NOTHING, str(path)], capture_output=True, text=True,
+                             env={**os.environ, "TENSORPLACE_HOST_CACHE": env}, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert (int(out.stdout) >= 32 << 20) == kept, (env, out.stdout)
 
 
 def test_ctrl_c_during_a_long_load_raises_keyboard_interrupt_promptly(tmp_path):

@@ -156,6 +156,7 @@ def test_a_tensor_outlives_its_load_and_the_arena_goes_with_the_last(tmp_path):
     path = tmp_path / "big.safetensors"
     safetensors.torch.save_file({f"w{i}": torch.full((8 << 20,), float(i)) for i in range(8)}, path)  # 256 MiB
     gc.collect()
+    tensorplace.trim_host_memory()
     start = rss()
     loaded = tensorplace.torch.load_file(path)
     kept = loaded["w3"][:4]
@@ -165,8 +166,11 @@ def test_a_tensor_outlives_its_load_and_the_arena_goes_with_the_last(tmp_path):
     os.remove(path)
     assert torch.equal(kept, torch.full((4,), 3.0))
     assert rss() >= start + (200 << 20), "the arena was freed under a live tensor"
+    assert tensorplace.trim_host_memory() == 0, "nothing is kept while a tensor lives"
     del kept
     gc.collect()
+    # Kept for the next load, until trimmed.
+    assert tensorplace.trim_host_memory() >= 256 << 20
     assert rss() <= start + (64 << 20), f"{start >> 20} MiB before, {rss() >> 20} MiB after"
 
 

@@ -79,7 +79,8 @@ impl CpuBackend {
                     ))
                 })?;
         }
-        let mut arena = HostBuffer::zeroed(total).map_err(|e| plan.err(e))?;
+        let mut arena = HostBuffer::reusable(total, total.max(plan.arena_capacity()))
+            .map_err(|e| plan.err(e))?;
         fill(plan, &placements, arena.as_mut_bytes())?;
         let arena = Arc::new(arena);
         let storages = plan
