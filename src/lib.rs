@@ -183,9 +183,10 @@ pub fn load_file(path: impl AsRef<Path>, device: impl IntoDevice) -> Result<Tens
     Loader::new(device).load_file(path)
 }
 
-/// Gives back to the system, at once, the host memory a load onto the CPU left for the next
-/// one (the last arena freed, kept for 10 s at most: see the crate's README, "Host memory");
-/// the bytes given back. As `torch.cuda.empty_cache()` for torch's GPU memory.
+/// Gives back to the system, at once, the host memory that loads onto the CPU left for later
+/// ones (arenas freed with their last tensor, else kept for 10 s at most: see README.md,
+/// "Devices in detail"); the bytes given back. As `torch.cuda.empty_cache()` for torch's GPU
+/// memory.
 pub fn trim_host_memory() -> usize {
     host_cache::HostCache::global().trim()
 }
