@@ -1,4 +1,4 @@
-//! The last freed arena, kept for the next load.
+//! Arenas freed with their last tensor, kept for later loads.
 //!
 //! A load onto the CPU writes every tensor into one fresh arena, and the first touch of fresh
 //! memory (the kernel zeroes each page as it faults it in) costs about as much as the copy
