@@ -1,7 +1,7 @@
 //! Owned host memory for tensors: large buffers are anonymous mappings advised for
 //! transparent huge pages (a fresh buffer is filled once, and its page faults, not the copy,
 //! bound the fill: 2 MiB pages take 512 times fewer), small ones come from the heap. An
-//! arena ([`HostBuffer::reusable`]) takes the mapping the last one left, where it fits
+//! arena ([`HostBuffer::reusable`]) takes a mapping an earlier one left, where one fits
 //! (see [`host_cache`](crate::host_cache)).
 
 use std::sync::Arc;
@@ -123,9 +123,8 @@ impl HostBuffer {
     /// [`HostCache`] when dropped, and comes from it where a mapping kept there holds
     /// `capacity` bytes (and not twice as many): then without a page to fault in, holding an
     /// earlier buffer's bytes ([`POISON`] in debug builds, so that tests catch a byte read
-    /// before it is written). Callers whose arenas
-    /// vary in size ask one `capacity` (at least `len`) for all of them, so that each fits
-    /// in what another freed.
+    /// before it is written). Callers whose arenas vary in size ask one `capacity` for all of
+    /// them (it counts where it is more than `len`), so that each fits in what another freed.
     pub fn reusable(len: usize, capacity: usize) -> Result<HostBuffer> {
         HostBuffer::reusable_in(HostCache::global(), len, capacity)
     }

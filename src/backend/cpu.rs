@@ -1,8 +1,9 @@
 //! The CPU backend: the reference every other backend is tested against.
 //!
-//! Every tensor goes into one owned arena (huge-page backed where large), each start
-//! aligned to [`ALIGN`] bytes, filled by the host I/O engine on every core, so that page
-//! faults on the fresh memory are taken in parallel; conversions run in the same pass.
+//! Every tensor goes into one owned arena (huge-page backed where large; the memory an earlier
+//! arena left, where one fits: see [`HostBuffer::reusable`]), each start aligned to [`ALIGN`]
+//! bytes, filled by the host I/O engine on every core, so that page faults on fresh memory
+//! are taken in parallel; conversions run in the same pass.
 //! Only a load that asked for views ([`Loader::load_file_mapped`](crate::Loader::load_file_mapped))
 //! gets zero-copy views of the mapping instead, for the tensors it does not convert.
 
@@ -79,8 +80,8 @@ impl CpuBackend {
                     ))
                 })?;
         }
-        let mut arena = HostBuffer::reusable(total, total.max(plan.arena_capacity()))
-            .map_err(|e| plan.err(e))?;
+        let mut arena =
+            HostBuffer::reusable(total, plan.arena_capacity()).map_err(|e| plan.err(e))?;
         fill(plan, &placements, arena.as_mut_bytes())?;
         let arena = Arc::new(arena);
         let storages = plan
