@@ -235,7 +235,7 @@ impl Reader {
                 None => groups.push((*device, vec![k])),
             }
         }
-        let mut placed: Vec<Option<Tensor>> = vec![None; parts.len()];
+        let mut placed = Vec::with_capacity(parts.len());
         for (device, members) in groups {
             let backend = match device == self.backend.device() {
                 true => self.backend.clone(),
@@ -243,14 +243,9 @@ impl Reader {
             };
             let asked: Vec<(&str, Option<&Slice>)> =
                 members.iter().map(|&k| (parts[k].0, parts[k].1)).collect();
-            for (k, t) in members.into_iter().zip(self.parts_with(&*backend, &asked)?) {
-                placed[k] = Some(t);
-            }
+            placed.extend(members.into_iter().zip(self.parts_with(&*backend, &asked)?));
         }
-        placed
-            .into_iter()
-            .map(|t| t.ok_or_else(|| Error::new(ErrorKind::Backend, "the backend placed no part")))
-            .collect()
+        in_asked_order(parts.len(), placed)
     }
 
     fn parts_with(
@@ -273,14 +268,10 @@ impl Reader {
             .into_iter()
             .map(|(_, at, selection)| self.entry(at, selection))
             .collect();
-        let mut placed: Vec<Option<Tensor>> = vec![None; parts.len()];
-        for (k, t) in order.into_iter().zip(self.place_on(backend, entries)?) {
-            placed[k] = Some(t);
-        }
-        placed
-            .into_iter()
-            .map(|t| t.ok_or_else(|| Error::new(ErrorKind::Backend, "the backend placed no part")))
-            .collect()
+        in_asked_order(
+            parts.len(),
+            order.into_iter().zip(self.place_on(backend, entries)?),
+        )
     }
 
     /// The read of tensor `name` (or of part `slice` of it) where it is one copy straight
@@ -545,4 +536,20 @@ impl Windows {
             }
         }
     }
+}
+
+/// The `count` parts asked, each given with its place in the asking: in that order, an error
+/// where the backend placed none.
+fn in_asked_order(
+    count: usize,
+    placed: impl IntoIterator<Item = (usize, Tensor)>,
+) -> Result<Vec<Tensor>> {
+    let mut ordered: Vec<Option<Tensor>> = vec![None; count];
+    for (k, t) in placed {
+        ordered[k] = Some(t);
+    }
+    ordered
+        .into_iter()
+        .map(|t| t.ok_or_else(|| Error::new(ErrorKind::Backend, "the backend placed no part")))
+        .collect()
 }

@@ -61,7 +61,7 @@ impl<'a> TensorView<'a> {
 }
 
 /// What the writer needs of a tensor, whoever holds its bytes.
-trait Entry {
+pub(crate) trait Entry {
     fn dtype(&self) -> Dtype;
     fn shape(&self) -> &[usize];
     fn len_bytes(&self) -> usize;
@@ -276,25 +276,14 @@ fn prepare_file<E: Entry>(
     .map_err(|e| e.with_file(path))
 }
 
-/// The file of `views` (names distinct) with `metadata`, written beside `path` and flushed,
-/// not yet renamed over it: one shard of a checkpoint.
-pub(crate) fn prepare_views_file(
-    views: Vec<(&str, &TensorView<'_>)>,
-    metadata: Option<&Metadata>,
-    path: &Path,
-) -> Result<atomic::Prepared> {
-    let layout = layout(views, metadata).map_err(|e| e.with_file(path))?;
-    prepare_file(layout, path)
-}
-
-/// The file of `tensors` (names distinct) with `metadata`, written beside `path` and
+/// The file of `entries` (names distinct) with `metadata`, written beside `path` and
 /// flushed, not yet renamed over it: one shard of a checkpoint.
-pub(crate) fn prepare_tensors_file(
-    tensors: Vec<(&str, &Tensor)>,
+pub(crate) fn prepare_entries_file<E: Entry>(
+    entries: Vec<(&str, &E)>,
     metadata: Option<&Metadata>,
     path: &Path,
 ) -> Result<atomic::Prepared> {
-    let layout = layout(tensors, metadata).map_err(|e| e.with_file(path))?;
+    let layout = layout(entries, metadata).map_err(|e| e.with_file(path))?;
     prepare_file(layout, path)
 }
 

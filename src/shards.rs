@@ -23,7 +23,7 @@ use crate::checkpoint::INDEX_NAME;
 use crate::error::{Error, ErrorKind, Result};
 use crate::header::Metadata;
 use crate::save::{self, TensorView};
-use crate::tensor::{Tensor, Tensors};
+use crate::tensor::Tensors;
 
 /// The largest shard `huggingface_hub` writes unless told: 5 GB.
 pub const MAX_SHARD_SIZE: u64 = 5_000_000_000;
@@ -208,28 +208,20 @@ impl CheckpointWriter {
     pub fn write_shard_views(&mut self, views: &[(&str, TensorView<'_>)]) -> Result<()> {
         let by_name: std::collections::HashMap<&str, &TensorView<'_>> =
             views.iter().map(|(n, v)| (*n, v)).collect();
-        let (path, names) = self.next_or_done()?;
-        let entries = names
-            .iter()
-            .map(|n| {
-                Ok((
-                    n.as_str(),
-                    *by_name.get(n.as_str()).ok_or_else(|| missing(n, &path))?,
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let prepared = save::prepare_views_file(entries, self.metadata.as_ref(), &path)?;
-        self.prepared.push(prepared);
-        Ok(())
+        self.write_with(|name| by_name.get(name).copied())
     }
 
-    fn write_with<'t>(&mut self, get: impl Fn(&str) -> Option<&'t Tensor>) -> Result<()> {
+    /// Writes the next shard, each of its tensors taken from `get` by name.
+    fn write_with<'t, E: save::Entry + 't>(
+        &mut self,
+        get: impl Fn(&str) -> Option<&'t E>,
+    ) -> Result<()> {
         let (path, names) = self.next_or_done()?;
         let entries = names
             .iter()
             .map(|n| Ok((n.as_str(), get(n).ok_or_else(|| missing(n, &path))?)))
             .collect::<Result<Vec<_>>>()?;
-        let prepared = save::prepare_tensors_file(entries, self.metadata.as_ref(), &path)?;
+        let prepared = save::prepare_entries_file(entries, self.metadata.as_ref(), &path)?;
         self.prepared.push(prepared);
         Ok(())
     }
