@@ -24,9 +24,10 @@ use memmap2::MmapMut;
 /// How long an unused mapping is kept: jemalloc's default for giving back dirty pages.
 pub const KEEP: Duration = Duration::from_secs(10);
 
-/// The most mappings kept at once: a whole load's arena and a stream's batches (at most
-/// three in flight) live side by side in a process that does both.
-pub const MAPPINGS: usize = 4;
+/// The most mappings kept at once: room for a whole load's arena beside a stream's batches
+/// (three loaded at once and one freed meanwhile: a stream makes four) in a process that
+/// does both, and for a few loads of different sizes.
+pub const MAPPINGS: usize = 8;
 
 /// An anonymous mapping and where its buffer starts in it (a huge-page boundary): the bytes
 /// from `start` on are the buffer's to use.

@@ -2,12 +2,17 @@
 //! ahead on the I/O engine while the caller consumes them, in bounded memory.
 //!
 //! The tensors are cut into batches of at most a third of the bound (a larger tensor alone),
-//! each read by a [`Reader`] in one pass on a thread of the stream's own. At most three batches
-//! are loaded at once: the one being read, one read and waiting, and the one the caller is
-//! taking tensors from. So no more than the bound (or the largest tensor, where that is more)
-//! is loaded and not yet handed out, whatever the checkpoint's size, provided the caller drops
-//! the tensors it has taken (a batch's memory goes with its last tensor).
+//! each read by a [`Reader`] in one pass. Two threads of the stream's own read the batches in
+//! turn (the first the even ones, the second the odd ones), so that the next batch's reads
+//! are under way while one batch's last reads finish: one thread at a time would leave the
+//! disk idle between batches. Each thread hands its batch over only when the caller asks for
+//! it, so at most three batches are loaded at once: one per thread (being read, or read and
+//! waiting) and the one the caller is taking tensors from. So no more than the bound (or the
+//! largest tensor, where that is more) is loaded and not yet handed out, whatever the
+//! checkpoint's size, provided the caller drops the tensors it has taken (a batch's memory
+//! goes with its last tensor).
 
+use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::thread::JoinHandle;
 
@@ -16,19 +21,23 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::reader::Reader;
 use crate::tensor::Tensor;
 
-/// The batches read ahead and waiting, beside the one being read and the one in hand.
-const WAITING: usize = 1;
+/// The threads reading batches in turn.
+const LANES: usize = 2;
 
 /// One batch, read: its tensors in file order, or why it could not be read.
 type Batch = Result<Vec<(String, Tensor)>>;
 
 /// Tensors in file order, read ahead in bounded memory: see
 /// [`Loader::stream`](crate::Loader::stream). An iterator of `(name, tensor)`; the first
-/// error ends it. Dropping it stops the reading (after the batch being read).
+/// error ends it. Dropping it stops the reading (after the batches being read).
 pub struct Stream {
-    batches: Option<Receiver<Batch>>,
+    /// Each thread's batches: batch `k` comes from `lanes[k % LANES]`; empty once the stream
+    /// has ended.
+    lanes: Vec<Receiver<Batch>>,
+    /// The lane of the next batch.
+    next: usize,
     current: std::vec::IntoIter<(String, Tensor)>,
-    worker: Option<JoinHandle<()>>,
+    workers: Vec<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Stream {
@@ -43,20 +52,31 @@ impl Stream {
     /// Streams the tensors `names` (in file order) of `reader`, loading at most `max_bytes`
     /// ahead of the caller.
     pub(crate) fn new(mut reader: Reader, names: Vec<String>, max_bytes: usize) -> Result<Stream> {
-        let (batches, largest) = batches(&reader, names, (max_bytes / (WAITING + 2)).max(1))?;
+        let (batches, largest) = batches(&reader, names, (max_bytes / (LANES + 1)).max(1))?;
         // Every batch's arena the size of the largest: a batch's memory, freed with its last
         // tensor, serves a later batch.
         reader.set_arena_capacity(largest);
-        let (send, receive) = mpsc::sync_channel(WAITING);
-        let worker = std::thread::Builder::new()
-            .name("tensorplace-stream".into())
-            .spawn(move || read_ahead(&reader, batches, &send))
-            .map_err(|e| Error::io("starting the stream's reader thread", None, e))?;
-        Ok(Stream {
-            batches: Some(receive),
+        let reader = Arc::new(reader);
+        let mut stream = Stream {
+            lanes: Vec::with_capacity(LANES),
+            next: 0,
             current: Vec::new().into_iter(),
-            worker: Some(worker),
-        })
+            workers: Vec::with_capacity(LANES),
+        };
+        for lane in 0..LANES {
+            // A rendezvous: the thread holds its batch until the caller takes it.
+            let (send, receive) = mpsc::sync_channel(0);
+            let mine: Vec<Vec<String>> =
+                batches.iter().skip(lane).step_by(LANES).cloned().collect();
+            let reader = Arc::clone(&reader);
+            let worker = std::thread::Builder::new()
+                .name("tensorplace-stream".into())
+                .spawn(move || read_ahead(&reader, mine, &send))
+                .map_err(|e| Error::io("starting the stream's reader thread", None, e))?;
+            stream.lanes.push(receive);
+            stream.workers.push(worker);
+        }
+        Ok(stream)
     }
 }
 
@@ -117,14 +137,17 @@ impl Iterator for Stream {
             if let Some(next) = self.current.next() {
                 return Some(Ok(next));
             }
-            match self.batches.as_ref()?.recv() {
+            let lane = self.lanes.get(self.next)?;
+            self.next = (self.next + 1) % LANES;
+            match lane.recv() {
                 Ok(Ok(batch)) => self.current = batch.into_iter(),
                 Ok(Err(e)) => {
-                    self.batches = None;
+                    self.lanes.clear();
                     return Some(Err(e));
                 }
+                // That thread has no more batches: neither has the stream.
                 Err(_) => {
-                    self.batches = None;
+                    self.lanes.clear();
                     return None;
                 }
             }
@@ -134,9 +157,9 @@ impl Iterator for Stream {
 
 impl Drop for Stream {
     fn drop(&mut self) {
-        // The thread's next send fails once the receiver is gone: it stops after its batch.
-        self.batches = None;
-        if let Some(worker) = self.worker.take() {
+        // A thread's next send fails once its receiver is gone: it stops after its batch.
+        self.lanes.clear();
+        for worker in self.workers.drain(..) {
             let _ = worker.join();
         }
     }
