@@ -144,6 +144,21 @@ pub mod internals {
     pub use crate::header::{Header, TensorInfo};
     pub use crate::read::file::HostFile;
 
+    /// A file to read as `mode` says, as a [`Loader`](crate::Loader) with default options
+    /// opens it: an object's URL remotely (feature `remote`), else on disk.
+    pub fn open_host_file(
+        path: &std::path::Path,
+        mode: crate::ReadMode,
+    ) -> crate::Result<HostFile<'static>> {
+        crate::loader::open_file(path, mode, true, &Default::default())
+    }
+
+    /// A checkpoint (a folder or an index) as a [`Loader`](crate::Loader) with default options
+    /// opens it: an index's URL remotely (feature `remote`), else on disk.
+    pub fn open_checkpoint(path: &std::path::Path) -> crate::Result<crate::Checkpoint> {
+        crate::loader::open_checkpoint(path, &Default::default())
+    }
+
     #[cfg(all(feature = "unstable-internals", feature = "cuda"))]
     pub use crate::backend::cuda::{Arena, Pinned, driver_err};
     #[cfg(all(feature = "unstable-internals", feature = "wgpu"))]

@@ -417,11 +417,7 @@ impl<'a> Loader<'a> {
     /// Opens the checkpoint at `path` (a folder or an index; an index's URL with this
     /// loader's remote options).
     fn open_checkpoint(&self, path: &Path) -> Result<Checkpoint> {
-        #[cfg(feature = "remote")]
-        if let Some(url) = path.to_str().filter(|_| crate::remote::is_url(path)) {
-            return Checkpoint::open_remote(url, &self.remote);
-        }
-        Checkpoint::open(path)
+        open_checkpoint(path, &self.remote)
     }
 
     /// Opens `path` to be read as `mode` says, with this loader's disk queue choice; an
@@ -579,9 +575,20 @@ type Remote = crate::remote::RemoteOptions;
 #[cfg(not(feature = "remote"))]
 type Remote = ();
 
+/// Opens the checkpoint at `path` (a folder or an index); an index's URL with `remote`.
+pub(crate) fn open_checkpoint(path: &Path, remote: &Remote) -> Result<Checkpoint> {
+    #[cfg(feature = "remote")]
+    if let Some(url) = path.to_str().filter(|_| crate::remote::is_url(path)) {
+        return Checkpoint::open_remote(url, remote);
+    }
+    #[cfg(not(feature = "remote"))]
+    let () = remote;
+    Checkpoint::open(path)
+}
+
 /// Opens `path` to be read as `mode` says (its direct reads through its disk's queue where
 /// `disk_queue`); an object's URL with `remote`.
-fn open_file(
+pub(crate) fn open_file(
     path: &Path,
     mode: ReadMode,
     disk_queue: bool,

@@ -306,12 +306,12 @@ fn failing_servers_are_errors_not_hangs() {
 
 /// The CLI loads and converts an object by URL.
 #[test]
-fn the_cli_loads_and_converts_urls() {
-    if crate::cli::skip_without_cli("the_cli_loads_and_converts_urls") {
+fn the_cli_loads_converts_and_inspects_urls() {
+    if crate::cli::skip_without_cli("the_cli_loads_converts_and_inspects_urls") {
         return;
     }
     let (data, want) = object(20, 100 << 10);
-    let server = serve(data, Mode::Good);
+    let server = serve(data.clone(), Mode::Good);
     let dir = tempfile::tempdir().unwrap();
     let out_path = dir.path().join("copy.safetensors");
     for args in [
@@ -338,6 +338,42 @@ fn the_cli_loads_and_converts_urls() {
         &tensorplace::load_file(&out_path, "cpu").unwrap(),
         &want,
         "converted",
+    );
+    // inspect: the object's header and each tensor's hash, as the same bytes on disk give.
+    let local = dir.path().join("local.safetensors");
+    std::fs::write(&local, &data).unwrap();
+    let inspect = |file: &str, json: bool| {
+        let mut args = vec!["inspect", file, "--hash"];
+        args.extend(json.then_some("--json"));
+        let out = std::process::Command::new(crate::cli::exe())
+            .args(&args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let tensors = |text: &str| {
+        let mut v: serde_json::Value = serde_json::from_str(text).unwrap();
+        for t in v["tensors"].as_array_mut().unwrap() {
+            t.as_object_mut().unwrap().remove("file");
+        }
+        v["tensors"].clone()
+    };
+    let (remote, on_disk) = (
+        inspect(&server.url, true),
+        inspect(local.to_str().unwrap(), true),
+    );
+    assert_eq!(tensors(&remote), tensors(&on_disk));
+    assert_eq!(tensors(&remote).as_array().unwrap().len(), want.len());
+    let text = inspect(&server.url, false);
+    assert!(
+        text.starts_with(&format!("{}: {} bytes", server.url, data.len())),
+        "{text}"
     );
 }
 
@@ -373,6 +409,21 @@ fn remote_indexes_load_as_checkpoints() {
         reader.tensor(name).unwrap().host_bytes().unwrap(),
         t.host_bytes().unwrap()
     );
+    // The command line's inspect of the index's URL: every shard, every tensor.
+    if !crate::cli::skip_without_cli("remote_indexes_load_as_checkpoints (inspect)") {
+        let out = std::process::Command::new(crate::cli::exe())
+            .args(["inspect", &server.url, "--json"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["tensor_count"], want.len());
+        assert_eq!(v["files"].as_array().unwrap().len(), 4);
+    }
     objects.retain(|(name, _)| !name.contains("00002"));
     let server = serve_all(objects, Mode::Good);
     let e = loader.load_file(&server.url).unwrap_err();

@@ -15,7 +15,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use sha2::{Digest, Sha256};
 
 use tensorplace::internals::{
-    Conversion, HostFile, TensorInfo, is_multi_file, list_devices, write_atomically,
+    Conversion, HostFile, TensorInfo, is_multi_file, list_devices, open_checkpoint, open_host_file,
+    write_atomically,
 };
 use tensorplace::{
     Device, Dtype, Error, ErrorKind, Loader, ReadMode, ReadPath, Result, Slice, Tensors, Upload,
@@ -51,7 +52,8 @@ enum Command {
 
 #[derive(Args)]
 struct InspectArgs {
-    /// The safetensors file, or a checkpoint: a folder of shards or its index.
+    /// The safetensors file, or a checkpoint: a folder of shards or its index; an object's
+    /// URL (s3://, gs://, az://, http(s)://) or a Hugging Face cache id (org/name[@rev]).
     file: PathBuf,
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -316,7 +318,7 @@ fn inspect(args: &InspectArgs) -> Result<()> {
     if !is_multi_file(&args.file) {
         return inspect_file(args, &args.file);
     }
-    let ckpt = tensorplace::open(&args.file)?;
+    let ckpt = open_checkpoint(&args.file)?;
     let total = ckpt
         .total_size()
         .map_or(String::new(), |t| format!(" (index total_size {t})"));
@@ -346,7 +348,7 @@ fn inspect(args: &InspectArgs) -> Result<()> {
 /// data_offsets, file[, sha256]}]}`, tensors in file order, file after file.
 fn inspect_json(args: &InspectArgs) -> Result<serde_json::Value> {
     let (path, paths, metadata, index_metadata, total_size) = if is_multi_file(&args.file) {
-        let ckpt = tensorplace::open(&args.file)?;
+        let ckpt = open_checkpoint(&args.file)?;
         let paths: Vec<PathBuf> = ckpt.files().map(Path::to_path_buf).collect();
         let md = |m: Option<&tensorplace::Metadata>| m.cloned();
         (
@@ -357,13 +359,13 @@ fn inspect_json(args: &InspectArgs) -> Result<serde_json::Value> {
             ckpt.total_size(),
         )
     } else {
-        let file = HostFile::open(&args.file, ReadMode::Mmap)?;
+        let file = open_host_file(&args.file, ReadMode::Mmap)?;
         let md = file.header().metadata().cloned();
         (args.file.clone(), vec![args.file.clone()], md, None, None)
     };
     let (mut files, mut tensors, mut data_bytes) = (Vec::new(), Vec::new(), 0u64);
     for path in &paths {
-        let file = HostFile::open(path, ReadMode::Mmap)?;
+        let file = open_host_file(path, ReadMode::Mmap)?;
         let header = file.header();
         for (name, info) in file.tensors() {
             let mut entry = serde_json::json!({
@@ -416,7 +418,7 @@ fn digest(file: &HostFile<'_>, name: &str, info: &TensorInfo) -> Result<String> 
 
 /// Prints one file.
 fn inspect_file(args: &InspectArgs, path: &Path) -> Result<()> {
-    let file = HostFile::open(path, ReadMode::Mmap)?;
+    let file = open_host_file(path, ReadMode::Mmap)?;
     out!(
         "{}: {} bytes, header {} bytes, {} tensors, {} data bytes",
         path.display(),
