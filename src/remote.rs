@@ -6,9 +6,9 @@
 //! the object's size and version), a second where the header is longer. The data is then read
 //! by the host I/O engine like a local file's with positioned reads: each piece it asks for
 //! (up to 4 MiB, neighbouring small tensors in one) is fetched as ranged reads of at most the
-//! part size, at most `concurrency` of them in flight in the process, straight into the
-//! piece's destination (the CPU arena, a GPU's staging ring): memory is bounded as for a
-//! local file. Every read after the first asks for the version the first saw (`If-Match` on
+//! part size, at most `concurrency` of them in flight (in all the objects opened with that
+//! limit), straight into the piece's destination (the CPU arena, a GPU's staging ring):
+//! memory is bounded as for a local file. Every read after the first asks for the version the first saw (`If-Match` on
 //! its ETag), so that an object replaced during a load is an error, not a mix of two files.
 //!
 //! Transient failures (connection resets, 5xx, throttling) are retried by `object_store`'s
@@ -19,9 +19,10 @@
 //! `GOOGLE_*`, `AZURE_*`, as each store's `from_env` reads them) and from explicit options
 //! (the stores' configuration keys, such as `aws_endpoint` or `aws_access_key_id`).
 
+use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use object_store::path::Path as Location;
@@ -42,7 +43,8 @@ pub struct RemoteOptions {
     pub options: Vec<(String, String)>,
     /// The largest ranged read, in bytes.
     pub part_size: usize,
-    /// Ranged reads in flight at once in the process, at most.
+    /// Ranged reads in flight at once, at most, in all the objects opened with this limit
+    /// (a checkpoint's shards, loads on other threads asking the same).
     pub concurrency: usize,
     /// Retries of a read that failed transiently.
     pub retries: usize,
@@ -104,10 +106,18 @@ fn runtime() -> Result<&'static tokio::runtime::Runtime> {
         .map_err(|e| Error::new(ErrorKind::Io, format!("starting the I/O runtime: {e}")))
 }
 
-/// The limit on ranged reads in flight in the process: the first object opened sets it.
-fn in_flight(concurrency: usize) -> &'static tokio::sync::Semaphore {
-    static LIMIT: OnceLock<tokio::sync::Semaphore> = OnceLock::new();
-    LIMIT.get_or_init(|| tokio::sync::Semaphore::new(concurrency.max(1)))
+/// The limit of `concurrency` ranged reads in flight: one per value, shared by every object
+/// opened with it (a checkpoint's shards, the loads of a process that all ask the default),
+/// so that a load asking another limit gets its own.
+fn in_flight(concurrency: usize) -> Arc<tokio::sync::Semaphore> {
+    static LIMITS: OnceLock<Mutex<HashMap<usize, Arc<tokio::sync::Semaphore>>>> = OnceLock::new();
+    let concurrency = concurrency.max(1);
+    let mut limits = LIMITS
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let limit = limits.entry(concurrency);
+    Arc::clone(limit.or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(concurrency))))
 }
 
 /// One object, read by ranges.
@@ -120,7 +130,7 @@ struct RemoteObject {
     part_size: usize,
     /// The longest a read may take, its retries included.
     deadline: Duration,
-    limit: &'static tokio::sync::Semaphore,
+    limit: Arc<tokio::sync::Semaphore>,
 }
 
 /// Opens the object at `url` and reads its header. Every error names the URL.

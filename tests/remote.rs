@@ -27,6 +27,8 @@ enum Mode {
     Silent,
     /// Answers after the first promise the whole range and send half of it.
     Cut,
+    /// Every answer after the first takes 30 ms (requests overlap: their peak is counted).
+    Slow,
 }
 
 /// A server of one object at `/o.safetensors`; requests counted.
@@ -40,6 +42,9 @@ struct Server {
 struct Counts {
     all: AtomicUsize,
     seen: std::sync::Mutex<std::collections::HashSet<Asked>>,
+    /// Requests being answered now, and the most at once.
+    now: AtomicUsize,
+    peak: AtomicUsize,
 }
 
 /// A request's range (`None`: the whole object).
@@ -139,6 +144,12 @@ fn answer(
         if start >= data.len() {
             let _ = respond(&mut stream, "416 Range Not Satisfiable", String::new(), b"");
             continue;
+        }
+        if mode == Mode::Slow && n > 0 {
+            let now = count.now.fetch_add(1, Ordering::SeqCst) + 1;
+            count.peak.fetch_max(now, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(30));
+            count.now.fetch_sub(1, Ordering::SeqCst);
         }
         let body = &data[start..end];
         let headers = format!(
@@ -375,6 +386,32 @@ fn the_cli_loads_converts_and_inspects_urls() {
         text.starts_with(&format!("{}: {} bytes", server.url, data.len())),
         "{text}"
     );
+}
+
+/// The limit on ranged reads in flight is each load's own (loads asking the same limit share
+/// it), whatever objects the process opened before: a load asking for 2 never has more than
+/// 2 in flight, one asking for 8 has more than 2.
+#[test]
+fn each_load_keeps_its_limit_on_reads_in_flight() {
+    let (data, want) = object(24, 200 << 10);
+    for concurrency in [2, 8] {
+        let server = serve(data.clone(), Mode::Slow);
+        let remote = RemoteOptions {
+            concurrency,
+            ..options(64 << 10, 1, 10)
+        };
+        let got = Loader::new("cpu").remote(remote).load_file(&server.url);
+        assert_same(&got.unwrap(), &want, "slow server");
+        let peak = server.requests.peak.load(Ordering::SeqCst);
+        assert!(
+            peak <= concurrency,
+            "{peak} in flight, {concurrency} allowed"
+        );
+        assert!(
+            concurrency == 2 || peak > 2,
+            "{peak} in flight, {concurrency} allowed"
+        );
+    }
 }
 
 /// A sharded checkpoint by its index's URL: one plan over the shards it names, equal to the
