@@ -316,7 +316,7 @@ impl<'a> Loader<'a> {
 
     /// Streams the tensors of the file or checkpoint at `path` (those the
     /// [`filter`](Self::filter) keeps) one at a time, in file order (shard after shard), read
-    /// ahead on a thread of the stream's own while the caller consumes them: at most
+    /// ahead on two threads of the stream's own while the caller consumes them: at most
     /// `max_bytes` (or the largest tensor, where that is more) loaded and not yet handed out,
     /// provided the caller drops the tensors it has taken. With this loader's device, dtype,
     /// read mode, upload strategy and adapter; slices, splits, progress and interrupts are a
