@@ -115,8 +115,9 @@ fn batches(reader: &Reader, names: Vec<String>, limit: usize) -> Result<(Vec<Vec
     Ok((out, largest))
 }
 
-/// The stream's thread: each batch read in one pass and sent, until the caller stops
-/// listening or a read fails (the error is sent, and the stream ends there).
+/// One of the stream's threads: each of its batches read in one pass and handed over, until
+/// the caller stops listening or a read fails (the error is handed over, and the stream ends
+/// there).
 fn read_ahead(reader: &Reader, batches: Vec<Vec<String>>, send: &SyncSender<Batch>) {
     for batch in batches {
         let read = reader
