@@ -929,8 +929,8 @@ fn save_checkpoint(
     })
 }
 
-/// Gives back at once the host memory a load onto the CPU left for the next one (the last
-/// arena freed, else kept for 10 s at most); the bytes given back.
+/// Gives back at once the host memory loads onto the CPU left for later ones (arenas freed
+/// with their last tensor, else kept for 10 s at most); the bytes given back.
 #[pyfunction]
 fn trim_host_memory() -> usize {
     tensorplace::trim_host_memory()

@@ -8,9 +8,9 @@ Errors are :class:`TensorplaceError` (a ``safetensors.SafetensorError`` where sa
 installed), with the error's ``kind``, ``file`` and ``tensor``; a missing file's is also a
 ``FileNotFoundError`` (as safetensors raises), a denied one's a ``PermissionError``.
 
-A load onto the CPU keeps the memory of the last arena freed (its tensors all gone) for the
-next load, for 10 s at most (``TENSORPLACE_HOST_CACHE``: the largest kept, in bytes; ``0``
-keeps nothing): :func:`trim_host_memory` gives it back at once.
+Loads onto the CPU keep the memory of arenas freed (their tensors all gone) for later loads,
+each for 10 s at most (``TENSORPLACE_HOST_CACHE``: the most kept, in bytes; ``0`` keeps
+nothing): :func:`trim_host_memory` gives it back at once.
 """
 
 from ._core import TensorplaceError, TensorplaceFileNotFoundError, TensorplacePermissionError
