@@ -85,6 +85,11 @@ fn zero_copy_group(path: &Path) -> Group<'_> {
 /// into fresh memory (what a process's first load is held to) and the read into reused
 /// memory (the engine alone); when `cold`, the load and the read without the disk queue.
 fn owned_group(path: &Path, cold: bool) -> Group<'_> {
+    // Cold, the disk's sequential read is the ceiling (`with_disk_ceiling`): the copy a stage.
+    let (copy_label, copy_role) = match cold {
+        false => ("parallel copy into reused memory (ceiling)", Role::Ceiling),
+        true => ("stage: parallel copy into reused memory", Role::Stage),
+    };
     let mut owned = Group {
         device: "cpu".into(),
         paths: vec![
@@ -106,14 +111,10 @@ fn owned_group(path: &Path, cold: bool) -> Group<'_> {
                 Role::Baseline,
                 move || reference_copies(path),
             ),
-            BenchPath::new(
-                "parallel copy into reused memory (ceiling)",
-                Role::Ceiling,
-                {
-                    let mut reused = None;
-                    move || copy_ceiling(path, Some(&mut reused))
-                },
-            ),
+            BenchPath::new(copy_label, copy_role, {
+                let mut reused = None;
+                move || copy_ceiling(path, Some(&mut reused))
+            }),
             BenchPath::new(
                 "stage: parallel copy into fresh huge-page memory",
                 Role::Stage,

@@ -293,9 +293,9 @@ fn loader<'a>(
         l = l.hf_cache(dir);
     }
     if let Some(name) = dtype {
-        let dtype: Dtype = name
-            .parse()
-            .map_err(|_| PyValueError::new_err(format!("dtype {name:?}: not a dtype of the format")))?;
+        let dtype: Dtype = name.parse().map_err(|_| {
+            PyValueError::new_err(format!("dtype {name:?}: not a dtype of the format"))
+        })?;
         l = l.dtype(dtype);
     }
     if let Some(names) = names {
@@ -373,7 +373,14 @@ fn load_file(
         .map(|(name, text)| Ok((name, text.parse::<Slice>().map_err(py_err)?)))
         .collect::<PyResult<Vec<_>>>()?;
     let tensors = interruptible(py, |stop| {
-        let mut l = loader(&device, names.as_ref(), &read_mode, dtype.as_deref(), narrow_64)?.interrupt(stop);
+        let mut l = loader(
+            &device,
+            names.as_ref(),
+            &read_mode,
+            dtype.as_deref(),
+            narrow_64,
+        )?
+        .interrupt(stop);
         for (name, slice) in &slices {
             l = l.slice(name.clone(), slice.clone());
         }
@@ -791,12 +798,7 @@ impl PyStream {
 
     /// The next tensor, waiting (the GIL released) for its batch where it is not read yet.
     fn __next__(&self, py: Python<'_>) -> PyResult<Option<(String, PyTensor)>> {
-        let next = py.detach(|| {
-            self.stream
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .next()
-        });
+        let next = py.detach(|| self.stream.lock().unwrap_or_else(|p| p.into_inner()).next());
         match next {
             None => Ok(None),
             Some(Ok((name, tensor))) => Ok(Some((name, PyReader::view(tensor)))),
@@ -923,7 +925,8 @@ fn save_checkpoint(
     max_shard_size: &str,
     metadata: Option<Vec<(String, String)>>,
 ) -> PyResult<Vec<PathBuf>> {
-    let max = tensorplace::parse_size(max_shard_size).map_err(|e| PyValueError::new_err(e.message().to_owned()))?;
+    let max = tensorplace::parse_size(max_shard_size)
+        .map_err(|e| PyValueError::new_err(e.message().to_owned()))?;
     with_views(&tensors, metadata, |views, md| {
         tensorplace::save_views_checkpoint(views, &directory, max, md)
     })
