@@ -33,7 +33,8 @@ pub fn skip_without_cli(test: &str) -> bool {
     missing
 }
 
-fn run(args: &[&str]) -> Output {
+/// The command-line binary run with `args` (wgpu's runtime directory set).
+pub fn run(args: &[&str]) -> Output {
     Command::new(exe())
         .args(args)
         .env(

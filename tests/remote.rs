@@ -172,6 +172,17 @@ fn answer(
     }
 }
 
+/// The command line run with `args`, which must succeed: its standard output.
+fn cli(args: &[&str]) -> String {
+    let out = crate::cli::run(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A file of `count` tensors of mixed dtypes and sizes, as bytes and as tensors.
 fn object(count: usize, big: usize) -> (Vec<u8>, Tensors) {
     let mut t = Tensors::new();
@@ -335,15 +346,7 @@ fn the_cli_loads_converts_and_inspects_urls() {
             "cpu",
         ],
     ] {
-        let out = std::process::Command::new(crate::cli::exe())
-            .args(&args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        cli(&args);
     }
     assert_same(
         &tensorplace::load_file(&out_path, "cpu").unwrap(),
@@ -356,17 +359,7 @@ fn the_cli_loads_converts_and_inspects_urls() {
     let inspect = |file: &str, json: bool| {
         let mut args = vec!["inspect", file, "--hash"];
         args.extend(json.then_some("--json"));
-        let out = std::process::Command::new(crate::cli::exe())
-            .args(&args)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        text
+        cli(&args)
     };
     let tensors = |text: &str| {
         let mut v: serde_json::Value = serde_json::from_str(text).unwrap();
@@ -448,16 +441,8 @@ fn remote_indexes_load_as_checkpoints() {
     );
     // The command line's inspect of the index's URL: every shard, every tensor.
     if !crate::cli::skip_without_cli("remote_indexes_load_as_checkpoints (inspect)") {
-        let out = std::process::Command::new(crate::cli::exe())
-            .args(["inspect", &server.url, "--json"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&cli(&["inspect", &server.url, "--json"])).unwrap();
         assert_eq!(v["tensor_count"], want.len());
         assert_eq!(v["files"].as_array().unwrap().len(), 4);
     }
